@@ -1,0 +1,136 @@
+"""Input checks that run before anything is written; each failure is one ``EMInputError`` naming file and fix."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from nnunetv2_em.errors import EMInputError
+
+NNUNET_ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+GEOMETRY_TOLERANCE = 1e-4  # relative, as a float32 header round-trip allows
+
+
+def require_env(*names: str) -> dict[str, str]:
+    """Values of nnU-Net's path variables; an error naming every missing one otherwise."""
+    missing = [name for name in names if not os.environ.get(name)]
+    if missing:
+        exports = " ".join(f"{name}=/path/to/{name}" for name in missing)
+        raise EMInputError(f"nnU-Net environment variable(s) {', '.join(missing)} not set. Fix: export {exports} "
+                           f"(see nnU-Net's documentation/set_environment_variables.md).")
+    return {name: os.environ[name] for name in names}
+
+
+def load_dataset_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise EMInputError(f"{path}: file not found. Fix: create it (nnU-Net's generate_dataset_json) or check the "
+                           f"dataset name/id.")
+    try:
+        with open(path) as handle:
+            dataset_json = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise EMInputError(f"{path}: not valid JSON ({error}). Fix: repair the file.") from None
+    for key in ("labels", "file_ending"):
+        if key not in dataset_json:
+            raise EMInputError(f"{path}: missing key '{key}'. Fix: add it (see nnU-Net's dataset_format.md).")
+    return dataset_json
+
+
+def label_values(dataset_json: dict, source: str) -> list[int]:
+    """The annotated classes ``0..K-1`` of a label-map dataset (the ignore label excluded), checked."""
+    labels = {name: value for name, value in dataset_json["labels"].items() if name != "ignore"}
+    if any(isinstance(value, (list, tuple)) for value in labels.values()):
+        raise EMInputError(f"{source}: region-based labels (lists of values) are not supported by the EM loop, which "
+                           f"models one true class per voxel. Fix: use a dataset with one integer per label.")
+    values = sorted(int(v) for v in labels.values())
+    if values != list(range(len(values))) or len(values) < 2:
+        raise EMInputError(f"{source}: labels must be consecutive integers 0..K-1 with background 0 and at least one "
+                           f"foreground class, got {values}. Fix: renumber the labels and their files.")
+    if "ignore" in dataset_json["labels"] and int(dataset_json["labels"]["ignore"]) != len(values):
+        raise EMInputError(f"{source}: the ignore label must be max label + 1 = {len(values)}, got "
+                           f"{dataset_json['labels']['ignore']}. Fix: set \"ignore\": {len(values)}.")
+    return values
+
+
+def with_ignore_label(dataset_json: dict) -> dict:
+    """A copy of ``dataset_json`` that has nnU-Net's ignore label (max label + 1), added if missing."""
+    if "ignore" in dataset_json["labels"]:
+        return dataset_json
+    updated = dict(dataset_json)
+    labels = dict(dataset_json["labels"])
+    labels["ignore"] = max(int(v) for v in labels.values()) + 1
+    updated["labels"] = labels
+    return updated
+
+
+def check_raw_dataset(raw_folder: str) -> dict:
+    """Check a raw nnU-Net dataset for the EM loop: labels present, values known, geometry equal to the image.
+
+    Returns:
+        ``{case: {"images": [...], "label": path}}`` as nnU-Net maps it.
+    """
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    dataset_json_path = os.path.join(raw_folder, "dataset.json")
+    dataset_json = load_dataset_json(dataset_json_path)
+    allowed = set(label_values(dataset_json, dataset_json_path))
+    if "ignore" in dataset_json["labels"]:
+        allowed.add(int(dataset_json["labels"]["ignore"]))
+    labels_folder = os.path.join(raw_folder, "labelsTr")
+    if "dataset" not in dataset_json and (not os.path.isdir(labels_folder) or not any(
+            name.endswith(dataset_json["file_ending"]) for name in os.listdir(labels_folder))):
+        raise EMInputError(f"{labels_folder}: no label files ({dataset_json['file_ending']}). The EM loop refines "
+                           f"existing annotations and needs them. Fix: put one label per case in labelsTr/<case>"
+                           f"{dataset_json['file_ending']}.")
+    cases = get_filenames_of_train_images_and_targets(raw_folder, dataset_json)
+    if not cases:
+        raise EMInputError(f"{raw_folder}/imagesTr: no images named <case>_0000{dataset_json['file_ending']}. "
+                           f"Fix: add the images in nnU-Net's naming scheme.")
+    missing = [entry["label"] for entry in cases.values() if not os.path.isfile(entry["label"])]
+    if missing:
+        raise EMInputError(f"{len(missing)} training image(s) have no label, e.g. {missing[0]}. Fix: add the label "
+                           f"files, or move unlabeled images out of imagesTr.")
+    first_case = next(iter(cases.values()))
+    reader_writer = determine_reader_writer_from_dataset_json(dataset_json, first_case["images"][0])()
+    for _, entry in sorted(cases.items()):
+        seg, seg_properties = reader_writer.read_seg(entry["label"])
+        unexpected = sorted(set(np.unique(seg).astype(int).tolist()) - allowed)
+        if unexpected:
+            raise EMInputError(f"{entry['label']}: label values {unexpected} are not in {dataset_json_path} "
+                               f"(allowed {sorted(allowed)}). Fix: correct the label file or add the classes to "
+                               f"dataset.json.")
+        image, image_properties = reader_writer.read_images(entry["images"])
+        _check_same_geometry(entry["label"], seg, seg_properties, entry["images"][0], image, image_properties)
+    return cases
+
+
+def _check_same_geometry(label_path, seg, seg_properties, image_path, image, image_properties) -> None:
+    if seg.shape[1:] != image.shape[1:]:
+        raise EMInputError(f"{label_path}: shape {seg.shape[1:]} differs from its image {image_path} "
+                           f"{image.shape[1:]}. Fix: resample the label onto the image grid.")
+    for key in ("spacing", "origin", "direction"):
+        a = np.asarray(seg_properties.get("sitk_stuff", seg_properties).get(key, ()), dtype=float)
+        b = np.asarray(image_properties.get("sitk_stuff", image_properties).get(key, ()), dtype=float)
+        if a.shape != b.shape or not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
+            raise EMInputError(f"{label_path}: {key} {a.tolist()} differs from its image {image_path} {b.tolist()}. "
+                               f"Fix: write the label with the image's geometry (e.g. SimpleITK "
+                               f"CopyInformation).")
+
+
+def check_preprocessed_segmentations(folder: str, cases, allowed_values: set[int]) -> None:
+    """Every preprocessed segmentation only holds ``-1`` (outside the image mask) and known label values."""
+    import blosc2
+
+    for case in cases:
+        path = os.path.join(folder, f"{case}_seg.b2nd")
+        if not os.path.isfile(path):
+            raise EMInputError(f"{path}: missing. Fix: rerun nnUNetv2_plan_and_preprocess for this configuration.")
+        values = set(np.unique(blosc2.open(urlpath=path, mode="r")[:]).astype(int).tolist()) - {-1}
+        unexpected = sorted(values - allowed_values)
+        if unexpected:
+            raise EMInputError(f"{path}: label values {unexpected} are not in dataset.json (allowed "
+                               f"{sorted(allowed_values)}). Fix: correct the raw label of {case} and rerun "
+                               f"nnUNetv2_plan_and_preprocess.")

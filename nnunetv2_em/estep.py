@@ -1,0 +1,417 @@
+"""E-step of the label EM, as pure array functions (numpy and scipy only: no torch, no file I/O).
+
+The true label of a voxel is missing data. The network gives a prior ``p(true | image)`` (softmax of its logits at a
+temperature ``tau``); the annotator is modelled by a transition matrix ``T[true, annotated]`` (each row sums to 1).
+Then the posterior of the true label given the image and the annotation is
+
+    q(k) ∝ softmax(z / tau)_k · T[k, a]
+
+and the annotations' marginal log-likelihood is ``Σ_v log Σ_k softmax(z_v / tau)_k T[k, a_v]``. ``T`` is
+re-estimated in closed form (Dawid-Skene update) and ``tau`` by a bounded 1-D search; both steps never decrease the
+likelihood, so fitting them alternately is EM.
+
+Conventions shared by every function here:
+
+* ``logits``: float array ``(C, *spatial)`` or, for fitted samples, ``(C, N)``; ``C`` counts background.
+* ``annotations``: int array ``(*spatial)`` or ``(N,)``; values ``0..C-1`` are annotated classes, anything else
+  (nnU-Net's ignore label, ``-1`` outside the image's nonzero mask) is "not annotated" and is never changed.
+* ``transition``: ``(C, C)``, ``transition[true, annotated]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage, optimize
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """Annotation-noise model: ``transition[true, annotated]`` and the network's calibration temperature."""
+
+    transition: np.ndarray
+    temperature: float = 1.0
+    log_likelihood: float = float("nan")  # mean per annotated voxel, at these parameters
+    trace: tuple[float, ...] = field(default_factory=tuple)  # mean log-likelihood after each fitting step
+
+    def to_dict(self) -> dict:
+        return {
+            "transition": np.asarray(self.transition).round(8).tolist(),
+            "temperature": float(self.temperature),
+            "log_likelihood": float(self.log_likelihood),
+            "trace": [float(v) for v in self.trace],
+        }
+
+
+@dataclass(frozen=True)
+class RefinementThresholds:
+    """When a voxel's annotation is changed, kept, or replaced by the ignore label (see ``refine_labels``)."""
+
+    change_threshold: float = 0.9
+    keep_threshold: float = 0.5
+
+    def __post_init__(self):
+        if not 0.5 < self.change_threshold <= 1.0:
+            raise ValueError(f"change_threshold must be in (0.5, 1], got {self.change_threshold}")
+        if not 0.0 <= self.keep_threshold <= 1.0:
+            raise ValueError(f"keep_threshold must be in [0, 1], got {self.keep_threshold}")
+
+
+def default_transition(num_classes: int, *, flip_rate: float = 0.05) -> np.ndarray:
+    """Starting point of the fit: ``1 - flip_rate`` on the diagonal, the rest spread evenly.
+
+    The identity is a fixed point of the transition update, so the fit must not start there.
+    """
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {num_classes}")
+    transition = np.full((num_classes, num_classes), flip_rate / (num_classes - 1))
+    np.fill_diagonal(transition, 1.0 - flip_rate)
+    return transition
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax over axis 0 of ``logits / temperature``, as float64 (numerically stable)."""
+    scaled = np.asarray(logits, dtype=np.float64) / float(temperature)
+    scaled -= scaled.max(axis=0, keepdims=True)
+    np.exp(scaled, out=scaled)
+    scaled /= scaled.sum(axis=0, keepdims=True)
+    return scaled
+
+
+def annotated_mask(annotations: np.ndarray, num_classes: int) -> np.ndarray:
+    """Boolean mask of voxels carrying an annotated class (``0 <= a < num_classes``)."""
+    return (annotations >= 0) & (annotations < num_classes)
+
+
+def _check_samples(logits, annotations, weights):
+    logits = np.asarray(logits)
+    annotations = np.asarray(annotations)
+    if logits.ndim != 2 or annotations.ndim != 1 or logits.shape[1] != annotations.shape[0]:
+        raise ValueError(f"expected logits (C, N) and annotations (N,), got {logits.shape} and {annotations.shape}")
+    if not np.all(annotated_mask(annotations, logits.shape[0])):
+        raise ValueError("fitting samples must all be annotated (values in 0..C-1)")
+    if weights is None:
+        weights = np.ones(annotations.shape[0])
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != annotations.shape or np.any(weights < 0):
+        raise ValueError("weights must be non-negative with shape (N,)")
+    return logits, annotations, weights
+
+
+def _annotation_likelihoods(probs: np.ndarray, annotations: np.ndarray, transition: np.ndarray) -> np.ndarray:
+    """``probs[k, n] · T[k, a_n]`` as ``(C, N)``: the joint of true class k and the annotation."""
+    return probs * transition[:, annotations]
+
+
+def mean_log_likelihood(logits, annotations, transition, temperature, *, weights=None) -> float:
+    """Weighted mean over samples of ``log Σ_k softmax(z/tau)_k T[k, a]``.
+
+    Args:
+        logits: ``(C, N)``. annotations: ``(N,)`` in ``0..C-1``. transition: ``(C, C)``. weights: ``(N,)`` or None.
+    """
+    logits, annotations, weights = _check_samples(logits, annotations, weights)
+    joint = _annotation_likelihoods(softmax(logits, temperature), annotations, np.asarray(transition))
+    per_sample = np.log(np.maximum(joint.sum(axis=0), _TINY))
+    return float(np.sum(weights * per_sample) / max(weights.sum(), _TINY))
+
+
+def update_transition(probs, annotations, transition, *, weights=None) -> np.ndarray:
+    """One closed-form EM update of ``T`` given fixed network probabilities.
+
+    ``T_new[k, j] = Σ_{n: a_n = j} w_n q_n(k) / Σ_n w_n q_n(k)`` with ``q_n`` the posterior under the current ``T``.
+    Rows of classes that receive no posterior mass keep their old values.
+
+    Args:
+        probs: ``(C, N)`` probabilities (already temperature-scaled). annotations: ``(N,)``. transition: ``(C, C)``.
+    """
+    probs, annotations, weights = _check_samples(probs, annotations, weights)
+    transition = np.asarray(transition, dtype=np.float64)
+    num_classes = probs.shape[0]
+    joint = _annotation_likelihoods(probs, annotations, transition)
+    posterior = joint / np.maximum(joint.sum(axis=0, keepdims=True), _TINY)
+    weighted = posterior * weights[None]
+    counts = np.zeros((num_classes, num_classes))
+    for annotated_class in range(num_classes):
+        counts[:, annotated_class] = weighted[:, annotations == annotated_class].sum(axis=1)
+    row_mass = counts.sum(axis=1, keepdims=True)
+    return np.where(row_mass > 0, counts / np.maximum(row_mass, _TINY), transition)
+
+
+def fit_temperature(logits, annotations, transition, *, weights=None, current: float = 1.0,
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+    """Temperature maximising the annotations' marginal likelihood for a fixed ``T`` (bounded search on log tau).
+
+    Returns ``current`` unless the search finds a strictly better value, so a fitting loop never loses likelihood.
+    """
+    logits, annotations, weights = _check_samples(logits, annotations, weights)
+
+    def negative_likelihood(log_temperature):
+        return -mean_log_likelihood(logits, annotations, transition, np.exp(log_temperature), weights=weights)
+
+    result = optimize.minimize_scalar(negative_likelihood, bounds=np.log(bounds), method="bounded",
+                                      options={"xatol": 1e-4})
+    if result.fun < negative_likelihood(np.log(current)):
+        return float(np.exp(result.x))
+    return float(current)
+
+
+def fit_noise_model(logits, annotations, *, weights=None, initial: NoiseModel | None = None,
+                    calibrate_temperature: bool = True, max_iterations: int = 100,
+                    tolerance: float = 1e-7) -> NoiseModel:
+    """Maximise the annotations' marginal likelihood over ``T`` and the temperature by alternating updates.
+
+    Args:
+        logits: ``(C, N)`` sampled network logits. annotations: ``(N,)`` annotated classes of the same voxels.
+        weights: ``(N,)`` sampling weights (see ``sample_voxels``), or None for equal weights.
+        initial: starting model; default ``default_transition(C)`` at temperature 1.
+        calibrate_temperature: also fit the temperature (otherwise it stays at the initial value).
+        max_iterations: maximum number of (temperature, transition) update pairs.
+        tolerance: stop once one pair of updates gains less than this in mean log-likelihood.
+
+    Returns:
+        The fitted ``NoiseModel``; ``trace`` holds the mean log-likelihood at the start and after every update, and
+        never decreases.
+    """
+    logits, annotations, weights = _check_samples(logits, annotations, weights)
+    num_classes = logits.shape[0]
+    if initial is None:
+        initial = NoiseModel(default_transition(num_classes), 1.0)
+    transition = np.asarray(initial.transition, dtype=np.float64)
+    if transition.shape != (num_classes, num_classes):
+        raise ValueError(f"initial transition must be {(num_classes, num_classes)}, got {transition.shape}")
+    temperature = float(initial.temperature)
+
+    def likelihood():
+        return mean_log_likelihood(logits, annotations, transition, temperature, weights=weights)
+
+    trace = [likelihood()]
+    for _ in range(max_iterations):
+        before = trace[-1]
+        if calibrate_temperature:
+            temperature = fit_temperature(logits, annotations, transition, weights=weights, current=temperature)
+            trace.append(likelihood())
+        transition = update_transition(softmax(logits, temperature), annotations, transition, weights=weights)
+        trace.append(likelihood())
+        if trace[-1] - before < tolerance:
+            break
+    return NoiseModel(transition, temperature, trace[-1], tuple(trace))
+
+
+def sample_voxels(logits, annotations, *, max_voxels_per_class: int, rng: np.random.Generator):
+    """Stratified voxel sample for fitting the noise model, with weights that keep the estimates unbiased.
+
+    Up to ``max_voxels_per_class`` annotated voxels are drawn per annotated class (all of them when there are
+    fewer); each drawn voxel weighs ``count_of_its_class / number_drawn``. Memory stays bounded however large
+    the volume is.
+
+    Args:
+        logits: ``(C, *spatial)``. annotations: ``(*spatial)``.
+
+    Returns:
+        ``(logits (C, N) float32, annotations (N,) int64, weights (N,) float64)``.
+    """
+    logits = np.asarray(logits)
+    annotations = np.asarray(annotations)
+    if logits.shape[1:] != annotations.shape:
+        raise ValueError(f"logits {logits.shape} do not match annotations {annotations.shape}")
+    if max_voxels_per_class < 1:
+        raise ValueError("max_voxels_per_class must be >= 1")
+    num_classes = logits.shape[0]
+    flat_annotations = annotations.reshape(-1)
+    flat_logits = logits.reshape(num_classes, -1)
+    indices, weights = [], []
+    for annotated_class in range(num_classes):
+        candidates = np.flatnonzero(flat_annotations == annotated_class)
+        if candidates.size == 0:
+            continue
+        if candidates.size > max_voxels_per_class:
+            chosen = np.sort(rng.choice(candidates, size=max_voxels_per_class, replace=False))
+        else:
+            chosen = candidates
+        indices.append(chosen)
+        weights.append(np.full(chosen.size, candidates.size / chosen.size))
+    if not indices:
+        return (np.zeros((num_classes, 0), np.float32), np.zeros(0, np.int64), np.zeros(0))
+    indices = np.concatenate(indices)
+    return (flat_logits[:, indices].astype(np.float32), flat_annotations[indices].astype(np.int64),
+            np.concatenate(weights))
+
+
+def posterior(logits, annotations, model: NoiseModel) -> np.ndarray:
+    """Posterior over the true class per voxel, ``(C, *spatial)`` float32.
+
+    Annotated voxels: ``∝ softmax(z/tau) · T[:, a]``. Voxels without an annotation get the calibrated prior.
+    """
+    logits = np.asarray(logits)
+    annotations = np.asarray(annotations)
+    num_classes = logits.shape[0]
+    if logits.shape[1:] != annotations.shape:
+        raise ValueError(f"logits {logits.shape} do not match annotations {annotations.shape}")
+    probs = softmax(logits, model.temperature)
+    mask = annotated_mask(annotations, num_classes)
+    transition = np.asarray(model.transition)
+    likelihood = np.ones_like(probs)
+    likelihood[:, mask] = transition[:, annotations[mask]]
+    probs *= likelihood
+    probs /= np.maximum(probs.sum(axis=0, keepdims=True), _TINY)
+    return probs.astype(np.float32)
+
+
+def refine_labels(posterior_probs, annotations, *, thresholds: RefinementThresholds, ignore_label: int) -> np.ndarray:
+    """Refined label map: confident disagreements corrected, uncertain voxels ignored, the rest kept.
+
+    For an annotated voxel with posterior ``q`` and annotation ``a``:
+    * changed to ``argmax q`` when that differs from ``a`` and ``max q >= change_threshold``;
+    * kept as ``a`` when ``q[a] >= keep_threshold``;
+    * otherwise set to ``ignore_label`` (the next M-step does not learn from it).
+    Voxels without an annotation keep their value.
+
+    Args:
+        posterior_probs: ``(C, *spatial)``. annotations: ``(*spatial)`` int.
+
+    Returns:
+        Same shape and dtype as ``annotations``.
+    """
+    posterior_probs = np.asarray(posterior_probs)
+    annotations = np.asarray(annotations)
+    num_classes = posterior_probs.shape[0]
+    if ignore_label < num_classes:
+        raise ValueError(f"ignore_label {ignore_label} collides with the classes 0..{num_classes - 1}")
+    mask = annotated_mask(annotations, num_classes)
+    best = posterior_probs.argmax(axis=0)
+    best_probability = posterior_probs.max(axis=0)
+    safe_annotations = np.where(mask, annotations, 0)
+    annotation_probability = np.take_along_axis(posterior_probs, safe_annotations[None], axis=0)[0]
+    change = mask & (best != annotations) & (best_probability >= thresholds.change_threshold)
+    keep = mask & ~change & (annotation_probability >= thresholds.keep_threshold)
+    refined = annotations.copy()
+    refined[change] = best[change]
+    refined[mask & ~change & ~keep] = ignore_label
+    return refined
+
+
+def _components(mask: np.ndarray):
+    labelled, count = ndimage.label(mask)
+    return labelled, count
+
+
+def component_changes(original, refined, *, foreground_classes) -> tuple[int, int]:
+    """Connected components added and removed by a refinement, summed over foreground classes.
+
+    Added: a component of class c in ``refined`` that touches no class-c voxel of ``original``. Removed: a
+    component of class c in ``original`` none of whose voxels is still class c in ``refined``.
+    """
+    added = removed = 0
+    for label in foreground_classes:
+        before = original == label
+        after = refined == label
+        after_components, after_count = _components(after)
+        if after_count:
+            touched = np.unique(after_components[before & after])
+            added += after_count - int(np.count_nonzero(touched))
+        before_components, before_count = _components(before)
+        if before_count:
+            kept = np.unique(before_components[before & after])
+            removed += before_count - int(np.count_nonzero(kept))
+    return added, removed
+
+
+def dice(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Dice of two boolean masks; NaN when both are empty (nnU-Net's convention)."""
+    denominator = int(reference.sum()) + int(prediction.sum())
+    if denominator == 0:
+        return float("nan")
+    return 2.0 * int(np.logical_and(reference, prediction).sum()) / denominator
+
+
+def score_case(annotations, refined, posterior_probs, prediction, *, previous=None, ignore_label: int) -> dict:
+    """Per-case scores of one E-step.
+
+    Args:
+        annotations: ``(*spatial)`` original annotation. refined: ``(*spatial)`` output of ``refine_labels``.
+        posterior_probs: ``(C, *spatial)``. prediction: ``(*spatial)`` the network's argmax.
+        previous: ``(*spatial)`` the labels this case had before this E-step (default: the annotation).
+        ignore_label: value marking voxels the next M-step ignores.
+
+    Returns:
+        A dict of plain numbers: voxel counts, ``mean_entropy`` (nats, annotated voxels), ``expected_errors``
+        (``Σ 1 - q(a)``), ``dice_<c>`` between annotation and prediction per foreground class,
+        ``components_added/removed`` and ``review_score`` (expected mislabelled voxels per foreground voxel of
+        the union of annotation and prediction: higher means the case needs review more).
+    """
+    num_classes = posterior_probs.shape[0]
+    mask = annotated_mask(annotations, num_classes)
+    if previous is None:
+        previous = annotations
+    annotated_count = int(mask.sum())
+    changed = mask & (refined != annotations) & (refined != ignore_label)
+    ignored = mask & (refined == ignore_label)
+    q = posterior_probs[:, mask].astype(np.float64)
+    entropy = -np.sum(q * np.log(np.maximum(q, _TINY)), axis=0)
+    q_of_annotation = np.take_along_axis(q, annotations[mask][None].astype(np.int64), axis=0)[0]
+    expected_errors = float(np.sum(1.0 - q_of_annotation))
+    foreground_extent = int(np.count_nonzero(mask & ((annotations > 0) | (prediction > 0))))
+    added, removed = component_changes(np.where(mask, annotations, 0), np.where(mask, refined, 0),
+                                       foreground_classes=range(1, num_classes))
+    scores = {
+        "voxels_annotated": annotated_count,
+        "voxels_changed": int(changed.sum()),
+        "voxels_ignored": int(ignored.sum()),
+        "voxels_changed_since_previous": int(np.count_nonzero(mask & (refined != previous))),
+        "fraction_changed": float(changed.sum() / max(annotated_count, 1)),
+        "mean_entropy": float(entropy.mean()) if annotated_count else 0.0,
+        "expected_errors": expected_errors,
+        "components_added": added,
+        "components_removed": removed,
+        "review_score": expected_errors / max(foreground_extent, 1),
+    }
+    for label in range(1, num_classes):
+        scores[f"dice_{label}"] = dice((annotations == label) & mask, (prediction == label) & mask)
+    return scores
+
+
+def rank_cases(scores_by_case: dict[str, dict]) -> list[dict]:
+    """Cases ordered by how much review they need (``review_score`` descending, then case id), with ``rank`` 1..n."""
+    ordered = sorted(scores_by_case.items(), key=lambda item: (-item[1]["review_score"], item[0]))
+    return [{"rank": rank, "case": case, **scores} for rank, (case, scores) in enumerate(ordered, start=1)]
+
+
+def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
+                previous=None) -> tuple[np.ndarray, dict]:
+    """Posterior, refined labels and scores of one case.
+
+    Args:
+        logits: ``(C, *spatial)``. annotations: ``(*spatial)`` the original annotation (always the original: EM
+            conditions on what the annotator wrote, not on an earlier round's refinement).
+        previous: ``(*spatial)`` labels of the previous round, for the convergence count (default: annotations).
+
+    Returns:
+        ``(refined (*spatial) like annotations, scores dict of score_case)``.
+    """
+    probabilities = posterior(logits, annotations, model)
+    refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label)
+    prediction = np.asarray(logits).argmax(axis=0)
+    scores = score_case(annotations, refined, probabilities, prediction, previous=previous,
+                        ignore_label=ignore_label)
+    return refined, scores
+
+
+def summarize_round(scores_by_case: dict[str, dict]) -> dict:
+    """Totals over cases: voxel counts and the fractions the convergence test and the logs use."""
+    totals = {key: int(sum(scores[key] for scores in scores_by_case.values()))
+              for key in ("voxels_annotated", "voxels_changed", "voxels_ignored", "voxels_changed_since_previous",
+                          "components_added", "components_removed")}
+    annotated = max(totals["voxels_annotated"], 1)
+    return {
+        "cases": len(scores_by_case),
+        **totals,
+        "fraction_changed": totals["voxels_changed"] / annotated,
+        "fraction_ignored": totals["voxels_ignored"] / annotated,
+        "fraction_changed_since_previous": totals["voxels_changed_since_previous"] / annotated,
+        "mean_review_score": float(np.mean([s["review_score"] for s in scores_by_case.values()]))
+        if scores_by_case else 0.0,
+    }

@@ -1,0 +1,81 @@
+"""Thin wrappers over nnU-Net's own functions for preprocessed segmentations (no file writes here).
+
+Everything that converts between nnU-Net's preprocessed space and the raw label geometry goes through nnU-Net's
+code (resampling function from the plans, ``insert_crop_into_image``, the plans' transpose, the preprocessor's
+foreground sampler), so refined labels stay consistent with what ``nnUNetv2_preprocess`` would produce.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+SEG_DTYPE = np.int16  # what DefaultPreprocessor.run_case_save stores
+
+
+def class_locations(seg: np.ndarray, label_manager: LabelManager) -> dict:
+    """Foreground sample locations for nnU-Net's oversampling, exactly as ``DefaultPreprocessor.run_case_npy``.
+
+    Args:
+        seg: ``(1, *spatial)`` preprocessed segmentation.
+    """
+    collect = list(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
+    if label_manager.has_ignore_label:
+        collect.append([-1] + label_manager.all_labels)
+    return DefaultPreprocessor._sample_foreground_locations(seg, collect, verbose=False)
+
+
+def blosc2_seg_layout(seg_shape, patch_size) -> tuple:
+    """(blocks, chunks) nnU-Net uses for a segmentation of this shape and patch size."""
+    return comp_blosc2_params(seg_shape, tuple(patch_size), np.dtype(SEG_DTYPE).itemsize)
+
+
+def preprocessed_to_raw_geometry(seg: np.ndarray, properties: dict, plans_manager: PlansManager,
+                                 configuration_manager: ConfigurationManager) -> np.ndarray:
+    """Revert preprocessing of a label map: resample to the cropped shape, undo cropping, undo the transpose.
+
+    Mirrors ``convert_predicted_logits_to_segmentation_with_correct_shape`` for label maps. Voxels outside the
+    image's nonzero mask (``-1`` in preprocessed space) and outside the crop become 0, as in the raw labels.
+
+    Args:
+        seg: ``(1, *spatial)`` or ``(*spatial)`` preprocessed labels.
+
+    Returns:
+        ``(*raw_spatial)`` uint8 or uint16 array in the raw file's axis order.
+    """
+    seg = np.asarray(seg)
+    if seg.ndim == len(properties["shape_before_cropping"]):
+        seg = seg[None]
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    target_shape = properties["shape_after_cropping_and_before_resampling"]
+    current_spacing = (configuration_manager.spacing
+                       if len(configuration_manager.spacing) == len(target_shape)
+                       else [spacing_transposed[0], *configuration_manager.spacing])
+    if tuple(seg.shape[1:]) != tuple(target_shape):
+        seg = configuration_manager.resampling_fn_seg(seg, target_shape, current_spacing, spacing_transposed)
+    seg = np.maximum(np.asarray(seg)[0], 0)
+    dtype = np.uint8 if seg.max(initial=0) < 255 else np.uint16
+    full = np.zeros(properties["shape_before_cropping"], dtype=dtype)
+    full = insert_crop_into_image(full, seg.astype(dtype), properties["bbox_used_for_cropping"])
+    return full.transpose(plans_manager.transpose_backward)
+
+
+def refined_raw_label(original_raw: np.ndarray, original_preprocessed: np.ndarray, refined_preprocessed: np.ndarray,
+                      properties: dict, plans_manager: PlansManager,
+                      configuration_manager: ConfigurationManager) -> np.ndarray:
+    """Raw-geometry refined label that equals the original raw file wherever the refinement changed nothing.
+
+    Reverting preprocessing is exact only without resampling; applying just the voxels that differ keeps every
+    untouched voxel of the annotation byte-identical.
+    """
+    before = preprocessed_to_raw_geometry(original_preprocessed, properties, plans_manager, configuration_manager)
+    after = preprocessed_to_raw_geometry(refined_preprocessed, properties, plans_manager, configuration_manager)
+    if before.shape != original_raw.shape:
+        raise ValueError(f"raw label shape {original_raw.shape} does not match the preprocessing properties "
+                         f"{before.shape}")
+    out_dtype = np.promote_types(original_raw.dtype, after.dtype)
+    return np.where(after != before, after, original_raw).astype(out_dtype)

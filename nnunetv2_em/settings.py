@@ -1,0 +1,105 @@
+"""Settings of the EM loop: defaults, the plans' ``em`` block, trainer-variant overrides, and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.estep import RefinementThresholds
+
+PLANS_KEY = "em"
+SETTINGS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EMSettings:
+    """Everything the EM loop needs to know. Stored in the plans as ``plans["em"]``.
+
+    The default budget (5 rounds x 200 epochs) equals vanilla nnU-Net's 1000 epochs.
+    """
+
+    rounds: int = 5
+    epochs_per_round: int = 200
+    change_threshold: float = 0.9  # posterior needed to overwrite an annotation
+    keep_threshold: float = 0.5  # posterior of the annotation below which (and no change) a voxel is ignored
+    tolerance: float = 0.001  # stop when less than this fraction of annotated voxels changed since last round
+    calibrate_temperature: bool = True
+    fit_iterations: int = 50  # max (temperature, transition) update pairs per E-step
+    fit_sample_voxels: int = 1_000_000  # voxels sampled over all cases to fit the noise model: bounds memory
+    mirroring: bool = True  # test-time mirroring in the E-step's sliding-window prediction
+    seed: int = 0
+
+    @property
+    def thresholds(self) -> RefinementThresholds:
+        return RefinementThresholds(self.change_threshold, self.keep_threshold)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.rounds * self.epochs_per_round
+
+    def to_plans_block(self) -> dict:
+        return {"version": SETTINGS_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def resolve(cls, plans_block: dict | None, overrides: dict | None = None, *, source: str) -> EMSettings:
+        """Defaults, then the plans' ``em`` block, then trainer-variant ``overrides``; validated.
+
+        Raises:
+            EMInputError: unknown key, wrong type or impossible value, naming ``source`` (the plans file) and key.
+        """
+        values = {}
+        for origin, block in ((source, plans_block or {}), ("trainer overrides", overrides or {})):
+            if not isinstance(block, dict):
+                raise EMInputError(f"{origin}: the '{PLANS_KEY}' block must be a JSON object, got "
+                                   f"{type(block).__name__}. Fix: replace it by an object such as "
+                                   f"{cls().to_plans_block()} or delete it.")
+            for key, value in block.items():
+                if key == "version":
+                    continue
+                values[key] = (value, origin)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, (value, origin) in values.items():
+            if key not in known:
+                raise EMInputError(f"{origin}: unknown setting '{PLANS_KEY}.{key}'. Fix: remove it; known settings "
+                                   f"are {sorted(known)}.")
+            kwargs[key] = _checked_type(key, value, type(getattr(cls(), key)), origin)
+        settings = cls(**kwargs)
+        settings._check_ranges({key: origin for key, (_, origin) in values.items()}, source)
+        return settings
+
+    def _check_ranges(self, origins: dict, default_origin: str) -> None:
+        problems = []
+        if self.rounds < 1:
+            problems.append(("rounds", "must be at least 1"))
+        if self.epochs_per_round < 1:
+            problems.append(("epochs_per_round", "must be at least 1"))
+        if not 0.5 < self.change_threshold <= 1.0:
+            problems.append(("change_threshold", "must be in (0.5, 1]: a change needs a majority posterior"))
+        if not 0.0 <= self.keep_threshold <= 1.0:
+            problems.append(("keep_threshold", "must be in [0, 1]"))
+        if not 0.0 <= self.tolerance < 1.0:
+            problems.append(("tolerance", "must be in [0, 1)"))
+        if self.fit_iterations < 1:
+            problems.append(("fit_iterations", "must be at least 1"))
+        if self.fit_sample_voxels < 100:
+            problems.append(("fit_sample_voxels", "must be at least 100"))
+        if problems:
+            key, reason = problems[0]
+            origin = origins.get(key, default_origin)
+            raise EMInputError(f"{origin}: '{PLANS_KEY}.{key}' = {getattr(self, key)!r} {reason}. Fix: set a valid "
+                               f"value (default {getattr(EMSettings(), key)!r}) or delete the key to use the default.")
+
+
+def _checked_type(key, value, expected, origin):
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:  # float: accept ints too
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise EMInputError(f"{origin}: '{PLANS_KEY}.{key}' = {value!r} must be of type {expected.__name__}. "
+                           f"Fix: set a {expected.__name__} (default {getattr(EMSettings(), key)!r}).")
+    return expected(value)

@@ -1,0 +1,289 @@
+"""``-tr EMTrainer``: nnU-Net training with an E-step after every round of epochs.
+
+The trainer is glue: the E-step's arithmetic is in ``nnunetv2_em.estep``, every label file it writes goes through
+``nnunetv2_em.label_store``, and conversions between nnU-Net's spaces through ``nnunetv2_em.nnunet_data``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import join, load_json, load_pickle
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_em import checks, estep, label_store, nnunet_data, reports
+from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.run_state import TrainerRunState
+from nnunetv2_em.settings import PLANS_KEY, EMSettings
+
+
+class EMTrainer(nnUNetTrainer):
+    """R rounds of (M-step epochs on the current labels, E-step over the fold's training cases) in one training.
+
+    Settings come from the plans' ``em`` block (``-pl EMPlanner`` writes it; other plans get the defaults),
+    overridden by a variant's ``em_overrides``. ``num_epochs`` is ``rounds x epochs_per_round``, so the learning
+    rate schedule spans the whole run. Resume with ``--c`` works from any point, E-steps included.
+    """
+
+    em_overrides: dict = {}
+    max_batch_size: int | None = None  # variants for small machines cap the planned batch size
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # everything that can reject the input runs before nnUNetTrainer.__init__ creates the output folder
+        paths = checks.require_env("nnUNet_preprocessed", "nnUNet_results")
+        dataset_folder = join(paths["nnUNet_preprocessed"], plans["dataset_name"])
+        plans_file = join(dataset_folder, plans["plans_name"] + ".json")
+        self.em_settings = EMSettings.resolve(plans.get(PLANS_KEY), self.em_overrides, source=plans_file)
+        classes = checks.label_values(dataset_json, join(dataset_folder, "dataset.json"))
+        if dist.is_available() and dist.is_initialized():
+            raise EMInputError("EMTrainer runs on one device per fold; multi-GPU (DDP) training of one fold is not "
+                               "supported. Fix: train without -num_gpus, one fold per GPU.")
+        data_folder = join(dataset_folder, PlansManager(plans).get_configuration(configuration).data_identifier)
+        if not os.path.isdir(data_folder):
+            raise EMInputError(f"{data_folder}: not found. Fix: nnUNetv2_plan_and_preprocess -d "
+                               f"{plans['dataset_name']} -pl EMPlanner -c {configuration}.")
+        cases = nnUNetDatasetBlosc2.get_identifiers(data_folder)
+        if not cases:
+            raise EMInputError(f"{data_folder}: no blosc2 (.b2nd) cases. Fix: rerun nnUNetv2_plan_and_preprocess "
+                               f"with nnU-Net >= 2.7.")
+        dataset_json = checks.with_ignore_label(dataset_json)
+        checks.check_preprocessed_segmentations(data_folder, cases,
+                                                set(classes) | {int(dataset_json["labels"]["ignore"])})
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.em_settings.total_epochs
+        self.em_folder = join(self.output_folder, "em")
+        self._training_labels = None
+        self._em_state: TrainerRunState | None = None
+
+    # ----------------------------------------------------------------------------------- nnU-Net hooks
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        if self.max_batch_size is not None:
+            self.batch_size = min(self.batch_size, self.max_batch_size)
+
+    def initialize(self):
+        if not self.was_initialized:
+            # train from a fold-private copy of the preprocessed folder whose segmentations the E-step replaces
+            original_folder = self.preprocessed_dataset_folder
+            self._training_labels = label_store.TrainingLabelFolder(
+                original_folder,
+                join(self.preprocessed_dataset_folder_base, "em_training_labels",
+                     os.path.basename(self.output_folder_base), f"fold_{self.fold}"))
+            self._training_labels.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
+            self.preprocessed_dataset_folder = self._training_labels.folder
+        super().initialize()
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self._start_or_resume_em()
+        super().on_train_start()
+
+    def run_training(self):
+        self.on_train_start()
+        while self.current_epoch < self.num_epochs and not self._em_state.converged:
+            self._train_one_epoch()
+            if self.current_epoch % self.em_settings.epochs_per_round == 0:
+                self._complete_round(self.current_epoch // self.em_settings.epochs_per_round)
+        self.on_train_end()
+
+    # ------------------------------------------------------------------------------------- the EM loop
+    def _train_one_epoch(self):
+        """One epoch exactly as ``nnUNetTrainer.run_training`` runs it."""
+        self.on_epoch_start()
+        self.on_train_epoch_start()
+        train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+        self.on_train_epoch_end(train_outputs)
+        with torch.no_grad():
+            self.on_validation_epoch_start()
+            val_outputs = [self.validation_step(next(self.dataloader_val))
+                           for _ in range(self.num_val_iterations_per_epoch)]
+            self.on_validation_epoch_end(val_outputs)
+        self.on_epoch_end()
+
+    def _start_or_resume_em(self):
+        state_file = join(self.em_folder, "state.json")
+        training_cases, _ = self.do_split()
+        all_cases = nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder)
+        if self.current_epoch == 0:
+            # nnU-Net starts from scratch (no --c, or nothing to continue from): so does EM
+            if os.path.isdir(self.em_folder):
+                shutil.rmtree(self.em_folder)
+            self._training_labels.reset(all_cases)
+            os.makedirs(self.em_folder)
+            label_store.write_json(join(self.em_folder, "originals.json"), self._originals_manifest(all_cases))
+            self._em_state = TrainerRunState.new(state_file, self.em_settings, training_cases)
+            self._em_state.save()
+            return
+        self._em_state = TrainerRunState.load_or_new(state_file, self.em_settings, training_cases)
+        self._em_state.check_compatible(self.em_settings, training_cases)
+        self._verify_originals()
+        boundary_round = self.current_epoch // self.em_settings.epochs_per_round
+        if boundary_round > self._em_state.completed_rounds and not self._em_state.converged:
+            self.print_to_log_file(f"EM: resuming the interrupted E-step of round {boundary_round}",
+                                   also_print_to_console=True)
+            self._run_estep(boundary_round)
+
+    def _complete_round(self, round_index: int):
+        # the checkpoint at the round's end is where --c restarts an interrupted E-step
+        self.current_epoch -= 1  # nnU-Net's convention: a checkpoint stores current_epoch + 1
+        self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+        self.current_epoch += 1
+        self._stop_dataloaders()
+        self._run_estep(round_index)
+        if self.current_epoch < self.num_epochs and not self._em_state.converged:
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+
+    def _stop_dataloaders(self):
+        old_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+        try:
+            for loader in (self.dataloader_train, self.dataloader_val):
+                if isinstance(loader, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+                    loader._finish()
+        finally:
+            sys.stdout.close()
+            sys.stdout = old_stdout
+        self.dataloader_train = self.dataloader_val = None
+
+    def _run_estep(self, round_index: int):
+        started = time.time()
+        settings = self.em_settings
+        cases = self._em_state.training_cases
+        num_classes = self.label_manager.num_segmentation_heads
+        ignore_label = int(self.label_manager.ignore_label)
+        round_folder = join(self.em_folder, f"round_{round_index:02d}")
+        logits_cache = join(self.em_folder, "logits_cache")
+        os.makedirs(logits_cache, exist_ok=True)
+
+        predictor = self._estep_predictor()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, cases)
+        rng = np.random.default_rng([settings.seed, round_index])
+        per_case_cap = max(1, settings.fit_sample_voxels // (len(cases) * num_classes))
+        samples = []
+        for case in cases:
+            data = torch.from_numpy(np.ascontiguousarray(dataset.load_case(case)[0][:]))
+            logits = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy()
+            np.save(join(logits_cache, f"{case}.npy"), logits.astype(np.float16))
+            original = self._training_labels.read_original_seg(case)[0]
+            samples.append(estep.sample_voxels(logits, original, max_voxels_per_class=per_case_cap, rng=rng))
+        prediction_seconds = time.time() - started
+        model = estep.fit_noise_model(np.concatenate([s[0] for s in samples], axis=1),
+                                      np.concatenate([s[1] for s in samples]),
+                                      weights=np.concatenate([s[2] for s in samples]),
+                                      calibrate_temperature=settings.calibrate_temperature,
+                                      max_iterations=settings.fit_iterations)
+        del samples
+
+        scores = {}
+        refined_cases = {}
+        for case in cases:
+            logits = np.load(join(logits_cache, f"{case}.npy")).astype(np.float32)
+            original = self._training_labels.read_original_seg(case)[0]
+            previous = self._training_labels.read_current_seg(case)[0]
+            refined, scores[case] = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
+                                                      ignore_label=ignore_label, previous=previous)
+            properties = load_pickle(self._training_labels.original_properties_path(case))
+            properties["class_locations"] = nnunet_data.class_locations(refined[None], self.label_manager)
+            self._training_labels.write_case(case, refined[None], properties, self.configuration_manager.patch_size)
+            refined_cases[case] = properties
+        shutil.rmtree(logits_cache)
+
+        self._export_round_labels(round_folder, refined_cases)
+        summary = {
+            "round": round_index,
+            "epochs_trained": self.current_epoch,
+            "noise_model": model.to_dict(),
+            **estep.summarize_round(scores),
+            "seconds_prediction": round(prediction_seconds, 2),
+            "seconds_total": round(time.time() - started, 2),
+        }
+        reports.write_round_reports(round_folder, summary, estep.rank_cases(scores))
+        converged = summary["fraction_changed_since_previous"] < settings.tolerance
+        self._em_state.complete_round(summary, converged=converged)
+        self._log_round(summary, converged)
+        self.set_deep_supervision_enabled(self.enable_deep_supervision)
+        self.network.train()
+
+    def _estep_predictor(self) -> nnUNetPredictor:
+        self.set_deep_supervision_enabled(False)
+        self.network.eval()
+        if self.inference_allowed_mirroring_axes is None:
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.em_settings.mirroring,
+                                    perform_everything_on_device=True, device=self.device, verbose=False,
+                                    verbose_preprocessing=False, allow_tqdm=False)
+        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
+                                        self.dataset_json, self.__class__.__name__,
+                                        self.inference_allowed_mirroring_axes)
+        return predictor
+
+    # ------------------------------------------------------------------------------------------ files
+    def _gt_path(self, case: str) -> str:
+        return join(self.preprocessed_dataset_folder_base, "gt_segmentations", case + self.dataset_json["file_ending"])
+
+    def _export_round_labels(self, round_folder: str, refined_cases: dict[str, dict]):
+        """The round's labels in raw geometry: refined for this fold's training cases, originals for the rest."""
+        reader_writer = self.plans_manager.image_reader_writer_class()
+
+        def refined_label(case):
+            if case not in refined_cases:
+                return None
+            properties = refined_cases[case]
+            original_raw = np.asarray(reader_writer.read_seg(self._gt_path(case))[0][0]).astype(np.int32)
+            raw = nnunet_data.refined_raw_label(original_raw, self._training_labels.read_original_seg(case),
+                                                self._training_labels.read_current_seg(case), properties,
+                                                self.plans_manager, self.configuration_manager)
+            return raw, properties
+
+        label_store.write_round_labels(
+            join(round_folder, "labelsTr"), nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder),
+            file_ending=self.dataset_json["file_ending"], original_label_path=self._gt_path,
+            refined_label=refined_label, reader_writer=reader_writer)
+        label_store.write_json(join(round_folder, "dataset.json"), self.dataset_json)
+
+    def _originals_manifest(self, cases) -> dict:
+        files = {}
+        for case in cases:
+            files[f"preprocessed/{case}_seg.b2nd"] = self._training_labels.original_seg_path(case)
+            files[f"preprocessed/{case}.pkl"] = self._training_labels.original_properties_path(case)
+            if os.path.isfile(self._gt_path(case)):
+                files[f"gt_segmentations/{case}{self.dataset_json['file_ending']}"] = self._gt_path(case)
+        return label_store.checksum_manifest(files)
+
+    def _verify_originals(self):
+        manifest_file = join(self.em_folder, "originals.json")
+        if not os.path.isfile(manifest_file):
+            return
+        changed = label_store.changed_files(load_json(manifest_file))
+        if changed:
+            raise EMInputError(f"{len(changed)} original label file(s) changed since this run started, e.g. "
+                               f"{changed[0]} (checksums in {manifest_file}). Fix: start a fresh training (without "
+                               f"--c) on the current labels.")
+
+    def verify_originals_unchanged(self) -> list[str]:
+        """Names of original label files whose checksum differs from the run's manifest (empty: all intact)."""
+        return label_store.changed_files(load_json(join(self.em_folder, "originals.json")))
+
+    def _log_round(self, summary: dict, converged: bool):
+        noise = summary["noise_model"]
+        self.print_to_log_file(
+            f"EM round {summary['round']}: log-likelihood {noise['log_likelihood']:.5f} per voxel, temperature "
+            f"{noise['temperature']:.3f}, changed {100 * summary['fraction_changed']:.3f}% / ignored "
+            f"{100 * summary['fraction_ignored']:.3f}% of annotated voxels, "
+            f"{100 * summary['fraction_changed_since_previous']:.3f}% differ from the previous round"
+            f"{' -> converged' if converged else ''} ({summary['seconds_total']:.1f} s)",
+            also_print_to_console=True)
+        self.print_to_log_file(f"EM round {summary['round']}: transition[true, annotated] = "
+                               f"{np.round(np.asarray(noise['transition']), 4).tolist()}", also_print_to_console=True)

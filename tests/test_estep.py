@@ -1,0 +1,172 @@
+"""E-step array functions against hand-computed answers and synthetic annotators with known noise."""
+
+import numpy as np
+import pytest
+
+from nnunetv2_em import estep
+from nnunetv2_em.estep import NoiseModel, RefinementThresholds
+
+
+def _synthetic_annotator(transition, *, n=200_000, logit_scale=1.0, seed=0):
+    """Calibrated 2-class network scores, true labels drawn from them, annotations flipped by ``transition``."""
+    rng = np.random.default_rng(seed)
+    score = rng.normal(0.0, 3.0, n)
+    true = (rng.random(n) < 1.0 / (1.0 + np.exp(-score))).astype(np.int64)
+    flip_to_one = rng.random(n) < transition[true, 1]
+    annotations = flip_to_one.astype(np.int64)
+    logits = np.stack([np.zeros(n), score * logit_scale])  # logit_scale != 1: a miscalibrated network
+    return logits, annotations, true
+
+
+def test_posterior_matches_hand_computation():
+    logits = np.array([[0.0, 0.0], [np.log(3.0), np.log(3.0)]])  # p = [0.25, 0.75] for both voxels
+    model = NoiseModel(np.array([[0.9, 0.1], [0.2, 0.8]]), 1.0)
+    q = estep.posterior(logits, np.array([0, 1]), model)
+    # annotated 0: [0.25*0.9, 0.75*0.2] = [0.225, 0.15] -> [0.6, 0.4]
+    # annotated 1: [0.25*0.1, 0.75*0.8] = [0.025, 0.6]  -> [0.04, 0.96]
+    np.testing.assert_allclose(q[:, 0], [0.6, 0.4], atol=1e-6)
+    np.testing.assert_allclose(q[:, 1], [0.04, 0.96], atol=1e-6)
+
+
+def test_posterior_of_unannotated_voxels_is_the_calibrated_prior():
+    logits = np.array([[0.0], [2.0]])
+    model = NoiseModel(np.array([[0.5, 0.5], [0.1, 0.9]]), 2.0)
+    q = estep.posterior(logits, np.array([3]), model)  # 3 = ignore label
+    np.testing.assert_allclose(q[:, 0], [1 / (1 + np.e), np.e / (1 + np.e)], atol=1e-6)
+
+
+def test_update_transition_matches_hand_computation():
+    probs = np.array([[0.25, 0.25, 1.0], [0.75, 0.75, 0.0]])
+    annotations = np.array([0, 1, 0])
+    transition = np.array([[0.9, 0.1], [0.2, 0.8]])
+    # posteriors: voxel0 [0.6, 0.4]; voxel1 [0.04, 0.96]; voxel2 [1, 0]
+    # row 0: annotated-0 mass 0.6 + 1 = 1.6, annotated-1 mass 0.04 -> [1.6, 0.04] / 1.64
+    # row 1: annotated-0 mass 0.4,          annotated-1 mass 0.96 -> [0.4, 0.96] / 1.36
+    expected = np.array([[1.6 / 1.64, 0.04 / 1.64], [0.4 / 1.36, 0.96 / 1.36]])
+    np.testing.assert_allclose(estep.update_transition(probs, annotations, transition), expected, atol=1e-9)
+
+
+def test_recovers_known_flip_rates_of_a_two_class_annotator():
+    true_transition = np.array([[0.9, 0.1], [0.25, 0.75]])
+    logits, annotations, _ = _synthetic_annotator(true_transition)
+    model = estep.fit_noise_model(logits, annotations, calibrate_temperature=False, max_iterations=500,
+                                  tolerance=1e-10)
+    np.testing.assert_allclose(model.transition, true_transition, atol=0.02)
+
+
+def test_recovers_flip_rates_and_temperature_of_an_overconfident_network():
+    true_transition = np.array([[0.95, 0.05], [0.2, 0.8]])
+    logits, annotations, _ = _synthetic_annotator(true_transition, logit_scale=2.5, seed=1)
+    model = estep.fit_noise_model(logits, annotations, max_iterations=500, tolerance=1e-10)
+    assert model.temperature == pytest.approx(2.5, rel=0.1)
+    np.testing.assert_allclose(model.transition, true_transition, atol=0.03)
+
+
+def test_marginal_likelihood_never_decreases_across_fitting_steps():
+    true_transition = np.array([[0.85, 0.1, 0.05], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    rng = np.random.default_rng(3)
+    n = 30_000
+    logits = rng.normal(0, 2.0, (3, n)) * 1.7
+    true = np.array([rng.choice(3, p=p) for p in estep.softmax(logits / 1.7).T])
+    annotations = np.array([rng.choice(3, p=true_transition[t]) for t in true])
+    model = estep.fit_noise_model(logits, annotations, max_iterations=40, tolerance=0.0)
+    assert len(model.trace) > 10
+    assert np.all(np.diff(model.trace) >= -1e-12)
+    assert model.trace[-1] > model.trace[0]
+    assert model.log_likelihood == model.trace[-1]
+
+
+def test_sampling_weights_restore_class_counts_and_cap_memory():
+    rng = np.random.default_rng(0)
+    annotations = np.zeros((20, 20, 20), dtype=np.int16)
+    annotations[:5] = 1
+    annotations[0, 0, :3] = 2
+    annotations[19] = 3  # ignore label: never sampled
+    logits = rng.normal(size=(3, 20, 20, 20))
+    sampled_logits, sampled_annotations, weights = estep.sample_voxels(logits, annotations, max_voxels_per_class=100,
+                                                                       rng=rng)
+    for label, count in ((0, 14 * 400), (1, 5 * 400 - 3), (2, 3)):
+        assert weights[sampled_annotations == label].sum() == pytest.approx(count)
+        assert np.count_nonzero(sampled_annotations == label) == min(count, 100)
+    assert sampled_logits.shape == (3, 203)
+    flat = logits.reshape(3, -1)
+    first = np.flatnonzero(annotations.reshape(-1) == 2)[0]
+    np.testing.assert_allclose(sampled_logits[:, sampled_annotations == 2][:, 0], flat[:, first], rtol=1e-6)
+
+
+def test_refine_labels_changes_keeps_and_ignores_by_thresholds():
+    # posteriors for 5 voxels over 3 classes; annotations; ignore label 3
+    q = np.array([
+        [0.95, 0.05, 0.60, 0.30, 0.10],
+        [0.03, 0.90, 0.30, 0.40, 0.10],
+        [0.02, 0.05, 0.10, 0.30, 0.80],
+    ])
+    annotations = np.array([1, 1, 0, 0, 3])
+    refined = estep.refine_labels(q, annotations, thresholds=RefinementThresholds(0.9, 0.5), ignore_label=3)
+    # voxel0: argmax 0 at 0.95 >= 0.9 -> changed to 0; voxel1: keeps 1 (0.9); voxel2: q[a]=0.6 -> kept;
+    # voxel3: argmax 1 at 0.4 < 0.9 and q[a]=0.3 < 0.5 -> ignored; voxel4: unannotated -> untouched
+    np.testing.assert_array_equal(refined, [0, 1, 0, 3, 3])
+
+
+def test_refine_labels_never_touches_voxels_outside_the_mask():
+    q = np.array([[0.0, 0.0], [1.0, 1.0]])
+    annotations = np.array([-1, 0], dtype=np.int8)
+    refined = estep.refine_labels(q, annotations, thresholds=RefinementThresholds(), ignore_label=2)
+    np.testing.assert_array_equal(refined, [-1, 1])
+    assert refined.dtype == np.int8
+
+
+def test_refine_labels_rejects_ignore_label_inside_class_range():
+    with pytest.raises(ValueError, match="collides"):
+        estep.refine_labels(np.ones((3, 2)) / 3, np.array([0, 1]), thresholds=RefinementThresholds(), ignore_label=2)
+
+
+def test_component_changes_counts_added_and_removed_blobs():
+    original = np.zeros((1, 10, 10), dtype=np.int8)
+    original[0, 1:3, 1:3] = 1
+    original[0, 6:8, 6:8] = 1
+    refined = original.copy()
+    refined[0, 6:8, 6:8] = 0  # blob removed
+    refined[0, 1:3, 6:8] = 1  # blob added
+    refined[0, 4, 4] = 2  # class-2 blob added
+    assert estep.component_changes(original, refined, foreground_classes=[1, 2]) == (2, 1)
+
+
+def test_score_case_counts_and_dice():
+    annotations = np.array([[0, 1, 1, 1, 2, 0]])
+    refined = np.array([[0, 1, 1, 0, 3, 0]])  # one change 1->0, one voxel ignored (3)
+    prediction = np.array([[0, 1, 1, 0, 0, 0]])
+    q = np.zeros((3, 1, 6))
+    q[annotations[0], 0, np.arange(6)] = 1.0
+    q[:, 0, 3] = [0.95, 0.05, 0.0]
+    q[:, 0, 4] = [0.5, 0.0, 0.5]
+    scores = estep.score_case(annotations, refined, q, prediction, ignore_label=3)
+    assert scores["voxels_annotated"] == 6
+    assert scores["voxels_changed"] == 1
+    assert scores["voxels_ignored"] == 1
+    assert scores["dice_1"] == pytest.approx(2 * 2 / (3 + 2))
+    assert scores["dice_2"] == pytest.approx(0.0)
+    assert scores["expected_errors"] == pytest.approx(0.95 + 0.5)
+    assert scores["review_score"] == pytest.approx((0.95 + 0.5) / 4)  # fg extent: voxels 1..4
+    assert scores["mean_entropy"] == pytest.approx((-0.95 * np.log(0.95) - 0.05 * np.log(0.05) + np.log(2)) / 6)
+
+
+def test_rank_cases_orders_by_review_score_then_case():
+    ranked = estep.rank_cases({"b": {"review_score": 0.1}, "a": {"review_score": 0.1}, "c": {"review_score": 0.5}})
+    assert [(r["rank"], r["case"]) for r in ranked] == [(1, "c"), (2, "a"), (3, "b")]
+
+
+def test_temperature_search_never_returns_a_worse_value():
+    logits, annotations, _ = _synthetic_annotator(np.array([[0.9, 0.1], [0.1, 0.9]]), n=5000)
+    transition = np.array([[0.9, 0.1], [0.1, 0.9]])
+    best = estep.fit_temperature(logits, annotations, transition)
+    at_best = estep.mean_log_likelihood(logits, annotations, transition, best)
+    assert at_best >= estep.mean_log_likelihood(logits, annotations, transition, 1.0)
+    assert estep.fit_temperature(logits, annotations, transition, current=best) == pytest.approx(best, rel=1e-3)
+
+
+def test_fitting_inputs_are_checked():
+    with pytest.raises(ValueError, match="annotated"):
+        estep.fit_noise_model(np.zeros((2, 3)), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="expected logits"):
+        estep.fit_noise_model(np.zeros((2, 3)), np.array([0, 1]))
