@@ -75,7 +75,7 @@ def default_transition(num_classes: int, *, flip_rate: float = 0.05) -> np.ndarr
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Softmax over axis 0 of ``logits / temperature``, as float64 (numerically stable)."""
-    scaled = np.asarray(logits, dtype=np.float64) / float(temperature)
+    scaled = np.asarray(logits, dtype=np.float64) * (1.0 / float(temperature))
     scaled -= scaled.max(axis=0, keepdims=True)
     np.exp(scaled, out=scaled)
     scaled /= scaled.sum(axis=0, keepdims=True)
@@ -114,9 +114,14 @@ def mean_log_likelihood(logits, annotations, transition, temperature, *, weights
         logits: ``(C, N)``. annotations: ``(N,)`` in ``0..C-1``. transition: ``(C, C)``. weights: ``(N,)`` or None.
     """
     logits, annotations, weights = _check_samples(logits, annotations, weights)
-    joint = _annotation_likelihoods(softmax(logits, temperature), annotations, np.asarray(transition))
-    per_sample = np.log(np.maximum(joint.sum(axis=0), _TINY))
-    return float(np.sum(weights * per_sample) / max(weights.sum(), _TINY))
+    return _mean_log_likelihood(logits, annotations, np.asarray(transition), temperature, weights)
+
+
+def _mean_log_likelihood(logits, annotations, transition, temperature, weights) -> float:
+    # Σ_k p_k T[k, a] = (Tᵀ p)[a]: one small matrix product instead of gathering T's columns per sample
+    marginal = np.take_along_axis(transition.T @ softmax(logits, temperature), annotations[None], axis=0)[0]
+    per_sample = np.log(np.maximum(marginal, _TINY))
+    return float(np.dot(weights, per_sample) / max(weights.sum(), _TINY))
 
 
 def update_transition(probs, annotations, transition, *, weights=None) -> np.ndarray:
@@ -148,9 +153,10 @@ def fit_temperature(logits, annotations, transition, *, weights=None, current: f
     Returns ``current`` unless the search finds a strictly better value, so a fitting loop never loses likelihood.
     """
     logits, annotations, weights = _check_samples(logits, annotations, weights)
+    transition = np.asarray(transition, dtype=np.float64)
 
     def negative_likelihood(log_temperature):
-        return -mean_log_likelihood(logits, annotations, transition, np.exp(log_temperature), weights=weights)
+        return -_mean_log_likelihood(logits, annotations, transition, np.exp(log_temperature), weights)
 
     result = optimize.minimize_scalar(negative_likelihood, bounds=np.log(bounds), method="bounded",
                                       options={"xatol": 1e-4})
@@ -161,7 +167,7 @@ def fit_temperature(logits, annotations, transition, *, weights=None, current: f
 
 def fit_noise_model(logits, annotations, *, weights=None, initial: NoiseModel | None = None,
                     calibrate_temperature: bool = True, max_iterations: int = 100,
-                    tolerance: float = 1e-7) -> NoiseModel:
+                    tolerance: float = 1e-6) -> NoiseModel:
     """Maximise the annotations' marginal likelihood over ``T`` and the temperature by alternating updates.
 
     Args:
@@ -177,6 +183,8 @@ def fit_noise_model(logits, annotations, *, weights=None, initial: NoiseModel | 
         never decreases.
     """
     logits, annotations, weights = _check_samples(logits, annotations, weights)
+    logits = np.asarray(logits, dtype=np.float64)
+    logits = logits - logits.max(axis=0, keepdims=True)  # softmax is shift-invariant at any temperature
     num_classes = logits.shape[0]
     if initial is None:
         initial = NoiseModel(default_transition(num_classes), 1.0)
@@ -186,13 +194,17 @@ def fit_noise_model(logits, annotations, *, weights=None, initial: NoiseModel | 
     temperature = float(initial.temperature)
 
     def likelihood():
-        return mean_log_likelihood(logits, annotations, transition, temperature, weights=weights)
+        return _mean_log_likelihood(logits, annotations, transition, temperature, weights)
 
     trace = [likelihood()]
-    for _ in range(max_iterations):
+    for iteration in range(max_iterations):
         before = trace[-1]
         if calibrate_temperature:
-            temperature = fit_temperature(logits, annotations, transition, weights=weights, current=temperature)
+            # after a first global search the optimum moves little: search near it (much cheaper)
+            bounds = TEMPERATURE_BOUNDS if iteration == 0 else (
+                max(TEMPERATURE_BOUNDS[0], temperature / 1.5), min(TEMPERATURE_BOUNDS[1], temperature * 1.5))
+            temperature = fit_temperature(logits, annotations, transition, weights=weights, current=temperature,
+                                          bounds=bounds)
             trace.append(likelihood())
         transition = update_transition(softmax(logits, temperature), annotations, transition, weights=weights)
         trace.append(likelihood())
@@ -328,6 +340,12 @@ def dice(reference: np.ndarray, prediction: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(reference, prediction).sum()) / denominator
 
 
+def foreground_dice(annotations, prediction, *, num_classes: int) -> list[float]:
+    """Dice between annotation and prediction per foreground class ``1..C-1``, on annotated voxels only."""
+    mask = annotated_mask(annotations, num_classes)
+    return [dice((annotations == label) & mask, (prediction == label) & mask) for label in range(1, num_classes)]
+
+
 def score_case(annotations, refined, posterior_probs, prediction, *, previous=None, ignore_label: int) -> dict:
     """Per-case scores of one E-step.
 
@@ -369,8 +387,8 @@ def score_case(annotations, refined, posterior_probs, prediction, *, previous=No
         "components_removed": removed,
         "review_score": expected_errors / max(foreground_extent, 1),
     }
-    for label in range(1, num_classes):
-        scores[f"dice_{label}"] = dice((annotations == label) & mask, (prediction == label) & mask)
+    for label, value in enumerate(foreground_dice(annotations, prediction, num_classes=num_classes), start=1):
+        scores[f"dice_{label}"] = value
     return scores
 
 
@@ -381,19 +399,23 @@ def rank_cases(scores_by_case: dict[str, dict]) -> list[dict]:
 
 
 def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
-                previous=None) -> tuple[np.ndarray, dict]:
+                previous=None, apply: bool = True) -> tuple[np.ndarray, dict]:
     """Posterior, refined labels and scores of one case.
 
     Args:
         logits: ``(C, *spatial)``. annotations: ``(*spatial)`` the original annotation (always the original: EM
             conditions on what the annotator wrote, not on an earlier round's refinement).
         previous: ``(*spatial)`` labels of the previous round, for the convergence count (default: annotations).
+        apply: False keeps the annotation unchanged (the model is not trusted yet) but still scores the case.
 
     Returns:
         ``(refined (*spatial) like annotations, scores dict of score_case)``.
     """
     probabilities = posterior(logits, annotations, model)
-    refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label)
+    if apply:
+        refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label)
+    else:
+        refined = np.asarray(annotations).copy()
     prediction = np.asarray(logits).argmax(axis=0)
     scores = score_case(annotations, refined, probabilities, prediction, previous=previous,
                         ignore_label=ignore_label)

@@ -24,9 +24,10 @@ class EMSettings:
     change_threshold: float = 0.9  # posterior needed to overwrite an annotation
     keep_threshold: float = 0.5  # posterior of the annotation below which (and no change) a voxel is ignored
     tolerance: float = 0.001  # stop when less than this fraction of annotated voxels changed since last round
+    min_model_dice: float = 0.5  # labels are only refined once the network agrees this well with the annotation
     calibrate_temperature: bool = True
-    fit_iterations: int = 50  # max (temperature, transition) update pairs per E-step
-    fit_sample_voxels: int = 1_000_000  # voxels sampled over all cases to fit the noise model: bounds memory
+    fit_iterations: int = 30  # max (temperature, transition) update pairs per E-step
+    fit_sample_voxels: int = 100_000  # voxels sampled over all cases to fit the noise model: bounds memory
     mirroring: bool = True  # test-time mirroring in the E-step's sliding-window prediction
     seed: int = 0
 
@@ -79,6 +80,8 @@ class EMSettings:
             problems.append(("change_threshold", "must be in (0.5, 1]: a change needs a majority posterior"))
         if not 0.0 <= self.keep_threshold <= 1.0:
             problems.append(("keep_threshold", "must be in [0, 1]"))
+        if not 0.0 <= self.min_model_dice <= 1.0:
+            problems.append(("min_model_dice", "must be in [0, 1]"))
         if not 0.0 <= self.tolerance < 1.0:
             problems.append(("tolerance", "must be in [0, 1)"))
         if self.fit_iterations < 1:

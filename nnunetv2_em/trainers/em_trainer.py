@@ -36,8 +36,7 @@ class EMTrainer(nnUNetTrainer):
     rate schedule spans the whole run. Resume with ``--c`` works from any point, E-steps included.
     """
 
-    em_overrides: dict = {}
-    max_batch_size: int | None = None  # variants for small machines cap the planned batch size
+    em_overrides: dict = {}  # variants override settings of the plans' em block here
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -68,11 +67,6 @@ class EMTrainer(nnUNetTrainer):
         self._em_state: TrainerRunState | None = None
 
     # ----------------------------------------------------------------------------------- nnU-Net hooks
-    def _set_batch_size_and_oversample(self):
-        super()._set_batch_size_and_oversample()
-        if self.max_batch_size is not None:
-            self.batch_size = min(self.batch_size, self.max_batch_size)
-
     def initialize(self):
         if not self.was_initialized:
             # train from a fold-private copy of the preprocessed folder whose segmentations the E-step replaces
@@ -171,20 +165,25 @@ class EMTrainer(nnUNetTrainer):
         dataset = self.dataset_class(self.preprocessed_dataset_folder, cases)
         rng = np.random.default_rng([settings.seed, round_index])
         per_case_cap = max(1, settings.fit_sample_voxels // (len(cases) * num_classes))
-        samples = []
+        samples, agreement = [], []
         for case in cases:
             data = torch.from_numpy(np.ascontiguousarray(dataset.load_case(case)[0][:]))
             logits = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy()
             np.save(join(logits_cache, f"{case}.npy"), logits.astype(np.float16))
             original = self._training_labels.read_original_seg(case)[0]
             samples.append(estep.sample_voxels(logits, original, max_voxels_per_class=per_case_cap, rng=rng))
+            agreement += estep.foreground_dice(original, logits.argmax(axis=0), num_classes=num_classes)
         prediction_seconds = time.time() - started
+        # an untrained network would "explain" the annotation away as noise: refine only once it has learned
+        model_dice = float(np.nanmean(agreement)) if not np.all(np.isnan(agreement)) else 0.0
+        refine = model_dice >= settings.min_model_dice
         model = estep.fit_noise_model(np.concatenate([s[0] for s in samples], axis=1),
                                       np.concatenate([s[1] for s in samples]),
                                       weights=np.concatenate([s[2] for s in samples]),
                                       calibrate_temperature=settings.calibrate_temperature,
                                       max_iterations=settings.fit_iterations)
         del samples
+        fit_done = time.time()
 
         scores = {}
         refined_cases = {}
@@ -193,24 +192,29 @@ class EMTrainer(nnUNetTrainer):
             original = self._training_labels.read_original_seg(case)[0]
             previous = self._training_labels.read_current_seg(case)[0]
             refined, scores[case] = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
-                                                      ignore_label=ignore_label, previous=previous)
+                                                      ignore_label=ignore_label, previous=previous, apply=refine)
             properties = load_pickle(self._training_labels.original_properties_path(case))
             properties["class_locations"] = nnunet_data.class_locations(refined[None], self.label_manager)
             self._training_labels.write_case(case, refined[None], properties, self.configuration_manager.patch_size)
             refined_cases[case] = properties
         shutil.rmtree(logits_cache)
-
+        refine_done = time.time()
         self._export_round_labels(round_folder, refined_cases)
         summary = {
             "round": round_index,
             "epochs_trained": self.current_epoch,
             "noise_model": model.to_dict(),
+            "model_dice": model_dice,
+            "refinement_applied": refine,
             **estep.summarize_round(scores),
             "seconds_prediction": round(prediction_seconds, 2),
+            "seconds_fit": round(fit_done - started - prediction_seconds, 2),
+            "seconds_refine": round(refine_done - fit_done, 2),
+            "seconds_export": round(time.time() - refine_done, 2),
             "seconds_total": round(time.time() - started, 2),
         }
         reports.write_round_reports(round_folder, summary, estep.rank_cases(scores))
-        converged = summary["fraction_changed_since_previous"] < settings.tolerance
+        converged = refine and summary["fraction_changed_since_previous"] < settings.tolerance
         self._em_state.complete_round(summary, converged=converged)
         self._log_round(summary, converged)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
@@ -278,6 +282,11 @@ class EMTrainer(nnUNetTrainer):
 
     def _log_round(self, summary: dict, converged: bool):
         noise = summary["noise_model"]
+        if not summary["refinement_applied"]:
+            self.print_to_log_file(
+                f"EM round {summary['round']}: labels kept: the network's Dice with the annotation "
+                f"({summary['model_dice']:.3f}) is below em.min_model_dice ({self.em_settings.min_model_dice})",
+                also_print_to_console=True)
         self.print_to_log_file(
             f"EM round {summary['round']}: log-likelihood {noise['log_likelihood']:.5f} per voxel, temperature "
             f"{noise['temperature']:.3f}, changed {100 * summary['fraction_changed']:.3f}% / ignored "

@@ -1,0 +1,97 @@
+"""Training budgets shared by the EM trainers and their vanilla baselines, so a comparison changes one thing only.
+
+nnU-Net's defaults (1000 epochs x 250 iterations, batch from the plans, 32-320 feature maps) need a GPU: on a 2-core
+CPU one default training step of the Hippocampus network takes about 3 s. The small-machine budgets narrow the
+network (feature maps divided by ``FEATURE_DIVISOR``), cap the batch at 2 and shorten training. The network change
+goes through ``build_network_architecture``, which nnU-Net also calls at inference, so ``nnUNetv2_predict -tr X``
+rebuilds the same network.
+
+| trainer | epochs x iterations | use |
+|---|---|---|
+| ``EMTrainer_cpu`` / ``VanillaTrainer_cpu`` | 3 rounds x 4 = 12 x 40 | CPU runs that learn something (minutes) |
+| ``EMTrainer_tiny`` / ``VanillaTrainer_tiny`` | 2 rounds x 1 = 2 x 5 | smoke tests of the machinery only |
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from nnunetv2_em.trainers.em_trainer import EMTrainer
+
+FEATURE_DIVISOR = 2
+MIN_FEATURES = 8
+MAX_BATCH_VOXELS = 100_000  # 3d_fullres Hippocampus (40x56x40 patches): batch 2; 2d (56x40): batch 44
+
+
+def narrow_network(configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision):
+    """The plans' architecture with feature maps divided by ``FEATURE_DIVISOR`` (at least ``MIN_FEATURES``)."""
+    arch_kwargs = dict(configuration_manager.network_arch_init_kwargs)
+    arch_kwargs["features_per_stage"] = [max(MIN_FEATURES, int(f) // FEATURE_DIVISOR)
+                                         for f in arch_kwargs["features_per_stage"]]
+    return get_network_from_plans(configuration_manager.network_arch_class_name, arch_kwargs,
+                                  configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
+                                  num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
+
+
+class _SmallMachineBudget:
+    """Mixin: narrow network, batch <= 2, ``epochs`` x ``iterations_per_epoch``."""
+
+    epochs = 12
+    iterations_per_epoch = 40
+    val_iterations_per_epoch = 4
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True):
+        return narrow_network(configuration_manager, num_input_channels, num_output_channels,
+                              enable_deep_supervision)
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        patch_voxels = int(np.prod(self.configuration_manager.patch_size))
+        self.batch_size = min(self.batch_size, max(2, MAX_BATCH_VOXELS // patch_voxels))
+
+    def _apply_budget(self):
+        self.num_iterations_per_epoch = self.iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
+
+
+class VanillaTrainer_cpu(_SmallMachineBudget, nnUNetTrainer):
+    """Plain nnU-Net training with the CPU budget: the baseline for ``EMTrainer_cpu``."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._apply_budget()
+        self.num_epochs = self.epochs
+
+
+class EMTrainer_cpu(_SmallMachineBudget, EMTrainer):
+    """EMTrainer with the CPU budget: 3 rounds x 4 epochs, the same 12 epochs as ``VanillaTrainer_cpu``."""
+
+    em_overrides = {"rounds": 3, "epochs_per_round": 4, "mirroring": False}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._apply_budget()
+
+
+class VanillaTrainer_tiny(VanillaTrainer_cpu):
+    """Smoke-test budget: 2 epochs x 5 iterations. Checks the machinery; the model learns next to nothing."""
+
+    epochs = 2
+    iterations_per_epoch = 5
+    val_iterations_per_epoch = 2
+
+
+class EMTrainer_tiny(EMTrainer_cpu):
+    """Smoke-test budget: 2 rounds x 1 epoch x 5 iterations, refining even with the untrained network
+    (``min_model_dice`` 0) so that every step of the loop runs. Not a useful model."""
+
+    em_overrides = {"rounds": 2, "epochs_per_round": 1, "mirroring": False, "min_model_dice": 0.0}
+    iterations_per_epoch = 5
+    val_iterations_per_epoch = 2

@@ -1,0 +1,269 @@
+"""End to end through nnU-Net's stock CLIs on real Hippocampus MRI (EMTrainer_tiny: minutes on 2 CPU cores).
+
+One module-scoped workspace: plan with ``-pl EMPlanner``, train ``-tr EMTrainer_tiny``, predict, then the
+resume and bad-input scenarios on the same preprocessed data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import blosc2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 905
+DATASET = "Dataset905_Hippo"
+CASES = demo_cases(12)
+TRAINER_DIR = "EMTrainer_tiny__nnUNetPlans__3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory) -> NnUNetWorkspace:
+    workspace = NnUNetWorkspace(str(tmp_path_factory.mktemp("e2e")))
+    make_raw_dataset(workspace.raw, DATASET_ID, CASES)
+    workspace.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-pl", "EMPlanner", "-c", "3d_fullres",
+                  "-np", "2", "-npfp", "2")
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def trained(planned) -> NnUNetWorkspace:
+    raw_before = tree_snapshot(os.path.join(planned.raw, DATASET))
+    preprocessed_before = _original_preprocessed_snapshot(planned)
+    planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    planned.raw_before, planned.preprocessed_before = raw_before, preprocessed_before
+    return planned
+
+
+def _original_preprocessed_snapshot(workspace):
+    base = os.path.join(workspace.preprocessed, DATASET)
+    return {name: snap for name, snap in tree_snapshot(base).items()
+            if name.startswith(("nnUNetPlans_3d_fullres/", "gt_segmentations/"))}
+
+
+def _fold_folder(workspace, trainer_dir=TRAINER_DIR):
+    return os.path.join(workspace.results, DATASET, trainer_dir, "fold_0")
+
+
+def test_em_planner_plans_exactly_like_the_default_planner(planned):
+    planned.run("nnUNetv2_plan_experiment", "-d", str(DATASET_ID), "-overwrite_plans_name", "DefaultPlans")
+    base = os.path.join(planned.preprocessed, DATASET)
+    with open(os.path.join(base, "nnUNetPlans.json")) as handle:
+        em_plans = json.load(handle)
+    with open(os.path.join(base, "DefaultPlans.json")) as handle:
+        default_plans = json.load(handle)
+    em_block = em_plans.pop("em")
+    assert em_plans.pop("experiment_planner_used") == "EMPlanner"
+    assert default_plans.pop("experiment_planner_used") == "ExperimentPlanner"
+    for plans in (em_plans, default_plans):
+        plans.pop("plans_name")
+        for configuration in plans["configurations"].values():
+            configuration.pop("data_identifier", None)
+    assert em_plans == default_plans
+    assert em_block["rounds"] == 5 and em_block["epochs_per_round"] == 200
+    # the ignore label reaches training through the preprocessed dataset.json; the raw one is untouched
+    with open(os.path.join(base, "dataset.json")) as handle:
+        assert json.load(handle)["labels"]["ignore"] == 3
+    with open(os.path.join(planned.raw, DATASET, "dataset.json")) as handle:
+        assert "ignore" not in json.load(handle)["labels"]
+    properties = np.load(os.path.join(base, "nnUNetPlans_3d_fullres", f"{CASES[0]}.pkl"), allow_pickle=True)
+    assert (-1, 0, 1, 2) in properties["class_locations"]
+
+
+def test_training_runs_every_round_and_writes_its_outputs(trained):
+    fold = _fold_folder(trained)
+    with open(os.path.join(fold, "em", "state.json")) as handle:
+        state = json.load(handle)
+    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    with open(os.path.join(trained.preprocessed, DATASET, "splits_final.json")) as handle:
+        split = json.load(handle)[0]
+    assert state["training_cases"] == sorted(split["train"])
+    for round_index in (1, 2):
+        round_folder = os.path.join(fold, "em", f"round_{round_index:02d}")
+        with open(os.path.join(round_folder, "summary.json")) as handle:
+            summary = json.load(handle)
+        trace = summary["noise_model"]["trace"]
+        assert np.all(np.diff(trace) >= -1e-9), "the marginal likelihood decreased during the fit"
+        assert summary["cases"] == len(split["train"])
+        transition = np.asarray(summary["noise_model"]["transition"])
+        np.testing.assert_allclose(transition.sum(axis=1), 1.0, atol=1e-6)
+        # a complete labelsTr: every case of the dataset, validation cases byte-identical to the originals
+        labels = os.path.join(round_folder, "labelsTr")
+        assert sorted(os.listdir(labels)) == sorted(f"{c}.nii.gz" for c in CASES)
+        for case in split["val"]:
+            with open(os.path.join(labels, f"{case}.nii.gz"), "rb") as a, \
+                    open(os.path.join(trained.raw, DATASET, "labelsTr", f"{case}.nii.gz"), "rb") as b:
+                assert a.read() == b.read()
+        with open(os.path.join(round_folder, "cases.csv")) as handle:
+            rows = list(csv.DictReader(handle))
+        assert sorted(r["case"] for r in rows) == sorted(split["train"])
+        scores = [float(r["review_score"]) for r in rows]
+        assert scores == sorted(scores, reverse=True)
+        assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+        with open(os.path.join(round_folder, "cases.json")) as handle:
+            assert [r["case"] for r in json.load(handle)] == [r["case"] for r in rows]
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
+    with open(os.path.join(fold, os.pardir, "dataset.json")) as handle:
+        assert json.load(handle)["labels"]["ignore"] == 3
+    log = "".join(open(os.path.join(fold, f)).read() for f in os.listdir(fold) if f.startswith("training_log"))
+    assert "EM round 1: log-likelihood" in log and "EM round 2: log-likelihood" in log
+
+
+def test_refined_labels_replace_the_training_segmentations_and_the_originals_stay(trained):
+    fold = _fold_folder(trained)
+    work = os.path.join(trained.preprocessed, DATASET, "em_training_labels", TRAINER_DIR, "fold_0")
+    with open(os.path.join(trained.preprocessed, DATASET, "splits_final.json")) as handle:
+        split = json.load(handle)[0]
+    with open(os.path.join(fold, "em", "round_02", "summary.json")) as handle:
+        summary = json.load(handle)
+    assert summary["voxels_changed"] + summary["voxels_ignored"] > 0, "the tiny run should refine something"
+    changed_cases = 0
+    for case in split["train"]:
+        seg_path = os.path.join(work, f"{case}_seg.b2nd")
+        assert not os.path.islink(seg_path)
+        refined = blosc2.open(seg_path)[:]
+        original = blosc2.open(os.path.join(trained.preprocessed, DATASET, "nnUNetPlans_3d_fullres",
+                                            f"{case}_seg.b2nd"))[:]
+        assert refined.shape == original.shape
+        np.testing.assert_array_equal(refined == -1, original == -1)  # outside-mask voxels are never touched
+        assert set(np.unique(refined)) <= {-1, 0, 1, 2, 3}
+        changed_cases += int(np.any(refined != original))
+        properties = np.load(os.path.join(work, f"{case}.pkl"), allow_pickle=True)
+        from nnunetv2_em.nnunet_data import class_locations  # recomputed for the refined labels
+        assert set(properties["class_locations"]) == {1, 2, (-1, 0, 1, 2)}
+        for key, locations in properties["class_locations"].items():
+            if len(locations):
+                values = refined[tuple(np.asarray(locations).T)]
+                wanted = set(key) if isinstance(key, tuple) else {key}
+                assert set(np.unique(values)) <= wanted
+        del class_locations
+        # the raw-space export carries the same refinement (no resampling for Hippocampus)
+        exported = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(fold, "em", "round_02", "labelsTr",
+                                                                      f"{case}.nii.gz")))
+        assert np.count_nonzero(exported == 3) == np.count_nonzero(refined == 3)
+    assert changed_cases > 0
+    for case in split["val"]:
+        assert os.path.islink(os.path.join(work, f"{case}_seg.b2nd"))
+    # nothing nnU-Net owns was written: raw data, preprocessed originals, validation reference
+    assert tree_snapshot(os.path.join(trained.raw, DATASET)) == trained.raw_before
+    assert _original_preprocessed_snapshot(trained) == trained.preprocessed_before
+    from nnunetv2_em import label_store
+    with open(os.path.join(fold, "em", "originals.json")) as handle:
+        assert label_store.changed_files(json.load(handle)) == []
+
+
+def test_stock_predict_uses_the_em_trainer(trained, tmp_path):
+    source = os.path.join(trained.raw, DATASET, "imagesTr")
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in CASES[:2]:
+        os.symlink(os.path.join(source, f"{case}_0000.nii.gz"), images / f"{case}_0000.nii.gz")
+    out = tmp_path / "out"
+    trained.run("nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres",
+                "-f", "0", "-tr", "EMTrainer_tiny", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    for case in CASES[:2]:
+        prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        reference = sitk.ReadImage(os.path.join(source, f"{case}_0000.nii.gz"))
+        assert prediction.GetSize() == reference.GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
+
+
+def test_builtin_trainer_still_works_with_the_plugin_installed(planned):
+    planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "VanillaTrainer_tiny", "-device", "cpu",
+                "--disable_checkpointing")
+    lookup = planned.run(sys.executable.rsplit("/", 1)[-1], "-c",
+                         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f;"
+                         "print(f('nnUNetTrainer_5epochs').__module__)")
+    assert lookup.stdout.strip().endswith("nnunetv2.training.nnUNetTrainer.variants.training_length."
+                                          "nnUNetTrainer_Xepochs")
+
+
+def _kill_when(process, condition, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError("training ended before the kill point:\n" + process.stdout.read()[-3000:])
+        if condition():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError("kill point not reached")
+
+
+@pytest.mark.parametrize("kill_point", ["estep", "mstep"])
+def test_resume_after_a_kill_continues_and_keeps_the_originals(planned, kill_point):
+    trainer = "EMTrainer_tiny"
+    fold = _fold_folder(planned)
+    env = {**planned.env}
+    command = [os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0",
+               "-tr", trainer, "-device", "cpu"]
+    raw_before = tree_snapshot(os.path.join(planned.raw, DATASET))
+    preprocessed_before = _original_preprocessed_snapshot(planned)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    cache = os.path.join(fold, "em", "logits_cache")
+    if kill_point == "estep":  # in the middle of round 1's E-step: some cases predicted, none refined yet
+        _kill_when(process, lambda: os.path.isdir(cache) and len(os.listdir(cache)) >= 3)
+    else:  # in round 2's M-step: round 1 complete
+        _kill_when(process, lambda: os.path.isfile(os.path.join(fold, "em", "round_01", "summary.json"))
+                   and not os.path.isdir(cache))
+    resumed = planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu",
+                          "--c")
+    if kill_point == "estep":
+        assert "resuming the interrupted E-step of round 1" in resumed.stdout
+    with open(os.path.join(fold, "em", "state.json")) as handle:
+        state = json.load(handle)
+    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    assert not os.path.isdir(cache)
+    for round_index in (1, 2):
+        assert len(os.listdir(os.path.join(fold, "em", f"round_{round_index:02d}", "labelsTr"))) == len(CASES)
+    assert tree_snapshot(os.path.join(planned.raw, DATASET)) == raw_before
+    assert _original_preprocessed_snapshot(planned) == preprocessed_before
+
+
+def test_impossible_em_settings_fail_cleanly_through_the_stock_cli(planned):
+    plans_file = os.path.join(planned.preprocessed, DATASET, "nnUNetPlans.json")
+    with open(plans_file) as handle:
+        original = handle.read()
+    plans = json.loads(original)
+    plans["em"]["change_threshold"] = 0.3
+    with open(plans_file, "w") as handle:
+        json.dump(plans, handle)
+    try:
+        before = tree_snapshot(planned.root)
+        result = planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "EMTrainer", "-device",
+                             "cpu", check=False)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("nnunetv2_em: error:")]
+        assert len(error_lines) == 1
+        assert "em.change_threshold" in error_lines[0] and plans_file in error_lines[0] and "Fix:" in error_lines[0]
+        assert tree_snapshot(planned.root) == before
+    finally:
+        with open(plans_file, "w") as handle:
+            handle.write(original)
+
+
+def test_missing_results_variable_fails_cleanly(planned):
+    env = {key: value for key, value in planned.env.items() if key != "nnUNet_results"}
+    before = tree_snapshot(planned.root)
+    result = planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "EMTrainer", "-device", "cpu",
+                         check=False, env=env)
+    assert result.returncode != 0
+    assert "nnUNet_results" in result.stderr
+    assert tree_snapshot(planned.root) == before

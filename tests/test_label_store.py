@@ -1,0 +1,97 @@
+import os
+
+import numpy as np
+import pytest
+
+from nnunetv2_em import label_store
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "a.json"
+    label_store.write_json(str(target), {"x": 1})
+    label_store.write_json(str(target), {"x": 2})
+    assert target.read_text().strip().endswith("}")
+    assert '"x": 2' in target.read_text()
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "labels.txt"
+    target.write_text("original")
+
+    def broken_writer(temp):
+        with open(temp, "w") as handle:
+            handle.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        label_store.atomic_write(str(target), broken_writer)
+    assert target.read_text() == "original"
+    assert sorted(os.listdir(tmp_path)) == ["labels.txt"]
+
+
+def test_checksums_detect_changed_and_missing_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"1")
+    b.write_bytes(b"2")
+    manifest = label_store.checksum_manifest({"a": str(a), "b": str(b)})
+    assert label_store.changed_files(manifest) == []
+    a.write_bytes(b"changed")
+    b.unlink()
+    assert label_store.changed_files(manifest) == ["a", "b"]
+
+
+def _fake_preprocessed_folder(folder, cases):
+    os.makedirs(folder)
+    for index, case in enumerate(cases):
+        seg = np.full((1, 4, 5, 6), index, dtype=np.int16)
+        label_store.write_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"), seg, (4, 4, 4))
+        label_store.write_seg_b2nd(os.path.join(folder, f"{case}.b2nd"), seg, (4, 4, 4))
+        label_store.write_pickle(os.path.join(folder, f"{case}.pkl"), {"case": case})
+
+
+def test_training_label_folder_links_originals_and_replaces_only_what_is_refined(tmp_path):
+    original = str(tmp_path / "nnUNetPlans_3d_fullres")
+    _fake_preprocessed_folder(original, ["a", "b"])
+    before = {name: open(os.path.join(original, name), "rb").read() for name in os.listdir(original)}
+    folder = label_store.TrainingLabelFolder(original, str(tmp_path / "em_training_labels" / "fold_0"))
+    folder.ensure(["a", "b"])
+    assert sorted(os.listdir(folder.folder)) == ["a.b2nd", "a.pkl", "a_seg.b2nd", "b.b2nd", "b.pkl", "b_seg.b2nd"]
+    assert not folder.is_refined("a")
+
+    refined = np.full((1, 4, 5, 6), 7, dtype=np.int16)
+    folder.write_case("a", refined, {"case": "a", "class_locations": {}}, (4, 4, 4))
+    assert folder.is_refined("a") and not folder.is_refined("b")
+    np.testing.assert_array_equal(folder.read_current_seg("a"), refined)
+    np.testing.assert_array_equal(folder.read_original_seg("a"), np.zeros((1, 4, 5, 6)))
+    assert os.path.islink(os.path.join(folder.folder, "a.b2nd"))  # images are never copied
+    # nnU-Net's originals are byte-identical
+    assert {name: open(os.path.join(original, name), "rb").read() for name in os.listdir(original)} == before
+
+    folder.ensure(["a", "b"])  # keeps refinements
+    assert folder.is_refined("a")
+    folder.reset(["a", "b"])  # a fresh run starts from the originals
+    assert not folder.is_refined("a")
+    np.testing.assert_array_equal(folder.read_current_seg("a"), np.zeros((1, 4, 5, 6)))
+    assert not os.path.exists(os.path.join(folder.folder, label_store.TEMP_DIR_NAME))
+
+
+def test_round_labels_are_complete_refined_or_copied(tmp_path):
+    originals = tmp_path / "gt"
+    originals.mkdir()
+    for case in ("a", "b"):
+        (originals / f"{case}.txt").write_text(f"original {case}")
+
+    class TextWriter:
+        def write_seg(self, seg, path, properties):
+            with open(path, "w") as handle:
+                handle.write(f"refined {int(seg.sum())} {properties['case']}")
+
+    label_store.write_round_labels(
+        str(tmp_path / "round_01" / "labelsTr"), ["a", "b"], file_ending=".txt",
+        original_label_path=lambda case: str(originals / f"{case}.txt"),
+        refined_label=lambda case: (np.ones(3), {"case": case}) if case == "a" else None, reader_writer=TextWriter())
+    labels = tmp_path / "round_01" / "labelsTr"
+    assert sorted(os.listdir(labels)) == ["a.txt", "b.txt"]
+    assert (labels / "a.txt").read_text() == "refined 3 a"
+    assert (labels / "b.txt").read_text() == "original b"

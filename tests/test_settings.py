@@ -1,0 +1,44 @@
+import pytest
+
+from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.settings import EMSettings
+
+
+def test_defaults_apply_without_an_em_block():
+    settings = EMSettings.resolve(None, source="plans.json")
+    assert settings == EMSettings()
+    assert settings.total_epochs == 1000  # vanilla nnU-Net's budget
+
+
+def test_plans_block_then_trainer_overrides():
+    settings = EMSettings.resolve({"version": 1, "rounds": 4, "change_threshold": 0.95}, {"rounds": 2},
+                                  source="plans.json")
+    assert settings.rounds == 2
+    assert settings.change_threshold == 0.95
+    assert EMSettings.resolve(settings.to_plans_block(), source="x") == settings
+
+
+@pytest.mark.parametrize("block, key", [
+    ({"rounds": 0}, "rounds"),
+    ({"epochs_per_round": -3}, "epochs_per_round"),
+    ({"change_threshold": 0.4}, "change_threshold"),
+    ({"keep_threshold": 1.5}, "keep_threshold"),
+    ({"tolerance": -0.1}, "tolerance"),
+    ({"min_model_dice": 2}, "min_model_dice"),
+    ({"rounds": "three"}, "rounds"),
+    ({"rounds": 2.5}, "rounds"),
+    ({"mirroring": 1}, "mirroring"),
+    ({"roundz": 3}, "roundz"),
+])
+def test_impossible_values_name_the_file_the_key_and_the_fix(block, key):
+    with pytest.raises(EMInputError) as error:
+        EMSettings.resolve(block, source="/data/nnUNetPlans.json")
+    message = str(error.value)
+    assert "/data/nnUNetPlans.json" in message
+    assert f"em.{key}" in message
+    assert "Fix:" in message
+
+
+def test_a_non_object_block_is_rejected():
+    with pytest.raises(EMInputError, match="must be a JSON object"):
+        EMSettings.resolve([1, 2], source="plans.json")
