@@ -191,11 +191,14 @@ class TrainingLabelFolder:
     def is_refined(self, case: str) -> bool:
         return not os.path.islink(self.seg_path(case))
 
+    def write_properties(self, case: str, properties: dict) -> None:
+        write_pickle(self.properties_path(case), properties)
+
     def write_case(self, case: str, seg: np.ndarray, properties: dict, patch_size) -> None:
         """Store a refined segmentation and its properties; the segmentation first, so a kill in between leaves
         at worst stale ``class_locations``, which the resumed E-step rewrites."""
         write_seg_b2nd(self.seg_path(case), seg, patch_size)
-        write_pickle(self.properties_path(case), properties)
+        self.write_properties(case, properties)
 
     def read_original_seg(self, case: str) -> np.ndarray:
         return read_seg_b2nd(self.original_seg_path(case))

@@ -21,9 +21,10 @@ def _label_path(folder, case):
 
 def _rewrite_label(path, change):
     image = sitk.ReadImage(path)
-    array = sitk.GetArrayFromImage(image)
-    new = sitk.GetImageFromArray(change(array))
-    new.CopyInformation(image)
+    new = sitk.GetImageFromArray(change(sitk.GetArrayFromImage(image)))
+    new.SetSpacing(image.GetSpacing())
+    new.SetOrigin(image.GetOrigin())
+    new.SetDirection(image.GetDirection())
     sitk.WriteImage(new, path, True)
 
 

@@ -56,22 +56,12 @@ def _fold_folder(workspace, trainer_dir=TRAINER_DIR):
     return os.path.join(workspace.results, DATASET, trainer_dir, "fold_0")
 
 
-def test_em_planner_plans_exactly_like_the_default_planner(planned):
-    planned.run("nnUNetv2_plan_experiment", "-d", str(DATASET_ID), "-overwrite_plans_name", "DefaultPlans")
+def test_planning_makes_the_dataset_em_ready(planned):
     base = os.path.join(planned.preprocessed, DATASET)
     with open(os.path.join(base, "nnUNetPlans.json")) as handle:
-        em_plans = json.load(handle)
-    with open(os.path.join(base, "DefaultPlans.json")) as handle:
-        default_plans = json.load(handle)
-    em_block = em_plans.pop("em")
-    assert em_plans.pop("experiment_planner_used") == "EMPlanner"
-    assert default_plans.pop("experiment_planner_used") == "ExperimentPlanner"
-    for plans in (em_plans, default_plans):
-        plans.pop("plans_name")
-        for configuration in plans["configurations"].values():
-            configuration.pop("data_identifier", None)
-    assert em_plans == default_plans
-    assert em_block["rounds"] == 5 and em_block["epochs_per_round"] == 200
+        plans = json.load(handle)
+    assert plans["experiment_planner_used"] == "EMPlanner"
+    assert plans["em"]["rounds"] == 5 and plans["em"]["epochs_per_round"] == 200
     # the ignore label reaches training through the preprocessed dataset.json; the raw one is untouched
     with open(os.path.join(base, "dataset.json")) as handle:
         assert json.load(handle)["labels"]["ignore"] == 3
@@ -79,6 +69,37 @@ def test_em_planner_plans_exactly_like_the_default_planner(planned):
         assert "ignore" not in json.load(handle)["labels"]
     properties = np.load(os.path.join(base, "nnUNetPlans_3d_fullres", f"{CASES[0]}.pkl"), allow_pickle=True)
     assert (-1, 0, 1, 2) in properties["class_locations"]
+
+
+def test_em_planner_plans_exactly_like_the_default_planner_and_other_plans_still_train(workspace):
+    make_raw_dataset(workspace.raw, 906, CASES, name="Other")
+    workspace.run("nnUNetv2_extract_fingerprint", "-d", "906", "-np", "2")
+    workspace.run("nnUNetv2_plan_experiment", "-d", "906", "-pl", "EMPlanner")
+    base = os.path.join(workspace.preprocessed, "Dataset906_Other")
+    with open(os.path.join(base, "nnUNetPlans.json")) as handle:
+        em_plans = json.load(handle)
+    workspace.run("nnUNetv2_plan_and_preprocess", "-d", "906", "-overwrite_plans_name", "DefaultPlans", "-c",
+                  "3d_fullres", "-np", "2", "-npfp", "2")
+    with open(os.path.join(base, "DefaultPlans.json")) as handle:
+        default_plans = json.load(handle)
+    em_plans.pop("em")
+    assert em_plans.pop("experiment_planner_used") == "EMPlanner"
+    assert default_plans.pop("experiment_planner_used") == "ExperimentPlanner"
+    for plans in (em_plans, default_plans):
+        plans.pop("plans_name")
+        for configuration in plans["configurations"].values():
+            configuration.pop("data_identifier", None)
+    assert em_plans == default_plans
+
+    # the default planner's plans: no em block, no ignore label in dataset.json -> EMTrainer uses its defaults
+    with open(os.path.join(base, "dataset.json")) as handle:
+        assert "ignore" not in json.load(handle)["labels"]
+    workspace.run("nnUNetv2_train", "906", "3d_fullres", "0", "-tr", "EMTrainer_tiny", "-p", "DefaultPlans",
+                  "-device", "cpu")
+    fold = os.path.join(workspace.results, "Dataset906_Other", "EMTrainer_tiny__DefaultPlans__3d_fullres", "fold_0")
+    with open(os.path.join(fold, "em", "state.json")) as handle:
+        assert len(json.load(handle)["rounds"]) == 2
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
 
 
 def test_training_runs_every_round_and_writes_its_outputs(trained):

@@ -91,7 +91,8 @@ import multiprocessing, os
 def lookup(_):
     import nnunetv2
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class as find
-    return find(os.path.join(nnunetv2.__path__[0], 'experiment_planning'), 'EMPlanner', 'nnunetv2.experiment_planning').__name__
+    folder = os.path.join(nnunetv2.__path__[0], 'experiment_planning')
+    return find(folder, 'EMPlanner', 'nnunetv2.experiment_planning').__name__
 if __name__ == '__main__':
     with multiprocessing.get_context('spawn').Pool(1) as pool:
         print(pool.map(lookup, [0])[0])

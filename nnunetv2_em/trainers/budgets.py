@@ -2,13 +2,13 @@
 
 nnU-Net's defaults (1000 epochs x 250 iterations, batch from the plans, 32-320 feature maps) need a GPU: on a 2-core
 CPU one default training step of the Hippocampus network takes about 3 s. The small-machine budgets narrow the
-network (feature maps divided by ``FEATURE_DIVISOR``), cap the batch at 2 and shorten training. The network change
+network (feature maps divided by ``FEATURE_DIVISOR``), cap the batch and shorten training. The network change
 goes through ``build_network_architecture``, which nnU-Net also calls at inference, so ``nnUNetv2_predict -tr X``
 rebuilds the same network.
 
 | trainer | epochs x iterations | use |
 |---|---|---|
-| ``EMTrainer_cpu`` / ``VanillaTrainer_cpu`` | 3 rounds x 4 = 12 x 40 | CPU runs that learn something (minutes) |
+| ``EMTrainer_cpu`` / ``VanillaTrainer_cpu`` | 2 rounds x 10 = 20 x 40 | CPU runs that learn something (2d: ~9 min) |
 | ``EMTrainer_tiny`` / ``VanillaTrainer_tiny`` | 2 rounds x 1 = 2 x 5 | smoke tests of the machinery only |
 """
 
@@ -37,9 +37,9 @@ def narrow_network(configuration_manager, num_input_channels, num_output_channel
 
 
 class _SmallMachineBudget:
-    """Mixin: narrow network, batch <= 2, ``epochs`` x ``iterations_per_epoch``."""
+    """Mixin: narrow network, batch capped at ``MAX_BATCH_VOXELS``, ``epochs`` x ``iterations_per_epoch``."""
 
-    epochs = 12
+    epochs = 20
     iterations_per_epoch = 40
     val_iterations_per_epoch = 4
 
@@ -70,9 +70,9 @@ class VanillaTrainer_cpu(_SmallMachineBudget, nnUNetTrainer):
 
 
 class EMTrainer_cpu(_SmallMachineBudget, EMTrainer):
-    """EMTrainer with the CPU budget: 3 rounds x 4 epochs, the same 12 epochs as ``VanillaTrainer_cpu``."""
+    """EMTrainer with the CPU budget: 2 rounds x 10 epochs, the same 20 epochs as ``VanillaTrainer_cpu``."""
 
-    em_overrides = {"rounds": 3, "epochs_per_round": 4, "mirroring": False}
+    em_overrides = {"rounds": 2, "epochs_per_round": 10, "mirroring": False}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

@@ -75,7 +75,9 @@ class EMTrainer(nnUNetTrainer):
                 original_folder,
                 join(self.preprocessed_dataset_folder_base, "em_training_labels",
                      os.path.basename(self.output_folder_base), f"fold_{self.fold}"))
-            self._training_labels.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
+            cases = nnUNetDatasetBlosc2.get_identifiers(original_folder)
+            self._training_labels.ensure(cases)
+            self._complete_class_locations(cases)
             self.preprocessed_dataset_folder = self._training_labels.folder
         super().initialize()
 
@@ -112,10 +114,16 @@ class EMTrainer(nnUNetTrainer):
         training_cases, _ = self.do_split()
         all_cases = nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder)
         if self.current_epoch == 0:
-            # nnU-Net starts from scratch (no --c, or nothing to continue from): so does EM
+            # nnU-Net starts from scratch (no --c, or nothing to continue from): so does EM. A final checkpoint
+            # of an earlier run would otherwise be what a later --c resumes from, with this run's labels
+            stale_final = join(self.output_folder, "checkpoint_final.pth")
+            if os.path.isfile(stale_final):
+                self.print_to_log_file("EM: fresh start, removing the previous run's checkpoint_final.pth")
+                os.remove(stale_final)
             if os.path.isdir(self.em_folder):
                 shutil.rmtree(self.em_folder)
             self._training_labels.reset(all_cases)
+            self._complete_class_locations(all_cases)
             os.makedirs(self.em_folder)
             label_store.write_json(join(self.em_folder, "originals.json"), self._originals_manifest(all_cases))
             self._em_state = TrainerRunState.new(state_file, self.em_settings, training_cases)
@@ -234,6 +242,17 @@ class EMTrainer(nnUNetTrainer):
         return predictor
 
     # ------------------------------------------------------------------------------------------ files
+    def _complete_class_locations(self, cases):
+        """Plans from another planner lack the ignore label at preprocessing time, so their ``class_locations``
+        lack the annotated-voxels key nnU-Net's loader needs once the ignore label exists: add it."""
+        annotated_key = (-1, *self.label_manager.all_labels)
+        for case in cases:
+            properties = load_pickle(self._training_labels.properties_path(case))
+            if annotated_key not in properties["class_locations"]:
+                seg = self._training_labels.read_current_seg(case)
+                properties["class_locations"] = nnunet_data.class_locations(seg, self.label_manager)
+                self._training_labels.write_properties(case, properties)
+
     def _gt_path(self, case: str) -> str:
         return join(self.preprocessed_dataset_folder_base, "gt_segmentations", case + self.dataset_json["file_ending"])
 
