@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(BIN)/nnunetv2_em demo
 
 test: $(STAMP)
-	$(BIN)/ruff check nnunetv2_em tests scripts
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check nnunetv2_em tests scripts
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) em_demo .pytest_cache
