@@ -20,6 +20,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -436,4 +437,102 @@ def summarize_round(scores_by_case: dict[str, dict]) -> dict:
         "fraction_changed_since_previous": totals["voxels_changed_since_previous"] / annotated,
         "mean_review_score": float(np.mean([s["review_score"] for s in scores_by_case.values()]))
         if scores_by_case else 0.0,
+    }
+
+
+# ------------------------------------------------------------------------------------- one E-step over many cases
+@dataclass(frozen=True)
+class CaseSample:
+    """What one case contributes to the round's noise-model fit (see ``sample_case``)."""
+
+    logits: np.ndarray  # (C, N)
+    annotations: np.ndarray  # (N,)
+    weights: np.ndarray  # (N,)
+    dice: tuple[float, ...]  # annotation vs. network argmax, per foreground class
+
+
+@dataclass(frozen=True)
+class RoundFit:
+    """The round's noise model, the network's agreement with the annotation, and whether to refine at all."""
+
+    model: NoiseModel
+    model_dice: float
+    refine: bool
+
+
+def case_seed(seed: int, round_index: int, case: str) -> list[int]:
+    """A sampling seed that depends on the case's name, not on the order in which cases are processed."""
+    return [seed, round_index, zlib.crc32(case.encode())]
+
+
+def voxels_per_class(total_voxels: int, *, num_cases: int, num_classes: int) -> int:
+    """Per-case, per-class sample cap so that a round samples at most ``total_voxels`` voxels."""
+    return max(1, total_voxels // max(1, num_cases * num_classes))
+
+
+def sample_case(logits, annotations, *, max_voxels_per_class: int, seed) -> CaseSample:
+    """Stratified fitting sample of one case and its annotation-vs-prediction Dice.
+
+    Args:
+        logits: ``(C, *spatial)``. annotations: ``(*spatial)``. seed: anything ``numpy.random.default_rng`` takes.
+    """
+    sampled = sample_voxels(logits, annotations, max_voxels_per_class=max_voxels_per_class,
+                            rng=np.random.default_rng(seed))
+    dice_values = foreground_dice(annotations, np.asarray(logits).argmax(axis=0), num_classes=np.shape(logits)[0])
+    return CaseSample(*sampled, tuple(dice_values))
+
+
+def fit_round(samples: list[CaseSample], *, calibrate_temperature: bool, max_iterations: int,
+              min_model_dice: float) -> RoundFit:
+    """Fit the round's noise model on all cases' samples and decide whether the network is good enough to refine.
+
+    An untrained network would "explain" the annotation away as noise, so labels are only refined once the mean
+    foreground Dice between the network and the annotation reaches ``min_model_dice``.
+    """
+    if not samples:
+        raise ValueError("no cases to fit the noise model on")
+    model = fit_noise_model(np.concatenate([s.logits for s in samples], axis=1),
+                            np.concatenate([s.annotations for s in samples]),
+                            weights=np.concatenate([s.weights for s in samples]),
+                            calibrate_temperature=calibrate_temperature, max_iterations=max_iterations)
+    dice_values = [d for s in samples for d in s.dice if not np.isnan(d)]
+    model_dice = float(np.mean(dice_values)) if dice_values else 0.0
+    return RoundFit(model, model_dice, model_dice >= min_model_dice)
+
+
+def pseudo_label(logits, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
+                 outside=None) -> np.ndarray:
+    """Labels for an unannotated case: the calibrated argmax where it is confident, the ignore label elsewhere.
+
+    Args:
+        logits: ``(C, *spatial)``. outside: optional ``(*spatial)`` bool mask of voxels outside the image
+            (kept as ``-1``, like nnU-Net's preprocessed segmentations).
+
+    Returns:
+        ``(*spatial)`` int16.
+    """
+    probabilities = softmax(logits, model.temperature)
+    labels = np.where(probabilities.max(axis=0) >= thresholds.change_threshold, probabilities.argmax(axis=0),
+                      ignore_label).astype(np.int16)
+    if outside is not None:
+        labels[outside] = -1
+    return labels
+
+
+def score_pseudo_label(logits, labels, model: NoiseModel, *, ignore_label: int) -> dict:
+    """Scores of a pseudo-labelled case, in the same units as ``score_case`` where they exist."""
+    probabilities = softmax(logits, model.temperature)
+    inside = labels != -1
+    q = probabilities[:, inside]
+    entropy = -np.sum(q * np.log(np.maximum(q, _TINY)), axis=0)
+    labelled = inside & (labels != ignore_label)
+    foreground_extent = int(np.count_nonzero(inside & (probabilities.argmax(axis=0) > 0)))
+    expected_errors = float(np.sum(1.0 - q.max(axis=0)))
+    return {
+        "voxels_annotated": 0,
+        "voxels_pseudo_labelled": int(labelled.sum()),
+        "voxels_ignored": int(np.count_nonzero(inside & (labels == ignore_label))),
+        "mean_entropy": float(entropy.mean()) if entropy.size else 0.0,
+        "expected_errors": expected_errors,
+        "review_score": expected_errors / max(foreground_extent, 1),
     }

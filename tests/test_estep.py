@@ -170,3 +170,39 @@ def test_fitting_inputs_are_checked():
         estep.fit_noise_model(np.zeros((2, 3)), np.array([0, 1, 2]))
     with pytest.raises(ValueError, match="expected logits"):
         estep.fit_noise_model(np.zeros((2, 3)), np.array([0, 1]))
+
+
+def test_case_samples_do_not_depend_on_processing_order():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 6, 6, 6))
+    annotations = rng.integers(0, 3, size=(6, 6, 6))
+    first = estep.sample_case(logits, annotations, max_voxels_per_class=10, seed=estep.case_seed(0, 1, "case_a"))
+    estep.sample_case(logits, annotations, max_voxels_per_class=10, seed=estep.case_seed(0, 1, "case_b"))
+    again = estep.sample_case(logits, annotations, max_voxels_per_class=10, seed=estep.case_seed(0, 1, "case_a"))
+    np.testing.assert_array_equal(first.logits, again.logits)
+    assert estep.case_seed(0, 1, "case_a") != estep.case_seed(0, 2, "case_a")
+    assert estep.voxels_per_class(1000, num_cases=10, num_classes=3) == 33
+
+
+def test_fit_round_refines_only_when_the_network_agrees_with_the_annotation():
+    annotations = np.zeros((4, 4, 4), dtype=np.int64)
+    annotations[1:3, 1:3, 1:3] = 1
+    good = np.stack([np.where(annotations == 0, 4.0, -4.0), np.where(annotations == 1, 4.0, -4.0)])
+    bad = np.stack([np.full((4, 4, 4), 4.0), np.full((4, 4, 4), -4.0)])  # predicts background everywhere
+    for logits, expected in ((good, True), (bad, False)):
+        sample = estep.sample_case(logits, annotations, max_voxels_per_class=100, seed=0)
+        fit = estep.fit_round([sample], calibrate_temperature=False, max_iterations=5, min_model_dice=0.5)
+        assert fit.refine is expected
+        assert fit.model_dice == pytest.approx(1.0 if expected else 0.0)
+
+
+def test_pseudo_label_keeps_confident_voxels_and_ignores_the_rest():
+    logits = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.2], [0.0, 0.0, 0.0]])
+    model = NoiseModel(estep.default_transition(3), 1.0)
+    labels = estep.pseudo_label(logits, model, thresholds=RefinementThresholds(0.9, 0.5), ignore_label=3,
+                                outside=np.array([False, False, True]))
+    np.testing.assert_array_equal(labels, [0, 1, -1])
+    uncertain = estep.pseudo_label(np.zeros((3, 2)), model, thresholds=RefinementThresholds(), ignore_label=3)
+    np.testing.assert_array_equal(uncertain, [3, 3])
+    scores = estep.score_pseudo_label(logits, labels, model, ignore_label=3)
+    assert scores["voxels_pseudo_labelled"] == 2 and scores["voxels_ignored"] == 0

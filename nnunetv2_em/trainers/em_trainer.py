@@ -171,25 +171,19 @@ class EMTrainer(nnUNetTrainer):
 
         predictor = self._estep_predictor()
         dataset = self.dataset_class(self.preprocessed_dataset_folder, cases)
-        rng = np.random.default_rng([settings.seed, round_index])
-        per_case_cap = max(1, settings.fit_sample_voxels // (len(cases) * num_classes))
-        samples, agreement = [], []
+        cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases), num_classes=num_classes)
+        samples = []
         for case in cases:
             data = torch.from_numpy(np.ascontiguousarray(dataset.load_case(case)[0][:]))
             logits = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy()
             np.save(join(logits_cache, f"{case}.npy"), logits.astype(np.float16))
-            original = self._training_labels.read_original_seg(case)[0]
-            samples.append(estep.sample_voxels(logits, original, max_voxels_per_class=per_case_cap, rng=rng))
-            agreement += estep.foreground_dice(original, logits.argmax(axis=0), num_classes=num_classes)
+            samples.append(estep.sample_case(logits, self._training_labels.read_original_seg(case)[0],
+                                             max_voxels_per_class=cap,
+                                             seed=estep.case_seed(settings.seed, round_index, case)))
         prediction_seconds = time.time() - started
-        # an untrained network would "explain" the annotation away as noise: refine only once it has learned
-        model_dice = float(np.nanmean(agreement)) if not np.all(np.isnan(agreement)) else 0.0
-        refine = model_dice >= settings.min_model_dice
-        model = estep.fit_noise_model(np.concatenate([s[0] for s in samples], axis=1),
-                                      np.concatenate([s[1] for s in samples]),
-                                      weights=np.concatenate([s[2] for s in samples]),
-                                      calibrate_temperature=settings.calibrate_temperature,
-                                      max_iterations=settings.fit_iterations)
+        fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
+                              max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice)
+        model = fit.model
         del samples
         fit_done = time.time()
 
@@ -200,7 +194,8 @@ class EMTrainer(nnUNetTrainer):
             original = self._training_labels.read_original_seg(case)[0]
             previous = self._training_labels.read_current_seg(case)[0]
             refined, scores[case] = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
-                                                      ignore_label=ignore_label, previous=previous, apply=refine)
+                                                      ignore_label=ignore_label, previous=previous,
+                                                      apply=fit.refine)
             properties = load_pickle(self._training_labels.original_properties_path(case))
             properties["class_locations"] = nnunet_data.class_locations(refined[None], self.label_manager)
             self._training_labels.write_case(case, refined[None], properties, self.configuration_manager.patch_size)
@@ -212,8 +207,8 @@ class EMTrainer(nnUNetTrainer):
             "round": round_index,
             "epochs_trained": self.current_epoch,
             "noise_model": model.to_dict(),
-            "model_dice": model_dice,
-            "refinement_applied": refine,
+            "model_dice": fit.model_dice,
+            "refinement_applied": fit.refine,
             **estep.summarize_round(scores),
             "seconds_prediction": round(prediction_seconds, 2),
             "seconds_fit": round(fit_done - started - prediction_seconds, 2),
@@ -222,7 +217,7 @@ class EMTrainer(nnUNetTrainer):
             "seconds_total": round(time.time() - started, 2),
         }
         reports.write_round_reports(round_folder, summary, estep.rank_cases(scores))
-        converged = refine and summary["fraction_changed_since_previous"] < settings.tolerance
+        converged = fit.refine and summary["fraction_changed_since_previous"] < settings.tolerance
         self._em_state.complete_round(summary, converged=converged)
         self._log_round(summary, converged)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
