@@ -65,11 +65,21 @@ def with_ignore_label(dataset_json: dict) -> dict:
     return updated
 
 
-def check_raw_dataset(raw_folder: str) -> dict:
+def split_labelled(cases: dict) -> tuple[dict, dict]:
+    """nnU-Net's ``{case: {"images", "label"}}`` split into (cases with a label file, cases without)."""
+    labelled = {case: entry for case, entry in cases.items() if os.path.isfile(entry["label"])}
+    return labelled, {case: entry for case, entry in cases.items() if case not in labelled}
+
+
+def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict:
     """Check a raw nnU-Net dataset for the EM loop: labels present, values known, geometry equal to the image.
 
+    Args:
+        allow_unlabeled: images in imagesTr without a label are accepted (the cross-fold loop pseudo-labels them)
+            instead of being an error; they are not checked further.
+
     Returns:
-        ``{case: {"images": [...], "label": path}}`` as nnU-Net maps it.
+        ``{case: {"images": [...], "label": path}}`` as nnU-Net maps it, labelled cases only.
     """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
@@ -89,10 +99,15 @@ def check_raw_dataset(raw_folder: str) -> dict:
     if not cases:
         raise EMInputError(f"{raw_folder}/imagesTr: no images named <case>_0000{dataset_json['file_ending']}. "
                            f"Fix: add the images in nnU-Net's naming scheme.")
-    missing = [entry["label"] for entry in cases.values() if not os.path.isfile(entry["label"])]
-    if missing:
-        raise EMInputError(f"{len(missing)} training image(s) have no label, e.g. {missing[0]}. Fix: add the label "
-                           f"files, or move unlabeled images out of imagesTr.")
+    cases, unlabeled = split_labelled(cases)
+    if unlabeled and not allow_unlabeled:
+        example = next(iter(unlabeled.values()))["label"]
+        raise EMInputError(f"{len(unlabeled)} training image(s) have no label, e.g. {example}. Fix: add the label "
+                           f"files, move the unlabeled images out of imagesTr, or let `nnunetv2_em run` "
+                           f"pseudo-label them.")
+    if not cases:
+        raise EMInputError(f"{labels_folder}: no label matches an image in imagesTr. Fix: name labels "
+                           f"<case>{dataset_json['file_ending']} for images <case>_0000{dataset_json['file_ending']}.")
     first_case = next(iter(cases.values()))
     reader_writer = determine_reader_writer_from_dataset_json(dataset_json, first_case["images"][0])()
     for _, entry in sorted(cases.items()):

@@ -32,6 +32,18 @@ def _demo(args):
     run_demo(args.workdir, trainer=args.trainer, configuration=args.configuration)
 
 
+def _run(args):
+    from nnunetv2_em.crossfold import RunOptions, run
+
+    options = RunOptions(dataset=args.dataset, configuration=args.configuration, folds=tuple(args.folds),
+                         rounds=args.rounds, trainer=args.trainer, plans=args.plans, device=args.device,
+                         warm_fraction=args.warm_fraction, unlabeled=args.unlabeled,
+                         validate=not args.no_validation, keep_logits=args.keep_logits, num_processes=args.np)
+    state = run(options, scheduler=args.scheduler)
+    print(f"\n{len(state['rounds'])} round(s) done{' (converged)' if state['converged'] else ''}; labelsTr holds "
+          f"the last round's labels, the originals are in nnUNet_raw/<dataset>/em_labels/round_00.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunetv2_em", description=__doc__.split(":", 1)[1].strip())
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="check a raw dataset (labels, label values, geometry); writes nothing")
     check.add_argument("-d", "--dataset", required=True)
     check.set_defaults(handler=_check)
+
+    run = commands.add_parser("run", help="cross-validated EM over a whole dataset (out-of-fold E-steps, on Dask)")
+    run.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name under $nnUNet_raw")
+    run.add_argument("-c", "--configuration", default="3d_fullres")
+    run.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                     help="folds to train; without splits_final.json the run creates one split per fold")
+    run.add_argument("--rounds", type=int, help="EM rounds (default: the plans' em.rounds)")
+    run.add_argument("--trainer", default="nnUNetTrainer", help="plain nnU-Net trainer for the M-step "
+                     "(VanillaTrainer_cpu on a CPU)")
+    run.add_argument("--plans", default="nnUNetPlans")
+    run.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    run.add_argument("--warm-fraction", type=float, default=0.5,
+                     help="training budget of rounds >= 2, which start from the previous round's weights")
+    run.add_argument("--unlabeled", help="folder of extra images (<case>_0000<ending>) to pseudo-label and train on")
+    run.add_argument("--scheduler", help="address of an existing Dask scheduler (default: embedded LocalCluster)")
+    run.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation of each fold")
+    run.add_argument("--keep-logits", action="store_true", help="keep the out-of-fold logits of every round")
+    run.add_argument("-np", type=int, default=2, help="worker processes for planning and preprocessing")
+    run.set_defaults(handler=_run)
 
     demo = commands.add_parser("demo", help="the EM loop on 30 real Hippocampus MRI cases, CPU, minutes")
     demo.add_argument("--workdir", default="em_demo", help="folder for nnUNet_raw/preprocessed/results (reused)")

@@ -23,20 +23,32 @@ def dataset_name(dataset: str | int) -> str:
 
 def plan_and_preprocess(dataset: str | int, *, configurations=("3d_fullres",), num_processes: int = 2) -> str:
     """Same result as ``nnUNetv2_plan_and_preprocess -d D -pl EMPlanner -c ...``, but the raw dataset is checked
-    before nnU-Net writes anything (the stock command extracts the fingerprint before any planner runs)."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset,
-        plan_experiment_dataset,
-        preprocess_dataset,
-    )
+    before nnU-Net writes anything (the stock command extracts the fingerprint before any planner runs), and images
+    in imagesTr without a label are left out (nnU-Net's own commands fail on them)."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunetv2_em import label_store
     from nnunetv2_em.planners.em_planner import EMPlanner
 
     name = dataset_name(dataset)
     dataset_id = int(name[len("Dataset"):len("Dataset") + 3])
-    checks.check_raw_dataset(os.path.join(os.environ["nnUNet_raw"], name))
-    extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=False, clean=True,
-                                verbose=False)
+    raw_folder = os.path.join(os.environ["nnUNet_raw"], name)
+    labelled = checks.check_raw_dataset(raw_folder, allow_unlabeled=True)
+    fingerprint_extractor = DatasetFingerprintExtractor(dataset_id, num_processes, verbose=False)
+    fingerprint_extractor.dataset = {case: fingerprint_extractor.dataset[case] for case in labelled}
+    fingerprint_extractor.run(overwrite_existing=True)
     _, plans_identifier = plan_experiment_dataset(dataset_id, EMPlanner)
-    preprocess_dataset(dataset_id, plans_identifier, configurations, [num_processes] * len(configurations))
+    preprocessed = os.path.join(os.environ["nnUNet_preprocessed"], name)
+    plans_manager = PlansManager(os.path.join(preprocessed, plans_identifier + ".json"))
+    for configuration in configurations:
+        configuration_manager = plans_manager.get_configuration(configuration)
+        configuration_manager.preprocessor_class(verbose=False).run(dataset_id, configuration, plans_identifier,
+                                                                    num_processes)
+    # nnU-Net's validation reference, as preprocess_dataset copies it (labelled cases only)
+    file_ending = checks.load_dataset_json(os.path.join(preprocessed, "dataset.json"))["file_ending"]
+    os.makedirs(os.path.join(preprocessed, "gt_segmentations"), exist_ok=True)
+    for case, entry in labelled.items():
+        label_store.copy_file(entry["label"], os.path.join(preprocessed, "gt_segmentations", case + file_ending))
     return name

@@ -34,3 +34,69 @@ def write_round_reports(round_folder: str, summary: dict, ranked: list[dict]) ->
     label_store.write_text(os.path.join(round_folder, "cases.csv"), ranked_cases_csv(ranked))
     label_store.write_json(os.path.join(round_folder, "cases.json"), ranked)
     label_store.write_json(os.path.join(round_folder, "summary.json"), summary)
+
+
+RUN_COLUMNS = (("round", "round", "{}"), ("log-lik/voxel", "log_likelihood", "{:.5f}"),
+               ("temperature", "temperature", "{:.3f}"), ("network Dice", "model_dice", "{:.3f}"),
+               ("changed %", "fraction_changed", "{:.3%}"), ("ignored %", "fraction_ignored", "{:.3%}"),
+               ("vs previous %", "fraction_changed_since_previous", "{:.3%}"),
+               ("mean review score", "mean_review_score", "{:.4f}"), ("pseudo cases", "pseudo_labelled_cases", "{}"))
+
+
+def _round_rows(state: dict) -> list[dict]:
+    rows = []
+    for key in sorted(state["rounds"], key=int):
+        summary = state["rounds"][key]
+        rows.append({**summary, "log_likelihood": summary["noise_model"]["log_likelihood"],
+                     "temperature": summary["noise_model"]["temperature"]})
+    return rows
+
+
+def run_summary_markdown(state: dict) -> str:
+    rows = _round_rows(state)
+    lines = ["| " + " | ".join(title for title, _, _ in RUN_COLUMNS) + " |",
+             "|" + "---|" * len(RUN_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row.get(key, "")) if key in row else "" for _, key, fmt in
+                                       RUN_COLUMNS) + " |")
+    status = "converged" if state.get("converged") else f"{len(rows)} round(s) done"
+    return f"# EM run on {state.get('dataset', '')}: {status}\n\n" + "\n".join(lines) + "\n"
+
+
+def plot_run(state: dict, folder: str) -> list[str]:
+    """PNG plots of the changed / ignored voxels, the likelihood and the review scores per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _round_rows(state)
+    rounds = [row["round"] for row in rows]
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    panels = (("changed_voxels.png", "% of annotated voxels",
+               (("changed", "fraction_changed"), ("ignored", "fraction_ignored"),
+                ("differs from previous round", "fraction_changed_since_previous")), 100.0),
+              ("likelihood.png", "mean log-likelihood per voxel", (("log-likelihood", "log_likelihood"),), 1.0),
+              ("scores.png", "score", (("mean review score", "mean_review_score"),
+                                      ("network Dice vs. annotation", "model_dice")), 1.0))
+    for name, ylabel, series, scale in panels:
+        figure, axis = plt.subplots(figsize=(5, 3.2))
+        for label, key in series:
+            axis.plot(rounds, [scale * row[key] for row in rows], marker="o", label=label)
+        axis.set_xlabel("round")
+        axis.set_ylabel(ylabel)
+        axis.set_xticks(rounds)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(folder, name)
+        label_store.atomic_write(path, lambda temp, f=figure: f.savefig(temp, dpi=100), suffix=".png")
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def write_run_summary(run_folder: str, state: dict) -> None:
+    label_store.write_json(os.path.join(run_folder, "summary.json"), state)
+    label_store.write_text(os.path.join(run_folder, "summary.md"), run_summary_markdown(state))
+    plot_run(state, os.path.join(run_folder, "plots"))

@@ -1,5 +1,6 @@
 """Bad input: one clear error naming the problem and the fix, and nothing on disk changes."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -118,3 +119,22 @@ def test_ignore_label_must_be_max_plus_one():
         checks.label_values({"labels": {"background": 0, "a": 1, "ignore": 5}}, "dataset.json")
     assert checks.with_ignore_label({"labels": {"background": 0, "a": 1}})["labels"]["ignore"] == 2
     assert np.array_equal(checks.label_values({"labels": {"background": 0, "a": 1, "b": 2}}, "x"), [0, 1, 2])
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"trainer": "NoSuchTrainer"}, "no such nnU-Net trainer"),
+    ({"trainer": "EMTrainer_tiny"}, "needs a plain trainer"),
+    ({"folds": (0, 0)}, "distinct fold numbers"),
+    ({"rounds": 0}, "--rounds 0"),
+    ({"warm_fraction": 1.5}, "--warm-fraction"),
+    ({"unlabeled": "/no/such/folder"}, "not a folder"),
+])
+def test_cross_fold_run_rejects_bad_options_and_writes_nothing(nnunet_env, change, expected):
+    from nnunetv2_em.crossfold import CrossFoldRun, RunOptions
+
+    make_raw_dataset(nnunet_env.raw, 994, CASES)
+    before = tree_snapshot(nnunet_env.root)
+    options = RunOptions(dataset="994", trainer="VanillaTrainer_tiny", device="cpu", folds=(0, 1))
+    with pytest.raises(EMInputError, match=expected):
+        CrossFoldRun(dataclasses.replace(options, **change))
+    assert tree_snapshot(nnunet_env.root) == before

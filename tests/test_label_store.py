@@ -73,7 +73,7 @@ def test_training_label_folder_links_originals_and_replaces_only_what_is_refined
     folder.reset(["a", "b"])  # a fresh run starts from the originals
     assert not folder.is_refined("a")
     np.testing.assert_array_equal(folder.read_current_seg("a"), np.zeros((1, 4, 5, 6)))
-    assert not os.path.exists(os.path.join(folder.folder, label_store.TEMP_DIR_NAME))
+    assert not [name for name in os.listdir(folder.folder) if name.startswith(label_store.TEMP_DIR_PREFIX)]
 
 
 def test_round_labels_are_complete_refined_or_copied(tmp_path):

@@ -1,0 +1,85 @@
+"""Dask execution: an embedded LocalCluster by default, or an existing scheduler (e.g. dask-jobqueue on SLURM).
+
+Tasks that need the accelerator (or all cores), trainings and predictions, ask for the worker resource
+``device=1``; every worker offers exactly one, so two of them never share a device. Other tasks (per-case E-step
+work) run on any worker thread. Heavy tasks run nnU-Net in a child process, which dies with the worker.
+
+Using an existing cluster: start each worker with ``--resources device=1`` (one worker per GPU, with its own
+``CUDA_VISIBLE_DEVICES``) on machines that share the nnU-Net folders, then pass ``--scheduler tcp://host:8786``.
+With dask-jobqueue on SLURM::
+
+    from dask_jobqueue import SLURMCluster
+    cluster = SLURMCluster(cores=8, memory="64GB", processes=1, walltime="24:00:00",
+                           job_extra_directives=["--gres=gpu:1"], worker_extra_args=["--resources", "device=1"],
+                           job_script_prologue=["export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=..."])
+    cluster.scale(jobs=5)
+    print(cluster.scheduler_address)   # -> nnunetv2_em run ... --scheduler <that address>
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+
+DEVICE = "device"
+
+
+@contextlib.contextmanager
+def open_client(scheduler: str | None = None, *, device: str = "cpu"):
+    """A ``distributed.Client``: connected to ``scheduler``, or to a LocalCluster sized to this machine (one worker
+    per GPU, one worker for a CPU-only machine, the cores shared among them)."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    gpus = 0
+    if device.startswith("cuda"):
+        import torch
+
+        gpus = torch.cuda.device_count()
+    workers = max(1, gpus)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, resources={DEVICE: 1},
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+def worker_device_env(device: str) -> dict[str, str]:
+    """Environment for a child process on this worker: on a LocalCluster with several GPUs, worker ``i`` uses
+    GPU ``i`` unless the worker already has ``CUDA_VISIBLE_DEVICES``."""
+    if not device.startswith("cuda") or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return {}
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": str(name)} if isinstance(name, int) else {}
+
+
+def _die_with_parent():  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_child(command: list[str], *, env: dict, log_file: str) -> None:
+    """Run a child process with its output in ``log_file``; it is terminated if this process dies. Raises with
+    the end of the log on failure."""
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    with open(log_file, "a") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent if os.name == "posix" else None)
+    if result.returncode != 0:
+        with open(log_file) as log:
+            tail = log.read()[-3000:]
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode} (log: {log_file}):\n"
+                           f"{tail}")

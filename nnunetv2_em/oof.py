@@ -1,0 +1,56 @@
+"""Logits of preprocessed cases from trained folds, run as its own process (``python -m nnunetv2_em.oof SPEC``).
+
+The cross-fold loop predicts each labelled case with the one fold that did not train on it (out-of-fold) and the
+unlabeled cases with the ensemble of all folds. nnU-Net's ``nnUNetPredictor`` does the work
+(``initialize_from_trained_model_folder`` + ``predict_logits_from_preprocessed_data``, which averages folds).
+Each case's logits are written as ``<cache>/<case>.npy`` (float16, ``(C, *preprocessed shape)``), atomically;
+cases already in the cache are skipped, so a killed prediction resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def predict_cases(model_folder: str, folds: list[int], cases: dict[str, str], cache: str, *, mirroring: bool,
+                  device: str) -> list[str]:
+    """Predict ``cases`` ({case: preprocessed folder holding <case>.b2nd}) into ``cache``; returns the new ones."""
+    import blosc2
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunetv2_em import label_store
+
+    todo = [case for case in sorted(cases) if not os.path.isfile(os.path.join(cache, f"{case}.npy"))]
+    if not todo:
+        return []
+    os.makedirs(cache, exist_ok=True)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, use_folds=tuple(folds),
+                                                   checkpoint_name="checkpoint_final.pth")
+    for case in todo:
+        data = blosc2.open(urlpath=os.path.join(cases[case], f"{case}.b2nd"), mode="r")[:]
+        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.ascontiguousarray(data)))
+        array = logits.float().cpu().numpy().astype(np.float16)
+        label_store.atomic_write(os.path.join(cache, f"{case}.npy"), lambda temp, a=array: np.save(temp, a),
+                                 suffix=".npy")
+    return todo
+
+
+def main(argv=None) -> None:
+    """``SPEC`` is a JSON file with the keyword arguments of ``predict_cases``."""
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as handle:
+        spec = json.load(handle)
+    predict_cases(spec["model_folder"], spec["folds"], spec["cases"], spec["cache"], mirroring=spec["mirroring"],
+                  device=spec["device"])
+
+
+if __name__ == "__main__":
+    main()

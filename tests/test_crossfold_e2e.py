@@ -1,0 +1,215 @@
+"""``nnunetv2_em run`` on real Hippocampus cases, 2 folds x 2 rounds, on a real Dask LocalCluster (minutes on CPU).
+
+The run is killed after its first fold has trained and started again; a second run while the first one works is
+refused; unlabeled images (two in imagesTr without labels, one in an --unlabeled folder) get pseudo-labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
+
+from nnunetv2_em.demo import DEMO_DATA
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 908
+DATASET = "Dataset908_Hippo"
+ALL = demo_cases(15)
+LABELLED, IN_DATASET_UNLABELED, EXTRA_UNLABELED = ALL[:12], ALL[12:14], ALL[14:]
+RUN = ["nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1", "--rounds", "2", "--trainer",
+       "VanillaTrainer_tiny", "--device", "cpu", "--no-validation", "--keep-logits"]
+
+
+def _sha(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _wait_for(condition, process, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            raise AssertionError("run ended early:\n" + process.stdout.read()[-4000:])
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workspace = NnUNetWorkspace(str(tmp_path_factory.mktemp("crossfold")))
+    folder = make_raw_dataset(workspace.raw, DATASET_ID, [*LABELLED, *IN_DATASET_UNLABELED])
+    for case in IN_DATASET_UNLABELED:
+        os.remove(os.path.join(folder, "labelsTr", f"{case}.nii.gz"))
+    extra = os.path.join(workspace.root, "extra_images")
+    os.makedirs(extra)
+    for case in EXTRA_UNLABELED:
+        shutil.copy(os.path.join(DEMO_DATA, "imagesTr", f"{case}_0000.nii.gz"), extra)
+    originals = {case: _sha(os.path.join(folder, "labelsTr", f"{case}.nii.gz")) for case in LABELLED}
+
+    workspace.run("nnunetv2_em", "plan", "-d", str(DATASET_ID), "-c", "2d")
+    plans_file = os.path.join(workspace.preprocessed, DATASET, "nnUNetPlans.json")
+    with open(plans_file) as handle:
+        plans = json.load(handle)
+    plans["em"].update({"min_model_dice": 0.0, "mirroring": False})  # the tiny model must still refine
+    with open(plans_file, "w") as handle:
+        json.dump(plans, handle)
+
+    run_folder = os.path.join(workspace.results, DATASET, "em_run__VanillaTrainer_tiny__nnUNetPlans__2d")
+    fold0 = os.path.join(run_folder, "round_01", "nnUNet_results", DATASET, "VanillaTrainer_tiny__nnUNetPlans__2d",
+                         "fold_0")
+    command = [os.path.join(os.path.dirname(sys.executable), RUN[0]), *RUN[1:], "--unlabeled", extra]
+    process = subprocess.Popen(command, env=workspace.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: os.path.isfile(os.path.join(run_folder, "run.json")), process)
+        second = workspace.run(*RUN, "--unlabeled", extra, check=False)
+        _wait_for(lambda: os.path.isfile(os.path.join(fold0, "em_mstep_done.json")), process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    fold0_checkpoint = (_sha(os.path.join(fold0, "checkpoint_final.pth")),
+                        os.path.getmtime(os.path.join(fold0, "checkpoint_final.pth")))
+    resumed = workspace.run(*RUN, "--unlabeled", extra)
+    return {"workspace": workspace, "folder": folder, "extra": extra, "originals": originals, "second": second,
+            "resumed": resumed, "run_folder": run_folder, "fold0": fold0, "fold0_checkpoint": fold0_checkpoint}
+
+
+def test_a_second_run_on_the_same_dataset_is_refused(finished_run):
+    second = finished_run["second"]
+    assert second.returncode == 2
+    assert "already working on this dataset" in second.stderr
+
+
+def test_kill_and_rerun_continues_without_redoing_finished_folds(finished_run):
+    fold0 = os.path.join(finished_run["fold0"], "checkpoint_final.pth")
+    assert (_sha(fold0), os.path.getmtime(fold0)) == finished_run["fold0_checkpoint"]
+    with open(os.path.join(finished_run["run_folder"], "state.json")) as handle:
+        state = json.load(handle)
+    assert sorted(state["rounds"]) == ["1", "2"]
+    for round_index in (1, 2):
+        for fold in (0, 1):
+            assert os.path.isfile(os.path.join(finished_run["run_folder"], f"round_{round_index:02d}",
+                                               "nnUNet_results", DATASET, "VanillaTrainer_tiny__nnUNetPlans__2d",
+                                               f"fold_{fold}", "em_mstep_done.json"))
+
+
+def test_labels_are_versioned_and_the_originals_kept(finished_run):
+    folder = finished_run["folder"]
+    versions = os.path.join(folder, "em_labels")
+    for case, digest in finished_run["originals"].items():
+        assert _sha(os.path.join(versions, "round_00", "labelsTr", f"{case}.nii.gz")) == digest
+    with open(os.path.join(versions, "active.json")) as handle:
+        assert json.load(handle)["round"] == 2
+    every_case = sorted(f"{case}.nii.gz" for case in ALL)
+    assert sorted(os.listdir(os.path.join(folder, "labelsTr"))) == every_case
+    for round_index in (1, 2):
+        labels = os.path.join(versions, f"round_{round_index:02d}", "labelsTr")
+        assert sorted(os.listdir(labels)) == every_case
+        with open(os.path.join(versions, f"round_{round_index:02d}", "manifest.json")) as handle:
+            manifest = json.load(handle)["cases"]
+        assert {manifest[c]["provenance"] for c in LABELLED} == {"refined"}
+        assert {manifest[c]["provenance"] for c in IN_DATASET_UNLABELED + EXTRA_UNLABELED} == {"pseudo"}
+        for case, entry in manifest.items():
+            assert _sha(os.path.join(labels, f"{case}.nii.gz")) == entry["sha256"]
+    for case in ALL:  # labelsTr is the active round
+        assert _sha(os.path.join(folder, "labelsTr", f"{case}.nii.gz")) == \
+            _sha(os.path.join(versions, "round_02", "labelsTr", f"{case}.nii.gz"))
+    # the pseudo-labelled images joined the dataset, which vanilla nnU-Net now accepts as it is
+    assert sorted(os.listdir(os.path.join(folder, "imagesTr"))) == sorted(f"{c}_0000.nii.gz" for c in ALL)
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    verify_dataset_integrity(folder, num_processes=1)
+    with open(os.path.join(finished_run["workspace"].preprocessed, DATASET, "splits_final.json")) as handle:
+        splits = json.load(handle)
+    for split in splits:
+        assert set(IN_DATASET_UNLABELED + EXTRA_UNLABELED) <= set(split["train"])
+        assert not set(IN_DATASET_UNLABELED + EXTRA_UNLABELED) & set(split["val"])
+
+
+def test_every_case_was_judged_by_the_fold_that_did_not_train_on_it(finished_run):
+    with open(os.path.join(finished_run["workspace"].preprocessed, DATASET, "splits_final.json")) as handle:
+        splits = json.load(handle)
+    for round_index in (1, 2):
+        round_folder = os.path.join(finished_run["run_folder"], f"round_{round_index:02d}")
+        with open(os.path.join(round_folder, "out_of_fold.json")) as handle:
+            out_of_fold = json.load(handle)
+        assert sorted(out_of_fold) == sorted(LABELLED)
+        for fold in (0, 1):
+            with open(os.path.join(round_folder, "logs", f"predict_fold_{fold}.json")) as handle:
+                spec = json.load(handle)
+            assert spec["folds"] == [fold]
+            assert sorted(spec["cases"]) == sorted(c for c, f in out_of_fold.items() if f == fold)
+            for case in spec["cases"]:
+                assert case in splits[fold]["val"] and case not in splits[fold]["train"]
+            # the model that predicted these cases was trained on exactly the other cases
+            fold_folder = os.path.join(round_folder, "nnUNet_results", DATASET,
+                                       "VanillaTrainer_tiny__nnUNetPlans__2d", f"fold_{fold}")
+            log = "".join(open(os.path.join(fold_folder, f)).read() for f in os.listdir(fold_folder)
+                          if f.startswith("training_log"))
+            pseudo = set(IN_DATASET_UNLABELED + EXTRA_UNLABELED)
+            trained_on = set(splits[fold]["train"]) - (pseudo if round_index == 1 else set())  # pseudo from round 2
+            assert f"This split has {len(trained_on)} training and {len(splits[fold]['val'])} " \
+                   f"validation cases" in log
+        with open(os.path.join(round_folder, "logs", "predict_unlabeled.json")) as handle:
+            spec = json.load(handle)
+        assert spec["folds"] == [0, 1]
+        assert sorted(spec["cases"]) == sorted(IN_DATASET_UNLABELED + EXTRA_UNLABELED)
+
+
+def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished_run):
+    from nnunetv2_em import crossfold, estep, label_store
+
+    workspace = finished_run["workspace"]
+    preprocessed = os.path.join(workspace.preprocessed, DATASET)
+    round_folder = os.path.join(finished_run["run_folder"], "round_02")
+    with open(os.path.join(round_folder, "fit.json")) as handle:
+        fit = json.load(handle)
+    assert np.all(np.diff(fit["noise_model"]["trace"]) >= -1e-9)
+    model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
+    thresholds = estep.RefinementThresholds(0.9, 0.5)
+    for case in LABELLED[:3]:
+        logits = np.load(os.path.join(round_folder, "logits", f"{case}.npy")).astype(np.float32)
+        original = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_00",
+                                                          "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
+        expected, _ = estep.refine_case(logits, original, model, thresholds=thresholds, ignore_label=3)
+        staged = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_02", "nnUNetPlans_2d",
+                                                        f"{case}_seg.b2nd"))[0]
+        live = label_store.read_seg_b2nd(os.path.join(preprocessed, "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
+        np.testing.assert_array_equal(staged, expected)
+        np.testing.assert_array_equal(live, expected)
+    assert crossfold.UNLABELED_FOLDER in os.listdir(preprocessed)
+
+
+def test_reports_and_plots_are_written(finished_run):
+    run_folder = finished_run["run_folder"]
+    for name in ("summary.json", "summary.md", os.path.join("plots", "changed_voxels.png"),
+                 os.path.join("plots", "likelihood.png"), os.path.join("plots", "scores.png")):
+        assert os.path.getsize(os.path.join(run_folder, name)) > 0
+    with open(os.path.join(run_folder, "summary.md")) as handle:
+        table = handle.read()
+    assert table.count("\n| 1 |") == 1 and table.count("\n| 2 |") == 1
+    with open(os.path.join(run_folder, "round_02", "cases.json")) as handle:
+        ranked = json.load(handle)
+    assert sorted(r["case"] for r in ranked) == sorted(ALL)
+    assert [r["review_score"] for r in ranked] == sorted((r["review_score"] for r in ranked), reverse=True)
+
+
+def test_running_a_finished_run_again_changes_nothing(finished_run):
+    workspace = finished_run["workspace"]
+    before = tree_snapshot(workspace.root)
+    workspace.run(*RUN, "--unlabeled", finished_run["extra"])
+    after = tree_snapshot(workspace.root)
+    assert {k: v for k, v in after.items() if k != os.path.join("preprocessed", DATASET, "em_run.lock")} == \
+        {k: v for k, v in before.items() if k != os.path.join("preprocessed", DATASET, "em_run.lock")}
