@@ -44,6 +44,17 @@ def _run(args):
           f"the last round's labels, the originals are in nnUNet_raw/<dataset>/em_labels/round_00.")
 
 
+def _benchmark(args):
+    from nnunetv2_em.benchmark import run_benchmark
+    from nnunetv2_em.benchmark_report import markdown
+
+    command = " ".join(["nnunetv2_em", "benchmark", "--dataset", args.dataset, "--noise", args.noise, "--seed",
+                        str(args.seed), "--profile", args.profile, "--out", args.out])
+    results = run_benchmark(args.dataset, args.noise, seed=args.seed, profile=args.profile, out=args.out,
+                            command=command)
+    print(markdown(results))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunetv2_em", description=__doc__.split(":", 1)[1].strip())
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-logits", action="store_true", help="keep the out-of-fold logits of every round")
     run.add_argument("-np", type=int, default=2, help="worker processes for planning and preprocessing")
     run.set_defaults(handler=_run)
+
+    from nnunetv2_em.benchmark import PROFILES
+    from nnunetv2_em.noise import SETTINGS
+
+    bench = commands.add_parser("benchmark", help="EM vs vanilla nnU-Net on clean data with seeded annotation noise")
+    bench.add_argument("--dataset", required=True, help="path of a raw nnU-Net dataset with trusted labels")
+    bench.add_argument("--noise", required=True, choices=sorted(SETTINGS),
+                       help="; ".join(f"{k}: {v.description}" for k, v in SETTINGS.items()).replace("%", "%%"))
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
+                       help="; ".join(f"{k}: {v.description}" for k, v in PROFILES.items()).replace("%", "%%"))
+    bench.add_argument("--out", required=True, help="output folder (rerunning continues where it stopped)")
+    bench.set_defaults(handler=_benchmark)
 
     demo = commands.add_parser("demo", help="the EM loop on 30 real Hippocampus MRI cases, CPU, minutes")
     demo.add_argument("--workdir", default="em_demo", help="folder for nnUNet_raw/preprocessed/results (reused)")

@@ -26,7 +26,7 @@ def load_full_weights(trainer, checkpoint_file: str) -> None:
     network.load_state_dict(weights)
 
 
-def train_fold(dataset: str, configuration: str, fold: int, trainer_name: str, plans: str, device: str, *,
+def train_fold(dataset: str, configuration: str, fold: int | str, trainer_name: str, plans: str, device: str, *,
                init_checkpoint: str | None = None, epoch_fraction: float = 1.0, validate: bool = True) -> str:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset")
     parser.add_argument("configuration")
-    parser.add_argument("fold", type=int)
+    parser.add_argument("fold", help="fold number, or 'all' (train on every case)")
     parser.add_argument("--trainer", required=True)
     parser.add_argument("--plans", default="nnUNetPlans")
     parser.add_argument("--device", default="cuda")
@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--epoch-fraction", type=float, default=1.0)
     parser.add_argument("--no-validation", action="store_true")
     args = parser.parse_args(argv)
-    train_fold(args.dataset, args.configuration, args.fold, args.trainer, args.plans, args.device,
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    train_fold(args.dataset, args.configuration, fold, args.trainer, args.plans, args.device,
                init_checkpoint=args.init_checkpoint, epoch_fraction=args.epoch_fraction,
                validate=not args.no_validation)
 
