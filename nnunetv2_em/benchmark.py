@@ -82,20 +82,39 @@ class Workspace:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+def _tree_rss_mib(process) -> float:
+    """Resident memory of a process and all its descendants (MiB)."""
+    import psutil
+
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
 def _run_measured(command: list[str], env: dict, log_file: str) -> dict:
-    """Run a command; return its wall time and the peak RSS of its largest process (os.wait4)."""
+    """Run a command; return its wall time and the peak resident memory of its whole process tree, sampled twice a
+    second (``ru_maxrss`` of a child would include the memory of this process at the fork)."""
+    import psutil
+
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     started = time.time()
+    peak = 0.0
     with open(log_file, "a") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+        watched = psutil.Process(process.pid)
+        while process.poll() is None:
+            peak = max(peak, _tree_rss_mib(watched))
+            time.sleep(0.5)
     if process.returncode != 0:
         with open(log_file) as log:
             raise RuntimeError(f"{' '.join(command)} failed (log {log_file}):\n{log.read()[-3000:]}")
-    return {"seconds": time.time() - started, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {"seconds": time.time() - started, "peak_rss_mib": peak}
 
 
 def _console(name: str) -> str:

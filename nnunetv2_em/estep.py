@@ -74,9 +74,9 @@ def default_transition(num_classes: int, *, flip_rate: float = 0.05) -> np.ndarr
     return transition
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax over axis 0 of ``logits / temperature``, as float64 (numerically stable)."""
-    scaled = np.asarray(logits, dtype=np.float64) * (1.0 / float(temperature))
+def softmax(logits: np.ndarray, temperature: float = 1.0, *, dtype=np.float64) -> np.ndarray:
+    """Softmax over axis 0 of ``logits / temperature`` (numerically stable); float64 unless ``dtype`` says."""
+    scaled = np.array(logits, dtype=dtype) * dtype(1.0 / float(temperature))
     scaled -= scaled.max(axis=0, keepdims=True)
     np.exp(scaled, out=scaled)
     scaled /= scaled.sum(axis=0, keepdims=True)
@@ -264,14 +264,12 @@ def posterior(logits, annotations, model: NoiseModel) -> np.ndarray:
     num_classes = logits.shape[0]
     if logits.shape[1:] != annotations.shape:
         raise ValueError(f"logits {logits.shape} do not match annotations {annotations.shape}")
-    probs = softmax(logits, model.temperature)
+    probs = softmax(logits, model.temperature, dtype=np.float32)  # per-voxel work: float32 is plenty
     mask = annotated_mask(annotations, num_classes)
-    transition = np.asarray(model.transition)
-    likelihood = np.ones_like(probs)
-    likelihood[:, mask] = transition[:, annotations[mask]]
-    probs *= likelihood
-    probs /= np.maximum(probs.sum(axis=0, keepdims=True), _TINY)
-    return probs.astype(np.float32)
+    transition = np.asarray(model.transition, dtype=np.float32)
+    probs[:, mask] *= transition[:, annotations[mask]]
+    probs /= np.maximum(probs.sum(axis=0, keepdims=True), np.float32(1e-30))
+    return probs
 
 
 def refine_labels(posterior_probs, annotations, *, thresholds: RefinementThresholds, ignore_label: int) -> np.ndarray:
@@ -369,10 +367,10 @@ def score_case(annotations, refined, posterior_probs, prediction, *, previous=No
     annotated_count = int(mask.sum())
     changed = mask & (refined != annotations) & (refined != ignore_label)
     ignored = mask & (refined == ignore_label)
-    q = posterior_probs[:, mask].astype(np.float64)
-    entropy = -np.sum(q * np.log(np.maximum(q, _TINY)), axis=0)
+    q = posterior_probs[:, mask]
+    entropy = -np.sum(q * np.log(np.maximum(q, np.float32(1e-30))), axis=0, dtype=np.float64)
     q_of_annotation = np.take_along_axis(q, annotations[mask][None].astype(np.int64), axis=0)[0]
-    expected_errors = float(np.sum(1.0 - q_of_annotation))
+    expected_errors = float(np.sum(1.0 - q_of_annotation, dtype=np.float64))
     foreground_extent = int(np.count_nonzero(mask & ((annotations > 0) | (prediction > 0))))
     added, removed = component_changes(np.where(mask, annotations, 0), np.where(mask, refined, 0),
                                        foreground_classes=range(1, num_classes))
