@@ -36,9 +36,13 @@ def markdown(results: dict) -> str:
                      f" | {_ci(row['foreground'])} | {timing.get('wall_minutes', float('nan')):.1f} | "
                      f"{timing.get('peak_rss_mib', float('nan')):.0f} |")
     share = results["recovery_share"]
-    lines += ["", f"Share of the noise-induced drop that EM recovers, ((b) − (a)) / ((c) − (a)): "
-                  f"**{share:.2f}**" if not np.isnan(share) else "", ""]
-    if not np.isnan(share) and share <= 0:
+    noisy, em, clean = (test[arm]["foreground"][0] for arm in ARMS)
+    lines += ["", f"Share of the noise-induced drop that EM recovers, ((b) − (a)) / ((c) − (a)): **{share:.2f}**"
+              if not np.isnan(share) else "Recovery share undefined: no noise-induced drop.", ""]
+    if clean <= noisy:
+        lines += ["The clean labels did not beat the noisy ones here ((c) ≤ (a)), so this setting shows no "
+                  "noise-induced drop to recover.", ""]
+    if em <= noisy:
         lines += ["EM did **not** beat vanilla nnU-Net on this setting.", ""]
     lines += ["## Training labels vs the clean labels", "", "| round | mean foreground Dice | ignored voxels |",
               "|---|---|---|"]

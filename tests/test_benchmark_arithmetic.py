@@ -73,3 +73,7 @@ def test_report_states_the_result_either_way():
     worse = benchmark_report.markdown(_results(0.65))
     assert "**-0.50**" in worse and "EM did **not** beat vanilla" in worse
     assert "| 1 | 0.8500 | 1.000% |" in worse
+    no_drop = _results(0.75)
+    no_drop["test_dice"]["clean"] = no_drop["test_dice"]["noisy"]
+    no_drop["recovery_share"] = float("nan")
+    assert "no noise-induced drop" in benchmark_report.markdown(no_drop)
