@@ -410,6 +410,8 @@ class CrossFoldRun:
             state["converged"] = bool(summary["converged"])
             label_store.write_json(os.path.join(self.run_folder, "state.json"), state)
             reports.write_run_summary(self.run_folder, state)
+            if not context.options.keep_logits:  # only now: a rerun before this point still finds them
+                shutil.rmtree(context.logits_folder(round_index), ignore_errors=True)
         return state
 
     def _load_state(self) -> dict:
@@ -531,8 +533,6 @@ class CrossFoldRun:
         dataset_json.pop("dataset", None)
         versions.write_round_metadata(round_index, dataset_json, manifest)
         self._activate(context, round_index, unlabeled, split)
-        if not context.options.keep_logits:
-            shutil.rmtree(context.logits_folder(round_index), ignore_errors=True)
         print(f"round {round_index}: log-likelihood {fit['noise_model']['log_likelihood']:.5f}, temperature "
               f"{fit['noise_model']['temperature']:.3f}, changed {100 * summary['fraction_changed']:.3f}%, ignored "
               f"{100 * summary['fraction_ignored']:.3f}%, {100 * summary['fraction_changed_since_previous']:.3f}% "

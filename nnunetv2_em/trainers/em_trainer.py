@@ -75,9 +75,7 @@ class EMTrainer(nnUNetTrainer):
                 original_folder,
                 join(self.preprocessed_dataset_folder_base, "em_training_labels",
                      os.path.basename(self.output_folder_base), f"fold_{self.fold}"))
-            cases = nnUNetDatasetBlosc2.get_identifiers(original_folder)
-            self._training_labels.ensure(cases)
-            self._complete_class_locations(cases)
+            self._training_labels.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
             self.preprocessed_dataset_folder = self._training_labels.folder
         super().initialize()
 
@@ -132,6 +130,7 @@ class EMTrainer(nnUNetTrainer):
         self._em_state = TrainerRunState.load_or_new(state_file, self.em_settings, training_cases)
         self._em_state.check_compatible(self.em_settings, training_cases)
         self._verify_originals()
+        self._complete_class_locations(all_cases)
         boundary_round = self.current_epoch // self.em_settings.epochs_per_round
         if boundary_round > self._em_state.completed_rounds and not self._em_state.converged:
             self.print_to_log_file(f"EM: resuming the interrupted E-step of round {boundary_round}",
@@ -175,38 +174,37 @@ class EMTrainer(nnUNetTrainer):
         samples = []
         for case in cases:
             data = torch.from_numpy(np.ascontiguousarray(dataset.load_case(case)[0][:]))
-            logits = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy()
-            np.save(join(logits_cache, f"{case}.npy"), logits.astype(np.float16))
-            samples.append(estep.sample_case(logits, self._training_labels.read_original_seg(case)[0],
+            # cached as float16 and used as cached, so a resumed E-step sees exactly the same numbers
+            logits = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy().astype(np.float16)
+            np.save(join(logits_cache, f"{case}.npy"), logits)
+            samples.append(estep.sample_case(logits.astype(np.float32),
+                                             self._training_labels.read_original_seg(case)[0],
                                              max_voxels_per_class=cap,
                                              seed=estep.case_seed(settings.seed, round_index, case)))
         prediction_seconds = time.time() - started
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
                               max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice)
-        model = fit.model
         del samples
         fit_done = time.time()
 
         scores = {}
-        refined_cases = {}
         for case in cases:
             logits = np.load(join(logits_cache, f"{case}.npy")).astype(np.float32)
             original = self._training_labels.read_original_seg(case)[0]
             previous = self._training_labels.read_current_seg(case)[0]
-            refined, scores[case] = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
+            refined, scores[case] = estep.refine_case(logits, original, fit.model, thresholds=settings.thresholds,
                                                       ignore_label=ignore_label, previous=previous,
                                                       apply=fit.refine)
             properties = load_pickle(self._training_labels.original_properties_path(case))
             properties["class_locations"] = nnunet_data.class_locations(refined[None], self.label_manager)
             self._training_labels.write_case(case, refined[None], properties, self.configuration_manager.patch_size)
-            refined_cases[case] = properties
         shutil.rmtree(logits_cache)
         refine_done = time.time()
-        self._export_round_labels(round_folder, refined_cases)
+        self._export_round_labels(round_folder, set(cases))
         summary = {
             "round": round_index,
             "epochs_trained": self.current_epoch,
-            "noise_model": model.to_dict(),
+            "noise_model": fit.model.to_dict(),
             "model_dice": fit.model_dice,
             "refinement_applied": fit.refine,
             **estep.summarize_round(scores),
@@ -251,14 +249,14 @@ class EMTrainer(nnUNetTrainer):
     def _gt_path(self, case: str) -> str:
         return join(self.preprocessed_dataset_folder_base, "gt_segmentations", case + self.dataset_json["file_ending"])
 
-    def _export_round_labels(self, round_folder: str, refined_cases: dict[str, dict]):
+    def _export_round_labels(self, round_folder: str, refined_cases: set[str]):
         """The round's labels in raw geometry: refined for this fold's training cases, originals for the rest."""
         reader_writer = self.plans_manager.image_reader_writer_class()
 
         def refined_label(case):
             if case not in refined_cases:
                 return None
-            properties = refined_cases[case]
+            properties = load_pickle(self._training_labels.properties_path(case))
             original_raw = np.asarray(reader_writer.read_seg(self._gt_path(case))[0][0]).astype(np.int32)
             raw = nnunet_data.refined_raw_label(original_raw, self._training_labels.read_original_seg(case),
                                                 self._training_labels.read_current_seg(case), properties,
