@@ -47,6 +47,9 @@ PROFILES = {
     "cpu": Profile("2d", "VanillaTrainer_cpu", 40, 20, folds=2, rounds=1, device="cpu", mirroring=False,
                    description="2-core CPU, under an hour: 2d, VanillaTrainer_cpu (20 x 40 iterations), 40 train / "
                                "20 test cases, EM with 2 folds x 1 round"),
+    "cpu-long": Profile("2d", "VanillaTrainer_cpu_40epochs", 40, 20, folds=2, rounds=1, device="cpu",
+                        mirroring=False, description="the cpu profile with twice the training (40 x 40 iterations), "
+                                                     "about an hour on a fast 2-core machine"),
     "gpu": Profile("3d_fullres", "nnUNetTrainer", None, None, folds=5, rounds=3, device="cuda", mirroring=True,
                    description="one GPU, nnU-Net's full budget: 3d_fullres, nnUNetTrainer (1000 epochs), 80/20 split, "
                                "EM with 5 folds x 3 rounds"),
@@ -382,6 +385,25 @@ class Benchmark:
                            "mean_fraction_ignored": float(np.mean([p["fraction_ignored"] for p in per_case]))})
         return rounds
 
+    def em_rounds(self) -> list[dict]:
+        """What each EM round's E-step did: out-of-fold model Dice against its quality gate, changes, ignores."""
+        run_folder = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset("em"),
+                                  f"em_run__{self.profile.trainer}__nnUNetPlans__{self.profile.configuration}")
+        with open(os.path.join(self.workspace.preprocessed("em"), "nnUNetPlans.json")) as handle:
+            min_model_dice = json.load(handle)["em"]["min_model_dice"]
+        rounds = []
+        for name in sorted(r for r in os.listdir(run_folder) if r.startswith("round_")):
+            summary_file = os.path.join(run_folder, name, "summary.json")
+            if not os.path.isfile(summary_file):
+                continue
+            with open(summary_file) as handle:
+                summary = json.load(handle)
+            rounds.append({"round": summary["round"], "model_dice": summary["model_dice"],
+                           "min_model_dice": min_model_dice, "refinement_applied": summary["refinement_applied"],
+                           "fraction_changed": summary["fraction_changed"],
+                           "fraction_ignored": summary["fraction_ignored"]})
+        return rounds
+
     def detection(self, split: dict) -> dict:
         """Corrupted cases vs the ranked list, and corrupted voxels vs EM's changes and cleanlab's label issues,
         in nnU-Net's preprocessed space on the last round's out-of-fold probabilities."""
@@ -431,7 +453,8 @@ class Benchmark:
             "test_dice": test,
             "recovery_share": recovery_share(test["noisy"]["foreground"][0], test["em"]["foreground"][0],
                                              test["clean"]["foreground"][0]),
-            "label_quality": self.label_quality(split), "detection": self.detection(split), "arms": timings,
+            "label_quality": self.label_quality(split), "em_rounds": self.em_rounds(),
+            "detection": self.detection(split), "arms": timings,
             "command": command,
             "report_minutes": (time.time() - started) / 60,
         }

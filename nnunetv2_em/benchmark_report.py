@@ -44,6 +44,22 @@ def markdown(results: dict) -> str:
                   "noise-induced drop to recover.", ""]
     if em <= noisy:
         lines += ["EM did **not** beat vanilla nnU-Net on this setting.", ""]
+    rounds = results.get("em_rounds", [])
+    if rounds:
+        lines += ["## What the E-step did", "",
+                  "| round | out-of-fold model Dice | gate (`min_model_dice`) | labels refined | changed voxels | "
+                  "ignored voxels |", "|---|---|---|---|---|---|"]
+        for row in rounds:
+            lines.append(f"| {row['round']} | {row['model_dice']:.3f} | {row['min_model_dice']:.2f} | "
+                         f"{'yes' if row['refinement_applied'] else 'no'} | {row['fraction_changed']:.3%} | "
+                         f"{row['fraction_ignored']:.3%} |")
+        lines.append("")
+        if not any(row["refinement_applied"] for row in rounds):
+            lines += ["The E-step's quality gate stayed closed in every round: the out-of-fold models' Dice with the "
+                      "annotations stayed below `min_model_dice`, so EM changed no label. Arm (b)'s final training "
+                      "therefore used the same labels as arm (a) (with nnU-Net's ignore-label patch sampling), and "
+                      "the difference between (a) and (b) is the run-to-run spread of this training budget, not an "
+                      "effect of EM.", ""]
     lines += ["## Training labels vs the clean labels", "", "| round | mean foreground Dice | ignored voxels |",
               "|---|---|---|"]
     for row in results["label_quality"]:

@@ -63,7 +63,9 @@ def _results(em_dice):
                                     "precision_at_k": 1.0, "average_precision": 1.0},
                           "voxels": {m: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "flagged": 10, "true": 12}
                                      for m in ("em", "cleanlab")}},
-            "arms": {a: {"wall_minutes": 1.0, "peak_rss_mib": 100.0} for a in ("noisy", "em", "clean")}}
+            "arms": {a: {"wall_minutes": 1.0, "peak_rss_mib": 100.0} for a in ("noisy", "em", "clean")},
+            "em_rounds": [{"round": 1, "model_dice": 0.72, "min_model_dice": 0.5, "refinement_applied": True,
+                           "fraction_changed": 0.02, "fraction_ignored": 0.01}]}
 
 
 def test_report_states_the_result_either_way():
@@ -77,3 +79,15 @@ def test_report_states_the_result_either_way():
     no_drop["test_dice"]["clean"] = no_drop["test_dice"]["noisy"]
     no_drop["recovery_share"] = float("nan")
     assert "no noise-induced drop" in benchmark_report.markdown(no_drop)
+
+
+def test_report_says_when_the_gate_kept_every_label():
+    refined = benchmark_report.markdown(_results(0.76))
+    assert "| 1 | 0.720 | 0.50 | yes | 2.000% | 1.000% |" in refined
+    assert "gate stayed closed" not in refined
+    gated = _results(0.65)
+    gated["em_rounds"] = [{"round": 1, "model_dice": 0.44, "min_model_dice": 0.5, "refinement_applied": False,
+                           "fraction_changed": 0.0, "fraction_ignored": 0.0}]
+    report = benchmark_report.markdown(gated)
+    assert "| 1 | 0.440 | 0.50 | no | 0.000% | 0.000% |" in report
+    assert "gate stayed closed in every round" in report and "run-to-run spread" in report

@@ -63,6 +63,8 @@ def test_every_arm_is_trained_evaluated_and_reported(smoke):
             assert json.load(handle)["experiment_planner_used"] == planner
     assert [row["round"] for row in results["label_quality"]] == [0, 1]
     assert results["label_quality"][0]["mean_fraction_ignored"] == 0.0
+    assert [row["round"] for row in results["em_rounds"]] == [1]
+    assert results["em_rounds"][0]["min_model_dice"] == 0.0  # the smoke profile opens the gate
     for method in ("em", "cleanlab"):
         voxels = results["detection"]["voxels"][method]
         assert voxels["true"] > 0 and 0.0 <= voxels["precision"] <= 1.0 and 0.0 <= voxels["recall"] <= 1.0

@@ -9,6 +9,7 @@ rebuilds the same network.
 | trainer | epochs x iterations | use |
 |---|---|---|
 | ``EMTrainer_cpu`` / ``VanillaTrainer_cpu`` | 2 rounds x 10 = 20 x 40 | CPU runs that learn something (2d: ~9 min) |
+| ``VanillaTrainer_cpu_40epochs`` | 40 x 40 | the benchmark's ``cpu-long`` profile |
 | ``EMTrainer_tiny`` / ``VanillaTrainer_tiny`` | 2 rounds x 1 = 2 x 5 | smoke tests of the machinery only |
 """
 
@@ -78,6 +79,12 @@ class EMTrainer_cpu(_SmallMachineBudget, EMTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._apply_budget()
+
+
+class VanillaTrainer_cpu_40epochs(VanillaTrainer_cpu):
+    """The CPU budget run twice as long (40 x 40 iterations): models good enough to open the E-step's gate."""
+
+    epochs = 40
 
 
 class VanillaTrainer_tiny(VanillaTrainer_cpu):
