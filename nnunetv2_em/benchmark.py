@@ -385,24 +385,20 @@ class Benchmark:
                            "mean_fraction_ignored": float(np.mean([p["fraction_ignored"] for p in per_case]))})
         return rounds
 
+    def _em_run_folder(self) -> str:
+        return os.path.join(self.workspace.nnunet, "results", self.workspace.dataset("em"),
+                            f"em_run__{self.profile.trainer}__nnUNetPlans__{self.profile.configuration}")
+
     def em_rounds(self) -> list[dict]:
         """What each EM round's E-step did: out-of-fold model Dice against its quality gate, changes, ignores."""
-        run_folder = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset("em"),
-                                  f"em_run__{self.profile.trainer}__nnUNetPlans__{self.profile.configuration}")
         with open(os.path.join(self.workspace.preprocessed("em"), "nnUNetPlans.json")) as handle:
             min_model_dice = json.load(handle)["em"]["min_model_dice"]
-        rounds = []
-        for name in sorted(r for r in os.listdir(run_folder) if r.startswith("round_")):
-            summary_file = os.path.join(run_folder, name, "summary.json")
-            if not os.path.isfile(summary_file):
-                continue
-            with open(summary_file) as handle:
-                summary = json.load(handle)
-            rounds.append({"round": summary["round"], "model_dice": summary["model_dice"],
-                           "min_model_dice": min_model_dice, "refinement_applied": summary["refinement_applied"],
-                           "fraction_changed": summary["fraction_changed"],
-                           "fraction_ignored": summary["fraction_ignored"]})
-        return rounds
+        with open(os.path.join(self._em_run_folder(), "summary.json")) as handle:  # the run's completed rounds
+            rounds = json.load(handle)["rounds"]
+        return [{"round": summary["round"], "model_dice": summary["model_dice"], "min_model_dice": min_model_dice,
+                 "refinement_applied": summary["refinement_applied"], "fraction_changed": summary["fraction_changed"],
+                 "fraction_ignored": summary["fraction_ignored"]}
+                for _, summary in sorted(rounds.items(), key=lambda item: int(item[0]))]
 
     def detection(self, split: dict) -> dict:
         """Corrupted cases vs the ranked list, and corrupted voxels vs EM's changes and cleanlab's label issues,
@@ -411,8 +407,7 @@ class Benchmark:
 
         with open(os.path.join(self.workspace.out, "corruption", "records.json")) as handle:
             corrupted = set(json.load(handle)["corrupted_cases"])
-        run_folder = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset("em"),
-                                  f"em_run__{self.profile.trainer}__nnUNetPlans__{self.profile.configuration}")
+        run_folder = self._em_run_folder()
         last = max(int(r.split("_")[1]) for r in os.listdir(run_folder) if r.startswith("round_"))
         round_folder = os.path.join(run_folder, f"round_{last:02d}")
         with open(os.path.join(round_folder, "cases.json")) as handle:
