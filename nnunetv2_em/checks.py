@@ -66,9 +66,90 @@ def with_ignore_label(dataset_json: dict) -> dict:
 
 
 def split_labelled(cases: dict) -> tuple[dict, dict]:
-    """nnU-Net's ``{case: {"images", "label"}}`` split into (cases with a label file, cases without)."""
+    """nnU-Net's ``{case: {"images", "label"}}`` split into (cases with a label file, cases without). A label
+    entry that exists but cannot be read (a dangling link to an unmounted share) is an error, never "unlabeled"."""
+    for entry in cases.values():
+        if os.path.lexists(entry["label"]) and not os.path.isfile(entry["label"]):
+            raise EMInputError(f"{entry['label']}: exists but is not a readable file (a dangling link?). Fix: mount "
+                               f"or restore its target, or remove the entry if the case has no label.")
     labelled = {case: entry for case, entry in cases.items() if os.path.isfile(entry["label"])}
     return labelled, {case: entry for case, entry in cases.items() if case not in labelled}
+
+
+def check_file_decodes(path: str) -> None:
+    """The whole file is readable: not empty, and a gzip stream (``.gz``) decodes to its end with a valid CRC.
+    ITK reads a truncated ``.nii.gz`` without complaint and fills the missing part with zeros."""
+    import gzip
+    import zlib
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise EMInputError(f"{path}: empty file. Fix: write the file again from its source.")
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+    except (EOFError, OSError, zlib.error) as error:
+        raise EMInputError(f"{path}: cannot be read to its end ({error}); the file is truncated or corrupt. Fix: "
+                           f"copy or export it again from its source.") from None
+
+
+def num_channels(dataset_json: dict, source: str) -> int:
+    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if not isinstance(channels, dict) or not channels:
+        raise EMInputError(f"{source}: missing key 'channel_names' (e.g. {{\"0\": \"MRI\"}}). Fix: add one entry per "
+                           f"input channel (see nnU-Net's dataset_format.md).")
+    return len(channels)
+
+
+def image_dimension(properties: dict) -> int:
+    """2 or 3: what the file holds (nnU-Net reads 2D images as 3D arrays of one slice)."""
+    return len(properties.get("sitk_stuff", {}).get("spacing", properties.get("spacing", ())))
+
+
+def check_images(case: str, images: list[str], expected_channels: int, reader_writer, source: str):
+    """One case's images: the channel count of dataset.json, each file decodable; returns nnU-Net's
+    ``(array, properties)`` of the images."""
+    if len(images) != expected_channels:
+        raise EMInputError(f"{source}: case {case} has {len(images)} image channel(s) ({images[:3]}), "
+                           f"dataset.json's channel_names has {expected_channels}. Fix: provide "
+                           f"{case}_0000 .. {case}_{expected_channels - 1:04d}, or correct channel_names.")
+    for image in images:
+        check_file_decodes(image)
+    try:
+        return reader_writer.read_images(images)
+    except Exception as error:  # noqa: BLE001 (any reader failure is bad input here)
+        raise EMInputError(f"{images[0]}: cannot be read ({error}). Fix: export it again from its source.") from None
+
+
+def guard_label_versions(raw_folder: str, dataset: str, *, continuing_run: str | None = None) -> None:
+    """Refuse to treat EM output as annotations: labelsTr holding a refined version (its marker file says so),
+    or a switch of versions that a kill interrupted. ``continuing_run``: the run that may continue on its own
+    labels (the ``run`` command completes interrupted switches itself)."""
+    from nnunetv2_em import label_store
+
+    labels = os.path.join(raw_folder, "labelsTr")
+    root = os.path.join(raw_folder, label_store.EM_LABELS)
+    if continuing_run is None and os.path.isfile(os.path.join(root, label_store.JOURNAL)):
+        raise EMInputError(f"{raw_folder}: a switch of labelsTr to another label version was interrupted. Fix: "
+                           f"`nnunetv2_em restore -d {dataset}` completes it; then run this command again.")
+    marker = label_store.read_labels_marker(labels)
+    if marker is None or (continuing_run is not None and marker.get("run") == continuing_run):
+        return
+    version = label_store.version_name(marker.get("run"), int(marker.get("round", 0)))
+    marker_file = os.path.join(labels, label_store.VERSION_MARKER)
+    if not os.path.isfile(os.path.join(root, "round_00", "manifest.json")):
+        raise EMInputError(f"{labels}: holds EM output ({version}), and the original annotations "
+                           f"({root}/round_00) are missing. Fix: put em_labels/ back from a backup, then "
+                           f"`nnunetv2_em restore -d {dataset} --round 0`; only if these labels are to become your "
+                           f"annotations, delete {marker_file}.")
+    if continuing_run is not None:
+        raise EMInputError(f"{labels}: holds {version}; the run {continuing_run} would start from another run's "
+                           f"labels. Fix: `nnunetv2_em restore -d {dataset} --round 0` first (the other run's versions "
+                           f"stay in em_labels/), or continue that run with its own options.")
+    raise EMInputError(f"{labels}: holds EM output ({version}), not the original annotations. Fix: "
+                       f"`nnunetv2_em restore -d {dataset} --round 0` puts the originals back (em_labels/ keeps every "
+                       f"version).")
 
 
 def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict:
@@ -85,7 +166,9 @@ def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     dataset_json_path = os.path.join(raw_folder, "dataset.json")
+    guard_label_versions(raw_folder, os.path.basename(os.path.normpath(raw_folder)))
     dataset_json = load_dataset_json(dataset_json_path)
+    expected_channels = num_channels(dataset_json, dataset_json_path)
     allowed = set(label_values(dataset_json, dataset_json_path))
     if "ignore" in dataset_json["labels"]:
         allowed.add(int(dataset_json["labels"]["ignore"]))
@@ -100,6 +183,14 @@ def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict
         raise EMInputError(f"{raw_folder}/imagesTr: no images named <case>_0000{dataset_json['file_ending']}. "
                            f"Fix: add the images in nnU-Net's naming scheme.")
     cases, unlabeled = split_labelled(cases)
+    if "dataset" not in dataset_json:
+        ending = dataset_json["file_ending"]
+        orphans = sorted(name for name in os.listdir(labels_folder)
+                         if name.endswith(ending) and name[:-len(ending)] not in cases)
+        if orphans:
+            raise EMInputError(f"{os.path.join(labels_folder, orphans[0])}: a label without an image "
+                               f"({len(orphans)} such file(s)). Fix: add imagesTr/{orphans[0][:-len(ending)]}_0000"
+                               f"{ending} or move the label out of labelsTr.")
     if unlabeled and not allow_unlabeled:
         example = next(iter(unlabeled.values()))["label"]
         raise EMInputError(f"{len(unlabeled)} training image(s) have no label, e.g. {example}. Fix: add the label "
@@ -110,16 +201,45 @@ def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict
                            f"<case>{dataset_json['file_ending']} for images <case>_0000{dataset_json['file_ending']}.")
     first_case = next(iter(cases.values()))
     reader_writer = determine_reader_writer_from_dataset_json(dataset_json, first_case["images"][0])()
-    for _, entry in sorted(cases.items()):
-        seg, seg_properties = reader_writer.read_seg(entry["label"])
-        unexpected = sorted(set(np.unique(seg).astype(int).tolist()) - allowed)
+    for case, entry in sorted(cases.items()):
+        check_file_decodes(entry["label"])
+        try:
+            seg, seg_properties = reader_writer.read_seg(entry["label"])
+        except Exception as error:  # noqa: BLE001 (any reader failure is bad input here)
+            raise EMInputError(f"{entry['label']}: cannot be read ({error}). Fix: export it again.") from None
+        values = np.unique(seg)
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            raise EMInputError(f"{entry['label']}: non-integer label values {fractional[:3].tolist()} (a float image "
+                               f"resampled with interpolation?). Fix: write the label as integers, resampled with "
+                               f"nearest neighbour.")
+        unexpected = sorted(set(values.astype(int).tolist()) - allowed)
         if unexpected:
             raise EMInputError(f"{entry['label']}: label values {unexpected} are not in {dataset_json_path} "
                                f"(allowed {sorted(allowed)}). Fix: correct the label file or add the classes to "
                                f"dataset.json.")
-        image, image_properties = reader_writer.read_images(entry["images"])
+        image, image_properties = check_images(case, entry["images"], expected_channels, reader_writer,
+                                               f"{raw_folder}/imagesTr")
         _check_same_geometry(entry["label"], seg, seg_properties, entry["images"][0], image, image_properties)
     return cases
+
+
+def check_unlabeled_images(images_by_case: dict[str, list[str]], raw_folder: str, source: str) -> None:
+    """Extra images to pseudo-label: the dataset's channel count and dimensionality, each file decodable."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    dataset_json_path = os.path.join(raw_folder, "dataset.json")
+    dataset_json = load_dataset_json(dataset_json_path)
+    expected_channels = num_channels(dataset_json, dataset_json_path)
+    reference = next(iter(get_filenames_of_train_images_and_targets(raw_folder, dataset_json).values()))["images"]
+    reader_writer = determine_reader_writer_from_dataset_json(dataset_json, reference[0])()
+    dimension = image_dimension(reader_writer.read_images(reference)[1])
+    for case, images in sorted(images_by_case.items()):
+        _, properties = check_images(case, images, expected_channels, reader_writer, source)
+        if image_dimension(properties) != dimension:
+            raise EMInputError(f"{images[0]}: a {image_dimension(properties)}D image; the dataset's images are "
+                               f"{dimension}D. Fix: provide {dimension}D images in {source}.")
 
 
 def _check_same_geometry(label_path, seg, seg_properties, image_path, image, image_properties) -> None:

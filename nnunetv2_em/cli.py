@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from nnunetv2_em.errors import EMInputError
@@ -40,8 +41,54 @@ def _run(args):
                          warm_fraction=args.warm_fraction, unlabeled=args.unlabeled,
                          validate=not args.no_validation, keep_logits=args.keep_logits, num_processes=args.np)
     state = run(options, scheduler=args.scheduler)
+    active = state["active"]
     print(f"\n{len(state['rounds'])} round(s) done{' (converged)' if state['converged'] else ''}; labelsTr holds "
-          f"the last round's labels, the originals are in nnUNet_raw/<dataset>/em_labels/round_00.")
+          f"{label_version_name(active['run'], active['round'])}; the originals are in "
+          f"nnUNet_raw/<dataset>/em_labels/round_00 (`nnunetv2_em status` / `restore`).")
+
+
+def _dataset_folders(dataset: str) -> tuple[str, str, str]:
+    import os
+
+    from nnunetv2_em.planning import dataset_name
+
+    name = dataset_name(dataset)
+    return (os.path.join(os.environ["nnUNet_raw"], name), os.path.join(os.environ["nnUNet_preprocessed"], name),
+            os.environ.get("nnUNet_results"))
+
+
+def _status(args):
+    import json
+
+    from nnunetv2_em.label_store import dataset_status
+    from nnunetv2_em.reports import format_status
+
+    raw, preprocessed, results = _dataset_folders(args.dataset)
+    status = dataset_status(raw, preprocessed, results)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+
+
+def _restore(args):
+    from nnunetv2_em import checks
+    from nnunetv2_em.label_store import dataset_lock, restore
+
+    raw, preprocessed, _ = _dataset_folders(args.dataset)
+    checks.load_dataset_json(f"{raw}/dataset.json")
+    busy = lambda holder, lock_file: EMInputError(  # noqa: E731
+        f"{args.dataset}: an nnunetv2_em command is working on this dataset ({holder}; lock {lock_file}). Fix: wait "
+        f"for it to finish or stop it, then restore.")
+    with dataset_lock(preprocessed, busy):
+        try:
+            result = restore(raw, preprocessed, round_index=args.round, run=args.run)
+        except ValueError as error:
+            raise EMInputError(f"{error}. Fix: `nnunetv2_em status -d {args.dataset}` lists the versions "
+                               f"kept.") from None
+    if result["completed"]:
+        done = result["completed"]
+        print(f"completed an interrupted switch to {label_version_name(done['run'], done['round'])}")
+    active = result["active"]
+    print(f"labelsTr holds {label_version_name(active['run'], active['round'])}; preprocessed segmentations, "
+          f"dataset.json and splits match it; gt_segmentations hold the originals.")
 
 
 def _benchmark(args):
@@ -53,6 +100,12 @@ def _benchmark(args):
     results = run_benchmark(args.dataset, args.noise, seed=args.seed, profile=args.profile, out=args.out,
                             command=command)
     print(markdown(results))
+
+
+def label_version_name(run, round_index) -> str:
+    from nnunetv2_em.label_store import version_name
+
+    return version_name(run, round_index)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-np", type=int, default=2, help="worker processes for planning and preprocessing")
     run.set_defaults(handler=_run)
 
+    status = commands.add_parser("status", help="which label version labelsTr holds, kept versions, runs, checksums, "
+                                 "anything unfinished; writes nothing")
+    status.add_argument("-d", "--dataset", required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    restore = commands.add_parser("restore", help="put a kept label version back into labelsTr (atomically), or "
+                                  "complete an interrupted switch")
+    restore.add_argument("-d", "--dataset", required=True)
+    restore.add_argument("--round", type=int, help="0 = the original annotations; without it: only complete an "
+                         "interrupted switch and re-check the active version")
+    restore.add_argument("--run", help="run whose round to restore (default: the active run, or the only one)")
+    restore.set_defaults(handler=_restore)
+
     from nnunetv2_em.benchmark import PROFILES
     from nnunetv2_em.noise import SETTINGS
 
@@ -115,6 +182,14 @@ def main(argv=None) -> int:
         args.handler(args)
     except EMInputError as error:
         print(f"nnunetv2_em: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"nnunetv2_em: error: {error.strerror}{where}. Every write is atomic, so the active labels are one "
+              f"complete version (`nnunetv2_em status -d {getattr(args, 'dataset', '...')}`). Fix: free space or "
+              f"grant write access, then rerun the same command (it continues where it stopped).", file=sys.stderr)
         return 2
     return 0
 

@@ -22,9 +22,7 @@ Files (``run`` = ``nnUNet_results/<Dataset>/em_run__<Trainer>__<Plans>__<configu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -80,7 +78,12 @@ class RunContext:
         return EMSettings.resolve(self.settings, source="run")
 
     def versions(self) -> label_store.DatasetLabelVersions:
-        return label_store.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending)
+        return label_store.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending,
+                                                run=self.run_name)
+
+    @property
+    def run_name(self) -> str:
+        return os.path.basename(self.run_folder)
 
     def round_folder(self, round_index: int) -> str:
         return os.path.join(self.run_folder, f"round_{round_index:02d}")
@@ -216,7 +219,7 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     else:
         properties = load_pickle(versions.original_properties_path(case))
         original = versions.read_original_segmentation(case)[0]
-        previous = versions.read_live_segmentation(case)[0]
+        previous = versions.read_segmentation(round_index - 1, case)[0]
         refined, scores = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
                                             ignore_label=ignore_label, previous=previous, apply=fit["refine"])
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
@@ -252,12 +255,18 @@ class CrossFoldRun:
         if options.unlabeled and not os.path.isdir(options.unlabeled):
             raise EMInputError(f"--unlabeled {options.unlabeled}: not a folder. Fix: pass a folder of images named "
                                f"<case>_0000<file ending>.")
+        self.run_folder = os.path.join(paths["nnUNet_results"], self.name,
+                                       f"em_run__{options.trainer}__{options.plans}__{options.configuration}")
+        checks.guard_label_versions(raw, self.name, continuing_run=self.run_name)
         self.labelled, self.unlabeled_in_dataset = self._check_raw(raw)
+        self._check_folds(preprocessed)
         self.extra_unlabeled = self._extra_unlabeled()
         self._check_trainer()
         self.raw, self.preprocessed = raw, preprocessed
-        self.run_folder = os.path.join(paths["nnUNet_results"], self.name,
-                                       f"em_run__{options.trainer}__{options.plans}__{options.configuration}")
+
+    @property
+    def run_name(self) -> str:
+        return os.path.basename(self.run_folder)
 
     # checks -------------------------------------------------------------------------------------------------
     def _check_raw(self, raw):
@@ -275,7 +284,34 @@ class CrossFoldRun:
         labelled = checks.check_raw_dataset(raw, allow_unlabeled=True)
         dataset_json = checks.load_dataset_json(os.path.join(raw, "dataset.json"))
         _, unlabeled = checks.split_labelled(get_filenames_of_train_images_and_targets(raw, dataset_json))
+        if unlabeled:
+            checks.check_unlabeled_images({case: entry["images"] for case, entry in unlabeled.items()}, raw,
+                                          f"{raw}/imagesTr")
         return labelled, unlabeled
+
+    def _check_folds(self, preprocessed: str) -> None:
+        path = os.path.join(preprocessed, "splits_final.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as handle:
+                    splits = json.load(handle)
+                num_splits = len(splits)
+                for split in splits:
+                    split["train"], split["val"]  # noqa: B018 (the keys nnU-Net reads)
+            except (json.JSONDecodeError, TypeError, KeyError):
+                raise EMInputError(f"{path}: not a list of {{'train': [...], 'val': [...]}} splits. Fix: repair it or "
+                                   f"delete it (the run then creates one split per fold).") from None
+            if max(self.options.folds) >= num_splits:
+                raise EMInputError(f"{path}: has {num_splits} splits, fold {max(self.options.folds)} requested. "
+                                   f"Fix: pick folds below {num_splits}.")
+            return
+        if sorted(self.options.folds) != list(range(len(self.options.folds))) or len(self.options.folds) < 2:
+            raise EMInputError(f"--folds {list(self.options.folds)}: without a splits_final.json the run creates "
+                               f"one split per fold, so folds must be 0..K-1 with K >= 2. Fix: e.g. --folds 0 1 2.")
+        if len(self.labelled) < len(self.options.folds):
+            raise EMInputError(f"{self.name}: {len(self.labelled)} labelled case(s) for {len(self.options.folds)} "
+                               f"folds; every fold needs at least one case to judge. Fix: pass fewer --folds (at "
+                               f"least 2) or add labelled cases.")
 
     def _extra_unlabeled(self) -> dict[str, list[str]]:
         if not self.options.unlabeled:
@@ -295,8 +331,10 @@ class CrossFoldRun:
         if clashes:
             raise EMInputError(f"--unlabeled {self.options.unlabeled}: cases {clashes[:3]} already exist in the "
                                f"dataset. Fix: rename them.")
-        images = create_lists_from_splitted_dataset_folder(self.options.unlabeled, ending, identifiers, 1)
-        return dict(zip(identifiers, images, strict=True))
+        images = dict(zip(identifiers, create_lists_from_splitted_dataset_folder(self.options.unlabeled, ending,
+                                                                                  identifiers, 1), strict=True))
+        checks.check_unlabeled_images(images, raw, f"--unlabeled {self.options.unlabeled}")
+        return images
 
     def _check_trainer(self):
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -347,30 +385,13 @@ class CrossFoldRun:
         return RunContext(self.name, self.raw, self.preprocessed, identifier, dataset_json["file_ending"],
                           self.run_folder, self.options, settings.to_plans_block())
 
-    @contextlib.contextmanager
     def locked(self):
         """Hold the dataset's run lock (released when the process ends, however it ends)."""
-        os.makedirs(self.preprocessed, exist_ok=True)
-        lock_file = os.path.join(self.preprocessed, "em_run.lock")
-        handle = open(lock_file, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise EMInputError(f"{self.name}: an nnunetv2_em run is already working on this dataset ({holder}; lock "
-                               f"{lock_file}). Fix: wait for it to finish or stop it, then run again.") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.close()
+        return label_store.dataset_lock(self.preprocessed, lambda holder, lock_file: EMInputError(
+            f"{self.name}: an nnunetv2_em command is already working on this dataset ({holder}; lock {lock_file}). "
+            f"Fix: wait for it to finish or stop it, then run again."))
 
-    def _check_identity(self) -> None:
+    def _check_identity(self, *, write: bool) -> None:
         path = os.path.join(self.run_folder, "run.json")
         identity = self.options.identity()
         identity["folds"] = list(identity["folds"])
@@ -380,17 +401,21 @@ class CrossFoldRun:
             if previous != identity:
                 raise EMInputError(f"{path}: this run was started with {previous}, now {identity}. Fix: use the same "
                                    f"options to continue it, or move that folder away to start a new run.")
-        else:
+        elif write:
             os.makedirs(self.run_folder, exist_ok=True)
             label_store.write_json(path, identity)
 
     # the loop -----------------------------------------------------------------------------------------------
     def run(self, client) -> dict:
         """Execute or continue the rounds; call inside ``locked()``."""
-        self._check_identity()
+        label_store.recover_activation(self.raw, self.preprocessed)
+        checks.guard_label_versions(self.raw, self.name, continuing_run=self.run_name)
+        self._check_identity(write=False)
         self._ensure_planned()
         context = self._context()
         split = self._ensure_split(context)
+        self._check_identity(write=True)  # only now: a run refused above leaves nothing behind
+        label_store.fault_point("run_started")
         versions = context.versions()
         versions.keep_originals(self.labelled)
         changed = versions.changed_originals()
@@ -409,10 +434,11 @@ class CrossFoldRun:
             state["rounds"][str(round_index)] = summary
             state["converged"] = bool(summary["converged"])
             label_store.write_json(os.path.join(self.run_folder, "state.json"), state)
+            label_store.fault_point("state_written")
             reports.write_run_summary(self.run_folder, state)
             if not context.options.keep_logits:  # only now: a rerun before this point still finds them
                 shutil.rmtree(context.logits_folder(round_index), ignore_errors=True)
-        return state
+        return {**state, "active": versions.active()}
 
     def _load_state(self) -> dict:
         path = os.path.join(self.run_folder, "state.json")
@@ -430,9 +456,6 @@ class CrossFoldRun:
             with open(path) as handle:
                 splits = json.load(handle)
         else:
-            if sorted(self.options.folds) != list(range(len(self.options.folds))) or len(self.options.folds) < 2:
-                raise EMInputError(f"--folds {list(self.options.folds)}: without a splits_final.json the run creates "
-                                   f"one split per fold, so folds must be 0..K-1 with K >= 2. Fix: e.g. --folds 0 1 2.")
             splits = generate_crossval_split(sorted(self.labelled), seed=12345, n_splits=len(self.options.folds))
             label_store.write_json(path, splits)
         if max(self.options.folds) >= len(splits):
@@ -453,7 +476,7 @@ class CrossFoldRun:
         print(f"\nround {round_index}: M-step ({len(folds)} folds, trainer {self.options.trainer})", flush=True)
         trainings = [client.submit(task_train, context, round_index, fold, resources={engine.DEVICE: 1}, pure=False)
                      for fold in folds]
-        _wait(client, trainings, "training folds")
+        _wait(client, trainings, "training folds", fault="fold_trained")
         trained = time.time()
 
         # out-of-fold: each labelled case from the fold that had it in validation
@@ -476,7 +499,7 @@ class CrossFoldRun:
                  **{case: label_store.PSEUDO for case in unlabeled}}
         refinements = [client.submit(task_refine, context, round_index, case, kind, pure=False)
                        for case, kind in sorted(kinds.items())]
-        _wait(client, refinements, "E-step per case")
+        _wait(client, refinements, "E-step per case", fault="estep_case")
         refined = time.time()
         return self._finish_round(context, round_index, fit, kinds, split, unlabeled,
                                   timings={"seconds_training": trained - started,
@@ -498,8 +521,12 @@ class CrossFoldRun:
                                      versions.read_original_segmentation(case)[0], max_voxels_per_class=cap,
                                      seed=estep.case_seed(settings.seed, round_index, case)) for case in cases]
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
-                              max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice)
+                              max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
+                              thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share)
+        if fit.refused:
+            print(f"round {round_index}: labels kept as they are: {fit.refused}", flush=True)
         result = {"noise_model": fit.model.to_dict(), "model_dice": fit.model_dice, "refine": fit.refine,
+                  "refused": fit.refused,
                   "cases": len(cases), "seconds": round(time.time() - started, 2)}
         label_store.write_json(path, result)
         return result
@@ -512,55 +539,40 @@ class CrossFoldRun:
                 scores[case] = json.load(handle)
         labelled_scores = {c: s for c, s in scores.items() if s["provenance"] == label_store.REFINED}
         summary = {"round": round_index, "noise_model": fit["noise_model"], "model_dice": fit["model_dice"],
-                   "refinement_applied": fit["refine"], **estep.summarize_round(labelled_scores),
+                   "refinement_applied": fit["refine"], "refinement_refused": fit.get("refused"),
+                   **estep.summarize_round(labelled_scores),
                    "pseudo_labelled_cases": len(unlabeled), **{k: round(v, 2) for k, v in timings.items()}}
         summary["converged"] = bool(fit["refine"] and
                                     summary["fraction_changed_since_previous"] < context.em.tolerance)
         reports.write_round_reports(context.round_folder(round_index), summary, estep.rank_cases(scores))
-        # cases no fold could judge keep their current labels, so the round folder stays complete
-        previous = versions.active_round()
-        untouched = [case for case in self.labelled if case not in kinds]
-        for case in untouched:
-            label_store.copy_file(versions.label_path(previous, case), versions.label_path(round_index, case))
-            for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
-                label_store.copy_file(os.path.join(versions.segmentation_folder(previous), name),
-                                      os.path.join(versions.segmentation_folder(round_index), name))
+        # cases no fold could judge keep their labels of the previous round, so the round folder stays complete
+        for case in self.labelled:
+            if case not in kinds:
+                versions.copy_case(round_index - 1, round_index, case)
         manifest = {case: {"provenance": scores[case]["provenance"] if case in scores else label_store.ORIGINAL,
                            **({k: v for k, v in scores[case].items() if k not in ("case", "provenance")}
                               if case in scores else {})} for case in [*self.labelled, *unlabeled]}
+        for case in unlabeled:  # what a restore of this round needs to bring the case back
+            manifest[case]["preprocessed_image"] = os.path.join(context.unlabeled_folder(), f"{case}.b2nd")
+            if case in self.extra_unlabeled:
+                manifest[case]["images"] = versions.keep_added_images(case, self.extra_unlabeled[case])
         with open(os.path.join(versions.round_folder(0), "dataset.json")) as handle:
             dataset_json = checks.with_ignore_label(json.load(handle))
         dataset_json.pop("dataset", None)
         versions.write_round_metadata(round_index, dataset_json, manifest)
-        self._activate(context, round_index, unlabeled, split)
+        label_store.fault_point("round_staged")
+        versions.activate(round_index)
+        label_store.fault_point("round_activated")
         print(f"round {round_index}: log-likelihood {fit['noise_model']['log_likelihood']:.5f}, temperature "
               f"{fit['noise_model']['temperature']:.3f}, changed {100 * summary['fraction_changed']:.3f}%, ignored "
               f"{100 * summary['fraction_ignored']:.3f}%, {100 * summary['fraction_changed_since_previous']:.3f}% "
               f"differ from the previous round{' -> converged' if summary['converged'] else ''}", flush=True)
         return summary
 
-    def _activate(self, context: RunContext, round_index: int, unlabeled: dict[str, list[str]],
-                  split: list[dict]) -> None:
-        versions = context.versions()
-        versions.activate(round_index, images_for_new_cases={case: unlabeled[case] for case in self.extra_unlabeled},
-                          preprocessed_images={case: os.path.join(context.unlabeled_folder(), f"{case}.b2nd")
-                                               for case in unlabeled})
-        # pseudo-labelled cases join every fold's training set (never validation: they have no annotation)
-        if unlabeled:
-            path = os.path.join(self.preprocessed, "splits_final.json")
-            for fold_split in split:
-                fold_split["train"] = sorted(set(fold_split["train"]) | set(unlabeled))
-            label_store.write_json(path, split)
-        # preprocessing and training read the preprocessed dataset.json: it must have the ignore label, and no
-        # longer needs to exclude images that now have labels
-        preprocessed_json = os.path.join(self.preprocessed, "dataset.json")
-        dataset_json = checks.with_ignore_label(checks.load_dataset_json(preprocessed_json))
-        dataset_json.pop("dataset", None)
-        label_store.write_json(preprocessed_json, dataset_json)
 
-
-def _wait(client, futures, description: str) -> None:
-    """Wait for futures with a progress bar; the first failure is raised."""
+def _wait(client, futures, description: str, *, fault: str | None = None) -> None:
+    """Wait for futures with a progress bar; the first failure is raised. ``fault``: a fault-injection point
+    reached after the first task is done (tests)."""
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -568,6 +580,8 @@ def _wait(client, futures, description: str) -> None:
         for future in as_completed(futures):
             future.result()
             bar.update()
+            if fault:
+                label_store.fault_point(fault)
 
 
 def run(options: RunOptions, *, scheduler: str | None = None) -> dict:

@@ -26,6 +26,7 @@ import signal
 import subprocess
 
 DEVICE = "device"
+SCHEDULER_TIMEOUT_S = 10
 
 
 @contextlib.contextmanager
@@ -35,7 +36,15 @@ def open_client(scheduler: str | None = None, *, device: str = "cpu"):
     from distributed import Client, LocalCluster
 
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError) as error:
+            from nnunetv2_em.errors import EMInputError
+
+            raise EMInputError(f"--scheduler {scheduler}: no Dask scheduler answered within {SCHEDULER_TIMEOUT_S} s "
+                               f"({type(error).__name__}). Fix: start it (`dask scheduler`) or correct the address; "
+                               f"without --scheduler the run starts its own cluster.") from None
+        with client:
             yield client
         return
     gpus = 0

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage, optimize
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+MAX_IGNORED_SHARE = 0.25  # a fit that would set more of the annotated voxels to ignore is refused
 _TINY = 1e-30
 
 
@@ -456,6 +457,7 @@ class RoundFit:
     model: NoiseModel
     model_dice: float
     refine: bool
+    refused: str | None = None  # why a fit that passed the quality gate was still not applied (degenerate)
 
 
 def case_seed(seed: int, round_index: int, case: str) -> list[int]:
@@ -480,12 +482,36 @@ def sample_case(logits, annotations, *, max_voxels_per_class: int, seed) -> Case
     return CaseSample(*sampled, tuple(dice_values))
 
 
+def degenerate_fit(samples: list[CaseSample], model: NoiseModel, *, thresholds: RefinementThresholds,
+                   max_ignored_share: float = MAX_IGNORED_SHARE) -> str | None:
+    """Why refining with ``model`` would be degenerate, or None: the temperature ran to a bound of its search
+    (the fit explains the annotation away rather than calibrating the network), or the refinement would set more
+    than ``max_ignored_share`` of the annotated voxels to ignore (estimated on the weighted fitting sample)."""
+    low, high = TEMPERATURE_BOUNDS
+    if not low * 1.01 < model.temperature < high / 1.01:
+        return (f"temperature {model.temperature:.3g} at the bound of its search {TEMPERATURE_BOUNDS}: the network "
+                f"does not explain the annotation")
+    logits = np.concatenate([s.logits for s in samples], axis=1)
+    annotations = np.concatenate([s.annotations for s in samples])
+    weights = np.concatenate([s.weights for s in samples])
+    num_classes = logits.shape[0]
+    refined = refine_labels(posterior(logits, annotations, model), annotations, thresholds=thresholds,
+                            ignore_label=num_classes)
+    ignored_share = float(np.sum(weights * (refined == num_classes)) / max(np.sum(weights), _TINY))
+    if ignored_share > max_ignored_share:
+        return (f"{ignored_share:.1%} of the annotated voxels would become ignore (limit {max_ignored_share:.0%}): "
+                f"the network disagrees with the annotation too broadly to refine it")
+    return None
+
+
 def fit_round(samples: list[CaseSample], *, calibrate_temperature: bool, max_iterations: int,
-              min_model_dice: float) -> RoundFit:
+              min_model_dice: float, thresholds: RefinementThresholds | None = None,
+              max_ignored_share: float = MAX_IGNORED_SHARE) -> RoundFit:
     """Fit the round's noise model on all cases' samples and decide whether the network is good enough to refine.
 
     An untrained network would "explain" the annotation away as noise, so labels are only refined once the mean
-    foreground Dice between the network and the annotation reaches ``min_model_dice``.
+    foreground Dice between the network and the annotation reaches ``min_model_dice``, and never with a degenerate
+    fit (``degenerate_fit``; checked when ``thresholds`` are given).
     """
     if not samples:
         raise ValueError("no cases to fit the noise model on")
@@ -495,7 +521,10 @@ def fit_round(samples: list[CaseSample], *, calibrate_temperature: bool, max_ite
                             calibrate_temperature=calibrate_temperature, max_iterations=max_iterations)
     dice_values = [d for s in samples for d in s.dice if not np.isnan(d)]
     model_dice = float(np.mean(dice_values)) if dice_values else 0.0
-    return RoundFit(model, model_dice, model_dice >= min_model_dice)
+    refine = model_dice >= min_model_dice
+    refused = (degenerate_fit(samples, model, thresholds=thresholds, max_ignored_share=max_ignored_share)
+               if refine and thresholds is not None else None)
+    return RoundFit(model, model_dice, refine and refused is None, refused)
 
 
 def pseudo_label(logits, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,

@@ -23,11 +23,16 @@ nnU-Net training on the same preprocessed data still sees the original annotatio
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import pickle
 import shutil
+import signal
+import time
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -223,101 +228,194 @@ def write_round_labels(labels_folder: str, cases: Iterable[str], *, file_ending:
 
 # ----------------------------------------------------------------------- a dataset's label versions (cross-fold)
 ORIGINAL, REFINED, PSEUDO = "original", "refined", "pseudo"
+EM_LABELS = "em_labels"
+VERSION_MARKER = ".nnunetv2_em_version.json"  # in labelsTr (rounds >= 1)
+PREPROCESSED_MARKER_SUFFIX = ".em_version.json"  # <data_identifier>.em_version.json beside nnU-Net's data folder
+JOURNAL = "activation.json"  # in em_labels/: an activation that has started switching and not finished
+STAGING_LABELS = ".em_staging_labelsTr"
+PREVIOUS_LABELS = ".em_previous_labelsTr"
+KILL_AT_ENV = "NNUNETV2_EM_KILL_AT"
+
+
+def fault_point(name: str) -> None:
+    """Fault-injection hook for tests: ``NNUNETV2_EM_KILL_AT=<name>`` kills this process here (SIGKILL)."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exchange_paths(a: str, b: str) -> bool:
+    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``). False where the
+    platform or file system has no such call; the caller then falls back to two renames."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(error, os.strerror(error), a)
+
+
+def _read_json(path: str):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def labels_digest(checksums: dict[str, str]) -> str:
+    """One SHA-256 over ``{case: sha256 of its label file}``: the identity of a complete labelsTr."""
+    return hashlib.sha256(json.dumps(sorted(checksums.items())).encode()).hexdigest()
+
+
+def version_name(run: str | None, round_index: int) -> str:
+    return "round 0 (the original annotations)" if round_index == 0 else f"round {round_index} of run {run}"
 
 
 class DatasetLabelVersions:
-    """Versioned labels of one nnU-Net dataset for the cross-fold loop.
+    """Versioned labels of one nnU-Net dataset for the cross-fold loop; the only writer of ``labelsTr``.
 
-        nnUNet_raw/<Dataset>/labelsTr/                       the active round's labels (what nnU-Net trains on)
-        nnUNet_raw/<Dataset>/em_labels/round_00/             the originals: labelsTr/, dataset.json, manifest.json
-        nnUNet_raw/<Dataset>/em_labels/round_NN/             each round: a complete labelsTr/ + dataset.json +
-                                                             manifest.json (per case: provenance, scores, sha256)
-        nnUNet_raw/<Dataset>/em_labels/active.json           which round labelsTr holds
-        nnUNet_preprocessed/<Dataset>/em_labels/round_NN/<data_identifier>/   the same versions as nnU-Net's
-                                                             preprocessed segmentations (+ .pkl with class_locations)
+        nnUNet_raw/<Dataset>/labelsTr/                 the active version (what nnU-Net trains on); from round 1 on
+                                                       it holds .nnunetv2_em_version.json (run, round, checksum)
+        nnUNet_raw/<Dataset>/em_labels/round_00/       the originals: labelsTr/, dataset.json, manifest.json
+        nnUNet_raw/<Dataset>/em_labels/<run>/round_NN/ each round of each run: a complete labelsTr/ + dataset.json
+                                                       + manifest.json (per case: provenance, scores, sha256)
+        nnUNet_raw/<Dataset>/em_labels/<run>/added_images/   images a run brought in (--unlabeled), kept for restore
+        nnUNet_raw/<Dataset>/em_labels/active.json     which version labelsTr holds (run, round, data identifier)
+        nnUNet_raw/<Dataset>/em_labels/activation.json journal of a switch in progress (see ``activate``)
+        nnUNet_preprocessed/<Dataset>/em_labels/[<run>/]round_NN/<data_identifier>/   the same versions as
+                                                       nnU-Net's preprocessed segmentations (+ .pkl)
 
-    Round 0 is copied and verified (SHA-256 against the source) before any label of the dataset is replaced.
+    Round 0 is copied and verified (SHA-256 against the source) before any label of the dataset is replaced. Each
+    run (``em_run__<trainer>__<plans>__<configuration>``) keeps its rounds in a folder of its own, so a second run
+    never overwrites the first one's versions.
     """
 
-    def __init__(self, raw_folder: str, preprocessed_folder: str, data_identifier: str, file_ending: str):
+    def __init__(self, raw_folder: str, preprocessed_folder: str, data_identifier: str, file_ending: str,
+                 run: str | None = None):
         self.raw_folder = raw_folder
         self.preprocessed_folder = preprocessed_folder
         self.data_identifier = data_identifier
         self.file_ending = file_ending
-        self.root = os.path.join(raw_folder, "em_labels")
+        self.run = run
+        self.root = os.path.join(raw_folder, EM_LABELS)
 
     # paths
-    def round_folder(self, round_index: int) -> str:
-        return os.path.join(self.root, f"round_{round_index:02d}")
+    def _version_parts(self, round_index: int, run: str | None) -> list[str]:
+        if round_index == 0:
+            return [f"round_{round_index:02d}"]
+        run = run or self.run
+        if not run:
+            raise ValueError("rounds >= 1 belong to a run: pass run=")
+        return [run, f"round_{round_index:02d}"]
 
-    def labels_folder(self, round_index: int) -> str:
-        return os.path.join(self.round_folder(round_index), "labelsTr")
+    def round_folder(self, round_index: int, run: str | None = None) -> str:
+        return os.path.join(self.root, *self._version_parts(round_index, run))
 
-    def label_path(self, round_index: int, case: str) -> str:
-        return os.path.join(self.labels_folder(round_index), case + self.file_ending)
+    def labels_folder(self, round_index: int, run: str | None = None) -> str:
+        return os.path.join(self.round_folder(round_index, run), "labelsTr")
 
-    def segmentation_folder(self, round_index: int) -> str:
-        return os.path.join(self.preprocessed_folder, "em_labels", f"round_{round_index:02d}", self.data_identifier)
+    def label_path(self, round_index: int, case: str, run: str | None = None) -> str:
+        return os.path.join(self.labels_folder(round_index, run), case + self.file_ending)
 
-    def live_data_folder(self) -> str:
-        return os.path.join(self.preprocessed_folder, self.data_identifier)
+    def segmentation_folder(self, round_index: int, run: str | None = None, data_identifier: str | None = None) -> str:
+        return os.path.join(self.preprocessed_folder, EM_LABELS, *self._version_parts(round_index, run),
+                            data_identifier or self.data_identifier)
 
-    def manifest_path(self, round_index: int) -> str:
-        return os.path.join(self.round_folder(round_index), "manifest.json")
+    def live_data_folder(self, data_identifier: str | None = None) -> str:
+        return os.path.join(self.preprocessed_folder, data_identifier or self.data_identifier)
+
+    def live_labels_folder(self) -> str:
+        return os.path.join(self.raw_folder, "labelsTr")
+
+    def added_images_folder(self, run: str | None = None) -> str:
+        return os.path.join(self.root, run or self.run, "added_images")
+
+    def manifest_path(self, round_index: int, run: str | None = None) -> str:
+        return os.path.join(self.round_folder(round_index, run), "manifest.json")
+
+    def journal_path(self) -> str:
+        return os.path.join(self.root, JOURNAL)
+
+    def active_path(self) -> str:
+        return os.path.join(self.root, "active.json")
 
     def has_originals(self) -> bool:
         return os.path.isfile(self.manifest_path(0))
 
-    def read_manifest(self, round_index: int) -> dict:
-        with open(self.manifest_path(round_index)) as handle:
-            return json.load(handle)
+    def read_manifest(self, round_index: int, run: str | None = None) -> dict:
+        return _read_json(self.manifest_path(round_index, run))
+
+    def active(self) -> dict:
+        """``{"run", "round", "data_identifier"}`` of the version labelsTr holds (round 0 when none was activated)."""
+        if not os.path.isfile(self.active_path()):
+            return {"run": None, "round": 0, "data_identifier": None}
+        active = _read_json(self.active_path())
+        return {"run": active.get("run"), "round": int(active["round"]),
+                "data_identifier": active.get("data_identifier")}
 
     def active_round(self) -> int:
-        path = os.path.join(self.root, "active.json")
-        if not os.path.isfile(path):
-            return 0
-        with open(path) as handle:
-            return int(json.load(handle)["round"])
+        """This run's round that labelsTr holds; 0 when it holds the originals or another run's labels."""
+        active = self.active()
+        return active["round"] if active["run"] == self.run else 0
+
+    def runs(self) -> dict[str, list[int]]:
+        """``{run: [rounds with a complete manifest]}`` kept in em_labels."""
+        found = {}
+        if os.path.isdir(self.root):
+            for run in sorted(os.listdir(self.root)):
+                folder = os.path.join(self.root, run)
+                if run.startswith("round_") or not os.path.isdir(folder):
+                    continue
+                found[run] = sorted(int(name.split("_")[1]) for name in os.listdir(folder)
+                                    if name.startswith("round_") and
+                                    os.path.isfile(os.path.join(folder, name, "manifest.json")))
+        return found
 
     # round 0
     def keep_originals(self, cases: Iterable[str]) -> dict:
-        """Copy and verify the original raw labels, dataset.json and preprocessed segmentations (once)."""
-        if self.has_originals():
-            return self.read_manifest(0)
+        """Copy and verify the original raw labels and dataset.json (once per dataset) and the preprocessed
+        segmentations (once per data identifier)."""
         cases = sorted(cases)
-        entries = {}
-        for case in cases:
-            source = os.path.join(self.raw_folder, "labelsTr", case + self.file_ending)
-            copy = self.label_path(0, case)
-            os.makedirs(os.path.dirname(copy), exist_ok=True)
-            copy_file(source, copy)
-            digest = sha256(copy)
-            if digest != sha256(source):
-                raise OSError(f"copy of {source} does not match the original; nothing was replaced")
-            entries[case] = {"provenance": ORIGINAL, "sha256": digest}
-            for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
-                source = os.path.join(self.live_data_folder(), name)
-                copy = os.path.join(self.segmentation_folder(0), name)
+        if not self.has_originals():
+            entries = {}
+            for case in cases:
+                source = os.path.join(self.live_labels_folder(), case + self.file_ending)
+                copy = self.label_path(0, case)
                 os.makedirs(os.path.dirname(copy), exist_ok=True)
-                copy_file(source, copy)
-                if sha256(copy) != sha256(source):
-                    raise OSError(f"copy of {source} does not match the original; nothing was replaced")
-        copy_file(os.path.join(self.raw_folder, "dataset.json"), os.path.join(self.round_folder(0), "dataset.json"))
-        manifest = {"round": 0, "cases": entries}
-        write_json(self.manifest_path(0), manifest)  # last: its presence means round 0 is complete
-        return manifest
+                _verified_copy(source, copy)
+                entries[case] = {"provenance": ORIGINAL, "sha256": sha256(copy)}
+                fault_point("copying_originals")
+            copy_file(os.path.join(self.raw_folder, "dataset.json"), os.path.join(self.round_folder(0), "dataset.json"))
+            manifest = {"round": 0, "cases": entries, "labels_sha256": labels_digest(
+                {case: entry["sha256"] for case, entry in entries.items()})}
+            write_json(self.manifest_path(0), manifest)  # last: its presence means round 0 is complete
+        complete = os.path.join(self.segmentation_folder(0), "complete.json")
+        if not os.path.isfile(complete):
+            live_marker = read_preprocessed_marker(self.live_data_folder())
+            if live_marker and (live_marker.get("round") or live_marker.get("switching")):
+                raise RuntimeError(f"{self.live_data_folder()} holds EM output ({live_marker}), not the originals")
+            for case in self.read_manifest(0)["cases"]:
+                for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
+                    copy = os.path.join(self.segmentation_folder(0), name)
+                    os.makedirs(os.path.dirname(copy), exist_ok=True)
+                    _verified_copy(os.path.join(self.live_data_folder(), name), copy)
+            write_json(complete, {"data_identifier": self.data_identifier})
+        return self.read_manifest(0)
 
     def original_label_path(self, case: str) -> str:
         return self.label_path(0, case)
 
+    def read_segmentation(self, round_index: int, case: str) -> np.ndarray:
+        return read_seg_b2nd(os.path.join(self.segmentation_folder(round_index), f"{case}_seg.b2nd"))
+
     def read_original_segmentation(self, case: str) -> np.ndarray:
-        return read_seg_b2nd(os.path.join(self.segmentation_folder(0), f"{case}_seg.b2nd"))
+        return self.read_segmentation(0, case)
 
     def original_properties_path(self, case: str) -> str:
         return os.path.join(self.segmentation_folder(0), f"{case}.pkl")
-
-    def read_live_segmentation(self, case: str) -> np.ndarray:
-        return read_seg_b2nd(os.path.join(self.live_data_folder(), f"{case}_seg.b2nd"))
 
     def changed_originals(self) -> list[str]:
         """Cases whose round-0 copy no longer has its recorded checksum (empty: the originals are intact)."""
@@ -329,42 +427,397 @@ class DatasetLabelVersions:
     def write_case(self, round_index: int, case: str, *, raw_label: np.ndarray, raw_properties: dict,
                    reader_writer, segmentation: np.ndarray, properties: dict, patch_size) -> None:
         """Stage one case of a round: the raw-geometry label and the preprocessed segmentation (+ properties)."""
+        os.makedirs(self.labels_folder(round_index), exist_ok=True)
         write_label_image(self.label_path(round_index, case), raw_label, raw_properties, reader_writer)
         folder = self.segmentation_folder(round_index)
         os.makedirs(folder, exist_ok=True)
         write_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"), segmentation, patch_size)
         write_pickle(os.path.join(folder, f"{case}.pkl"), properties)
 
+    def copy_case(self, from_round: int, to_round: int, case: str) -> None:
+        """Stage a case unchanged from another round of this run (or round 0)."""
+        os.makedirs(self.labels_folder(to_round), exist_ok=True)
+        copy_file(self.label_path(from_round, case), self.label_path(to_round, case))
+        os.makedirs(self.segmentation_folder(to_round), exist_ok=True)
+        for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
+            copy_file(os.path.join(self.segmentation_folder(from_round), name),
+                      os.path.join(self.segmentation_folder(to_round), name))
+
+    def keep_added_images(self, case: str, images: list[str]) -> list[str]:
+        """Copy a case's images from outside the dataset (--unlabeled) into the run's version folder, so that any
+        later restore finds them; returns their paths relative to em_labels."""
+        kept = []
+        for index, image in enumerate(images):
+            relative = os.path.join(self.run, "added_images", f"{case}_{index:04d}{self.file_ending}")
+            target = os.path.join(self.root, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.isfile(target):
+                _verified_copy(image, target)
+            kept.append(relative)
+        return kept
+
     def write_round_metadata(self, round_index: int, dataset_json: dict, cases: dict[str, dict]) -> None:
-        """dataset.json and manifest of a round whose cases are all staged; ``cases``: {case: {provenance, ...}}."""
+        """dataset.json and manifest of a round whose cases are all staged; ``cases``: {case: {provenance, ...,
+        optionally "images" (relative to em_labels) and "preprocessed_image" for cases the run adds}}."""
         entries = {case: {**entry, "sha256": sha256(self.label_path(round_index, case))}
                    for case, entry in sorted(cases.items())}
         write_json(os.path.join(self.round_folder(round_index), "dataset.json"),
                    {**dataset_json, "numTraining": len(entries)})
-        write_json(self.manifest_path(round_index), {"round": round_index, "cases": entries})
+        write_json(self.manifest_path(round_index), {
+            "round": round_index, "run": self.run, "data_identifier": self.data_identifier,
+            "labels_sha256": labels_digest({case: entry["sha256"] for case, entry in entries.items()}),
+            "cases": entries})
 
-    def activate(self, round_index: int, *, images_for_new_cases: dict[str, list[str]] | None = None,
-                 preprocessed_images: dict[str, str] | None = None) -> None:
-        """Make a staged round the dataset's labels: raw labelsTr, dataset.json and the preprocessed
-        segmentations. Cases new to the dataset (pseudo-labelled) also get their images copied in. Idempotent."""
-        if not self.has_originals():
-            raise RuntimeError("the originals must be kept (round 0) before any round is activated")
-        manifest = self.read_manifest(round_index)
-        for case, entry in manifest["cases"].items():
-            destination = os.path.join(self.raw_folder, "labelsTr", case + self.file_ending)
-            if not (os.path.isfile(destination) and sha256(destination) == entry["sha256"]):
-                copy_file(self.label_path(round_index, case), destination)
-            for index, image in enumerate((images_for_new_cases or {}).get(case, [])):
-                target = os.path.join(self.raw_folder, "imagesTr", f"{case}_{index:04d}{self.file_ending}")
-                if not os.path.isfile(target):
-                    copy_file(image, target)
-            if preprocessed_images and case in preprocessed_images:
-                target = os.path.join(self.live_data_folder(), f"{case}.b2nd")
-                if not os.path.isfile(target):
-                    copy_file(preprocessed_images[case], target)
+    # switching labelsTr to a version
+    def activate(self, round_index: int, run: str | None = None) -> None:
+        """Make a complete, staged version the dataset's labels: raw labelsTr + dataset.json, imagesTr of cases a
+        run added, the preprocessed segmentations, splits_final.json and gt_segmentations (always the originals).
+
+        1. stage: a full copy of the version's labels beside labelsTr, each file verified against the manifest
+           (a kill here leaves only the staging folder, which the next command deletes);
+        2. journal: ``em_labels/activation.json`` says what the switch does; from here on any command rolls it
+           forward (``recover_activation``) before doing anything else;
+        3. switch: labelsTr and the staged folder are exchanged in one atomic step (``renameat2``), so after a
+           kill at any instant labelsTr is one complete version; then dataset.json, images, preprocessed files;
+        4. ``active.json`` and the markers are written, the journal removed.
+        """
+        recover_activation(self.raw_folder, self.preprocessed_folder)
+        run = None if round_index == 0 else (run or self.run)
+        manifest = self.read_manifest(round_index, run)
+        identifier = manifest.get("data_identifier") or self.data_identifier
+        previous = self.active()
+        if previous["round"] and not previous["run"]:
+            raise RuntimeError(f"{self.active_path()}: written by nnunetv2_em 0.1 (rounds without a run); restore "
+                               f"its labels by hand from {self.root}, then remove em_labels/active.json")
+        previous_path = self.manifest_path(previous["round"], previous["run"])
+        previous_manifest = _read_json(previous_path) if os.path.isfile(previous_path) else {"cases": {}}
+        token = uuid.uuid4().hex
+        staging = os.path.join(self.raw_folder, STAGING_LABELS)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        try:
+            for case, entry in manifest["cases"].items():
+                destination = os.path.join(staging, case + self.file_ending)
+                shutil.copyfile(self.label_path(round_index, case, run), destination)
+                if sha256(destination) != entry["sha256"]:
+                    raise OSError(f"{self.label_path(round_index, case, run)} does not match its checksum in "
+                                  f"{self.manifest_path(round_index, run)}; labelsTr was not changed")
+            write_json(os.path.join(staging, VERSION_MARKER), {
+                "run": run, "round": round_index, "token": token, "labels_sha256": manifest.get("labels_sha256"),
+                "note": "labelsTr holds labels written by nnunetv2_em, not the original annotations (those are in "
+                        "em_labels/round_00). `nnunetv2_em status` tells more."})
+        except BaseException:  # a full disk while staging: labelsTr untouched, nothing left behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fault_point("staged")
+        leaving = sorted(set(previous_manifest["cases"]) - set(manifest["cases"]))
+        journal = {
+            "token": token, "run": run, "round": round_index, "data_identifier": identifier,
+            "file_ending": self.file_ending, "previous": previous,
+            "remove_images": sorted({case for case in leaving if previous_manifest["cases"][case].get("images")}),
+            "remove_live_cases": leaving,
+            "reset_identifier": (previous["data_identifier"] if previous["round"] and previous["data_identifier"]
+                                 not in (None, identifier) else None),
+        }
+        write_json(self.journal_path(), journal)
+        fault_point("journal_written")
+        _roll_forward(self.raw_folder, self.preprocessed_folder, journal)
+
+
+def read_labels_marker(labels_folder: str) -> dict | None:
+    """The version marker of a labels folder (labelsTr or a staged one), or None (the originals carry none)."""
+    path = os.path.join(labels_folder, VERSION_MARKER)
+    return _read_json(path) if os.path.isfile(path) else None
+
+
+def read_preprocessed_marker(data_folder: str) -> dict | None:
+    """The version marker of a preprocessed data folder; kept beside it, since nnU-Net infers its dataset class
+    from the file endings inside the folder."""
+    path = preprocessed_marker_path(data_folder)
+    return _read_json(path) if os.path.isfile(path) else None
+
+
+def preprocessed_marker_path(data_folder: str) -> str:
+    return os.path.normpath(data_folder) + PREPROCESSED_MARKER_SUFFIX
+
+
+def _verified_copy(source: str, destination: str) -> None:
+    copy_file(source, destination)
+    if sha256(destination) != sha256(source):
+        raise OSError(f"copy of {source} does not match the original; nothing was replaced")
+
+
+def recover_activation(raw_folder: str, preprocessed_folder: str) -> dict | None:
+    """Finish a switch that a kill interrupted (rolled forward from its journal), and delete a staging folder
+    that never reached the journal. Returns the journal that was completed, if any."""
+    root = os.path.join(raw_folder, EM_LABELS)
+    journal_path = os.path.join(root, JOURNAL)
+    if not os.path.isfile(journal_path):
+        shutil.rmtree(os.path.join(raw_folder, STAGING_LABELS), ignore_errors=True)
+        shutil.rmtree(os.path.join(raw_folder, PREVIOUS_LABELS), ignore_errors=True)
+        return None
+    journal = _read_json(journal_path)
+    _roll_forward(raw_folder, preprocessed_folder, journal)
+    return journal
+
+
+def _switch_labels_folder(raw_folder: str, token: str) -> None:
+    """labelsTr <- the staged folder, idempotent: the staged folder is recognised by the journal's token."""
+    live = os.path.join(raw_folder, "labelsTr")
+    staging = os.path.join(raw_folder, STAGING_LABELS)
+    old = os.path.join(raw_folder, PREVIOUS_LABELS)
+    staged_marker = read_labels_marker(staging) if os.path.isdir(staging) else None
+    if staged_marker and staged_marker.get("token") == token:  # not switched yet
+        if not os.path.isdir(live):  # a two-rename switch was killed between its renames
+            os.rename(staging, live)
+        elif exchange_paths(staging, live):
+            fault_point("exchanged")
+            shutil.rmtree(staging)  # it now holds the previous labels
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(live, old)
+            fault_point("between_renames")
+            os.rename(staging, live)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _roll_forward(raw_folder: str, preprocessed_folder: str, journal: dict) -> None:
+    run, round_index, identifier = journal["run"], journal["round"], journal["data_identifier"]
+    versions = DatasetLabelVersions(raw_folder, preprocessed_folder, identifier, journal["file_ending"], run)
+    manifest = versions.read_manifest(round_index, run)
+    target_json = _read_json(os.path.join(versions.round_folder(round_index, run), "dataset.json"))
+    live_json_path = os.path.join(raw_folder, "dataset.json")
+    images_folder = os.path.join(raw_folder, "imagesTr")
+    live = versions.live_data_folder()
+    os.makedirs(live, exist_ok=True)
+    write_json(preprocessed_marker_path(live), {"switching": True, "run": run, "round": round_index})
+
+    # dataset.json valid for the labels before and after the switch: the ignore label if either has it
+    current_json = _read_json(live_json_path)
+    bridge = {**target_json, "labels": {**current_json["labels"], **target_json["labels"]},
+              "numTraining": current_json.get("numTraining", target_json.get("numTraining"))}
+    if bridge != current_json:
+        write_json(live_json_path, bridge)
+    fault_point("bridge_json")
+    _switch_labels_folder(raw_folder, journal["token"])
+    if round_index == 0:  # the originals, byte for byte: no marker
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(raw_folder, "labelsTr", VERSION_MARKER))
+
+    # images of cases a run added (--unlabeled): in for the target, out for cases leaving
+    for case, entry in manifest["cases"].items():
+        for index, relative in enumerate(entry.get("images", [])):
+            target = os.path.join(images_folder, f"{case}_{index:04d}{versions.file_ending}")
+            if not os.path.isfile(target):
+                copy_file(os.path.join(versions.root, relative), target)
+    for case in journal["remove_images"]:
+        for name in os.listdir(images_folder):
+            if name.startswith(case + "_") and name.endswith(versions.file_ending) and \
+                    len(name) == len(case) + len("_0000") + len(versions.file_ending):
+                os.remove(os.path.join(images_folder, name))
+    copy_file(os.path.join(versions.round_folder(round_index, run), "dataset.json"), live_json_path)
+    fault_point("raw_switched")
+
+    # preprocessed: segmentations (+ class_locations) of the target, images of added cases, nothing of leavers
+    for index, (case, entry) in enumerate(sorted(manifest["cases"].items())):
+        for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
+            copy_file(os.path.join(versions.segmentation_folder(round_index, run), name), os.path.join(live, name))
+        image = entry.get("preprocessed_image")
+        if image and not os.path.isfile(os.path.join(live, f"{case}.b2nd")):
+            copy_file(image, os.path.join(live, f"{case}.b2nd"))
+        if index == 0:
+            fault_point("preprocessed_partly")
+    for case in journal["remove_live_cases"]:
+        for name in (f"{case}.b2nd", f"{case}_seg.b2nd", f"{case}.pkl"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(live, name))
+    if journal.get("reset_identifier"):  # the previous run used another configuration: back to its originals
+        other = versions.live_data_folder(journal["reset_identifier"])
+        originals = versions.segmentation_folder(0, data_identifier=journal["reset_identifier"])
+        for case in versions.read_manifest(0)["cases"]:
             for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
-                copy_file(os.path.join(self.segmentation_folder(round_index), name),
-                          os.path.join(self.live_data_folder(), name))
-        copy_file(os.path.join(self.round_folder(round_index), "dataset.json"),
-                  os.path.join(self.raw_folder, "dataset.json"))
-        write_json(os.path.join(self.root, "active.json"), {"round": round_index})
+                copy_file(os.path.join(originals, name), os.path.join(other, name))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(preprocessed_marker_path(other))
+    _sync_splits(preprocessed_folder, manifest, journal["remove_live_cases"])
+    _sync_preprocessed_dataset_json(preprocessed_folder, manifest)
+    _restore_gt_segmentations(versions)
+
+    write_json(versions.active_path(), {"run": run, "round": round_index, "data_identifier": identifier})
+    write_json(preprocessed_marker_path(live), {"run": run, "round": round_index,
+                                                "labels_sha256": manifest.get("labels_sha256")})
+    fault_point("before_journal_removed")
+    os.remove(versions.journal_path())
+
+
+def _sync_splits(preprocessed_folder: str, manifest: dict, leaving: list[str]) -> None:
+    """Pseudo-labelled cases train in every fold (never validate: they have no annotation); leavers go."""
+    path = os.path.join(preprocessed_folder, "splits_final.json")
+    if not os.path.isfile(path):
+        return
+    splits = _read_json(path)
+    pseudo = {case for case, entry in manifest["cases"].items() if entry.get("provenance") == PSEUDO}
+    updated = [{**split, "train": sorted((set(split["train"]) - set(leaving)) | pseudo),
+                "val": [case for case in split["val"] if case not in leaving]} for split in splits]
+    if updated != splits:
+        write_json(path, updated)
+
+
+def _sync_preprocessed_dataset_json(preprocessed_folder: str, manifest: dict) -> None:
+    """Training reads the preprocessed dataset.json: it needs the ignore label and no list of excluded images."""
+    path = os.path.join(preprocessed_folder, "dataset.json")
+    if not os.path.isfile(path):
+        return
+    dataset_json = _read_json(path)
+    updated = dict(dataset_json)
+    if "ignore" not in updated["labels"]:
+        updated["labels"] = {**updated["labels"],
+                             "ignore": max(int(v) for v in updated["labels"].values()) + 1}
+    updated.pop("dataset", None)
+    if updated != dataset_json:
+        write_json(path, updated)
+
+
+def _restore_gt_segmentations(versions: DatasetLabelVersions) -> None:
+    """nnU-Net validates against gt_segmentations: it holds the original annotations, whatever labelsTr holds."""
+    folder = os.path.join(versions.preprocessed_folder, "gt_segmentations")
+    if not os.path.isdir(folder):
+        return
+    for case, entry in versions.read_manifest(0)["cases"].items():
+        path = os.path.join(folder, case + versions.file_ending)
+        if os.path.isfile(path) and sha256(path) != entry["sha256"]:
+            copy_file(versions.label_path(0, case), path)
+
+
+# ------------------------------------------------------------------------------------ lock, restore, status
+LOCK_FILE = "em_run.lock"
+
+
+@contextlib.contextmanager
+def dataset_lock(preprocessed_folder: str, on_busy: Callable[[str, str], Exception]):
+    """Hold the dataset's lock (runs and restores take it; released when the process ends, however it ends).
+    ``on_busy(holder, lock_file)`` builds the exception raised when another process holds it."""
+    os.makedirs(preprocessed_folder, exist_ok=True)
+    lock_file = os.path.join(preprocessed_folder, LOCK_FILE)
+    handle = open(lock_file, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise on_busy(holder, lock_file) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # removed while still held: no one can take it in between
+            os.remove(lock_file)
+        handle.close()
+
+
+def lock_holder(preprocessed_folder: str) -> str | None:
+    """Who holds the dataset's lock now, or None."""
+    lock_file = os.path.join(preprocessed_folder, LOCK_FILE)
+    if not os.path.isfile(lock_file):
+        return None
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+def dataset_versions(raw_folder: str, preprocessed_folder: str) -> DatasetLabelVersions:
+    """The version store of a dataset, set to the run and data identifier labelsTr currently belongs to."""
+    file_ending = _read_json(os.path.join(raw_folder, "dataset.json"))["file_ending"]
+    versions = DatasetLabelVersions(raw_folder, preprocessed_folder, "", file_ending)
+    active = versions.active()
+    versions.run, versions.data_identifier = active["run"], active["data_identifier"] or ""
+    return versions
+
+
+def restore(raw_folder: str, preprocessed_folder: str, *, round_index: int | None = None,
+            run: str | None = None) -> dict:
+    """Complete an interrupted switch, then (with ``round_index``) make that version labelsTr, atomically like a
+    round's activation. Returns ``{"completed": journal or None, "active": ...}``."""
+    completed = recover_activation(raw_folder, preprocessed_folder)
+    versions = dataset_versions(raw_folder, preprocessed_folder)
+    if round_index is not None:
+        active = versions.active()
+        if round_index > 0:
+            runs = versions.runs()
+            run = run or active["run"] or (next(iter(runs)) if len(runs) == 1 else None)
+            if run is None:
+                raise ValueError(f"several runs keep versions in {versions.root} ({sorted(runs)}): name one with --run")
+            if round_index not in runs.get(run, []):
+                raise ValueError(f"{versions.root}: run {run} has no complete round {round_index} (it has "
+                                 f"{runs.get(run, [])})")
+            versions.run = run
+            versions.data_identifier = versions.read_manifest(round_index, run)["data_identifier"]
+        elif not versions.has_originals():
+            raise ValueError(f"{versions.root}/round_00: no originals kept; labelsTr was never replaced by nnunetv2_em")
+        if (active["run"], active["round"]) != (run if round_index else None, round_index) or \
+                labels_folder_state(versions)["matches_active"] is False:
+            versions.activate(round_index, run)
+    return {"completed": completed, "active": versions.active()}
+
+
+def labels_folder_state(versions: DatasetLabelVersions) -> dict:
+    """What labelsTr holds, by checksum: whether it equals the active version, and which kept version it equals."""
+    labels = versions.live_labels_folder()
+    present = {name[:-len(versions.file_ending)]: sha256(os.path.join(labels, name))
+               for name in sorted(os.listdir(labels)) if name.endswith(versions.file_ending)} \
+        if os.path.isdir(labels) else {}
+    digest = labels_digest(present)
+    active = versions.active()
+    matches_active, differing, equal_to = None, [], None
+    if versions.has_originals():
+        candidates = [(None, 0), *[(run, r) for run, rounds in versions.runs().items() for r in rounds]]
+        for run, round_index in candidates:
+            manifest = versions.read_manifest(round_index, run)
+            expected = {case: entry["sha256"] for case, entry in manifest["cases"].items()}
+            if labels_digest(expected) == digest:
+                equal_to = {"run": run, "round": round_index}
+            if (run, round_index) == (active["run"], active["round"]):
+                differing = sorted(case for case in set(expected) | set(present)
+                                   if expected.get(case) != present.get(case))
+                matches_active = not differing
+    return {"files": len(present), "marker": read_labels_marker(labels), "matches_active": matches_active,
+            "differing": differing, "equal_to": equal_to}
+
+
+def dataset_status(raw_folder: str, preprocessed_folder: str, results_folder: str | None = None) -> dict:
+    """Everything ``nnunetv2_em status`` reports; reads only."""
+    versions = dataset_versions(raw_folder, preprocessed_folder)
+    journal_path = versions.journal_path()
+    status = {
+        "dataset": os.path.basename(os.path.normpath(raw_folder)),
+        "versions_kept": versions.has_originals(),
+        "active": versions.active(),
+        "labelsTr": labels_folder_state(versions),
+        "unfinished_switch": _read_json(journal_path) if os.path.isfile(journal_path) else None,
+        "staging_left": os.path.isdir(os.path.join(raw_folder, STAGING_LABELS)),
+        "lock_holder": lock_holder(preprocessed_folder),
+        "originals_changed": versions.changed_originals() if versions.has_originals() else [],
+        "runs": {},
+        "preprocessed": {},
+    }
+    for run, rounds in versions.runs().items():
+        state_file = os.path.join(results_folder or "", status["dataset"], run, "state.json")
+        state = _read_json(state_file) if results_folder and os.path.isfile(state_file) else None
+        status["runs"][run] = {"rounds_kept": rounds, "rounds_done": sorted(int(r) for r in state["rounds"])
+                               if state else None, "converged": state["converged"] if state else None}
+    if os.path.isdir(preprocessed_folder):
+        for name in sorted(os.listdir(preprocessed_folder)):
+            if name.endswith(PREPROCESSED_MARKER_SUFFIX):
+                status["preprocessed"][name[:-len(PREPROCESSED_MARKER_SUFFIX)]] = _read_json(
+                    os.path.join(preprocessed_folder, name))
+    return status

@@ -100,3 +100,44 @@ def write_run_summary(run_folder: str, state: dict) -> None:
     label_store.write_json(os.path.join(run_folder, "summary.json"), state)
     label_store.write_text(os.path.join(run_folder, "summary.md"), run_summary_markdown(state))
     plot_run(state, os.path.join(run_folder, "plots"))
+
+
+def format_status(status: dict) -> str:
+    """``nnunetv2_em status`` as text (see ``label_store.dataset_status``)."""
+    from nnunetv2_em.label_store import version_name
+
+    lines = [status["dataset"]]
+    active = status["active"]
+    labels = status["labelsTr"]
+    if status["unfinished_switch"]:
+        switch = status["unfinished_switch"]
+        lines.append(f"  UNFINISHED: a switch to {version_name(switch['run'], switch['round'])} was interrupted; "
+                     f"`nnunetv2_em restore -d {status['dataset']}` (or the next run) completes it")
+    if not status["versions_kept"]:
+        lines.append(f"  labelsTr: {labels['files']} label files, never replaced by nnunetv2_em (no em_labels/)")
+        if labels["marker"]:
+            lines.append(f"  WARNING: labelsTr carries an EM marker ({labels['marker']}) but em_labels/ is missing: "
+                         f"these are EM output, not annotations")
+    else:
+        state = ("checksums match" if labels["matches_active"] else
+                 f"CHANGED since: {len(labels['differing'])} file(s) differ, e.g. {labels['differing'][:3]}")
+        lines.append(f"  labelsTr: {version_name(active['run'], active['round'])}, {labels['files']} files, {state}")
+        if labels["matches_active"] is False and labels["equal_to"]:
+            equal = labels["equal_to"]
+            lines.append(f"  labelsTr equals {version_name(equal['run'], equal['round'])} (active.json is stale)")
+        originals = ("intact (checksums match)" if not status["originals_changed"] else
+                     f"CHANGED: {status['originals_changed'][:3]}")
+        lines.append(f"  originals (em_labels/round_00): {originals}")
+    for run, info in status["runs"].items():
+        done = "" if info["rounds_done"] is None else (
+            f"; run state: rounds {info['rounds_done']} done{', converged' if info['converged'] else ''}")
+        lines.append(f"  run {run}: rounds kept {info['rounds_kept']}{done}")
+    for identifier, marker in status["preprocessed"].items():
+        what = ("switch in progress" if marker.get("switching") else
+                version_name(marker.get("run"), int(marker.get("round", 0))))
+        lines.append(f"  preprocessed {identifier}: {what}")
+    if status["staging_left"] and not status["unfinished_switch"]:
+        lines.append("  a staging folder of an activation that never started switching is left (the next run or "
+                     "restore deletes it)")
+    lines.append(f"  lock: {'held by ' + status['lock_holder'] if status['lock_holder'] else 'free'}")
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from nnunetv2_em.errors import EMInputError
-from nnunetv2_em.estep import RefinementThresholds
+from nnunetv2_em.estep import MAX_IGNORED_SHARE, RefinementThresholds
 
 PLANS_KEY = "em"
 SETTINGS_VERSION = 1
@@ -25,6 +25,7 @@ class EMSettings:
     keep_threshold: float = 0.5  # posterior of the annotation below which (and no change) a voxel is ignored
     tolerance: float = 0.001  # stop when less than this fraction of annotated voxels changed since last round
     min_model_dice: float = 0.5  # labels are only refined once the network agrees this well with the annotation
+    max_ignored_share: float = MAX_IGNORED_SHARE  # a fit that would ignore more annotated voxels is not applied
     calibrate_temperature: bool = True
     fit_iterations: int = 30  # max (temperature, transition) update pairs per E-step
     fit_sample_voxels: int = 100_000  # voxels sampled over all cases to fit the noise model: bounds memory
@@ -50,6 +51,7 @@ class EMSettings:
             EMInputError: unknown key, wrong type or impossible value, naming ``source`` (the plans file) and key.
         """
         values = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}
         for origin, block in ((source, plans_block or {}), ("trainer overrides", overrides or {})):
             if not isinstance(block, dict):
                 raise EMInputError(f"{origin}: the '{PLANS_KEY}' block must be a JSON object, got "
@@ -58,15 +60,12 @@ class EMSettings:
             for key, value in block.items():
                 if key == "version":
                     continue
-                values[key] = (value, origin)
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, (value, origin) in values.items():
-            if key not in known:
-                raise EMInputError(f"{origin}: unknown setting '{PLANS_KEY}.{key}'. Fix: remove it; known settings "
-                                   f"are {sorted(known)}.")
-            kwargs[key] = _checked_type(key, value, type(getattr(cls(), key)), origin)
-        settings = cls(**kwargs)
+                if key not in known:
+                    raise EMInputError(f"{origin}: unknown setting '{PLANS_KEY}.{key}'. Fix: remove it; known "
+                                       f"settings are {sorted(known)}.")
+                # every block is checked, also where a later one (a trainer variant) overrides the key
+                values[key] = (_checked_type(key, value, type(getattr(cls(), key)), origin), origin)
+        settings = cls(**{key: value for key, (value, _) in values.items()})
         settings._check_ranges({key: origin for key, (_, origin) in values.items()}, source)
         return settings
 
@@ -82,6 +81,8 @@ class EMSettings:
             problems.append(("keep_threshold", "must be in [0, 1]"))
         if not 0.0 <= self.min_model_dice <= 1.0:
             problems.append(("min_model_dice", "must be in [0, 1]"))
+        if not 0.0 < self.max_ignored_share <= 1.0:
+            problems.append(("max_ignored_share", "must be in (0, 1]"))
         if not 0.0 <= self.tolerance < 1.0:
             problems.append(("tolerance", "must be in [0, 1)"))
         if self.fit_iterations < 1:

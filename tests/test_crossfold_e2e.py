@@ -27,6 +27,7 @@ DATASET_ID = 908
 DATASET = "Dataset908_Hippo"
 ALL = demo_cases(15)
 LABELLED, IN_DATASET_UNLABELED, EXTRA_UNLABELED = ALL[:12], ALL[12:14], ALL[14:]
+RUN_NAME = "em_run__VanillaTrainer_tiny__nnUNetPlans__2d"
 RUN = ["nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1", "--rounds", "2", "--trainer",
        "VanillaTrainer_tiny", "--device", "cpu", "--no-validation", "--keep-logits"]
 
@@ -58,12 +59,14 @@ def finished_run(tmp_path_factory):
     for case in EXTRA_UNLABELED:
         shutil.copy(os.path.join(DEMO_DATA, "imagesTr", f"{case}_0000.nii.gz"), extra)
     originals = {case: _sha(os.path.join(folder, "labelsTr", f"{case}.nii.gz")) for case in LABELLED}
+    raw_before = tree_snapshot(folder)
 
     workspace.run("nnunetv2_em", "plan", "-d", str(DATASET_ID), "-c", "2d")
     plans_file = os.path.join(workspace.preprocessed, DATASET, "nnUNetPlans.json")
     with open(plans_file) as handle:
         plans = json.load(handle)
-    plans["em"].update({"min_model_dice": 0.0, "mirroring": False})  # the tiny model must still refine
+    # the tiny model must still refine
+    plans["em"].update({"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0})
     with open(plans_file, "w") as handle:
         json.dump(plans, handle)
 
@@ -84,6 +87,7 @@ def finished_run(tmp_path_factory):
                         os.path.getmtime(os.path.join(fold0, "checkpoint_final.pth")))
     resumed = workspace.run(*RUN, "--unlabeled", extra)
     return {"workspace": workspace, "folder": folder, "extra": extra, "originals": originals, "second": second,
+            "raw_before": raw_before,
             "resumed": resumed, "run_folder": run_folder, "fold0": fold0, "fold0_checkpoint": fold0_checkpoint}
 
 
@@ -112,13 +116,15 @@ def test_labels_are_versioned_and_the_originals_kept(finished_run):
     for case, digest in finished_run["originals"].items():
         assert _sha(os.path.join(versions, "round_00", "labelsTr", f"{case}.nii.gz")) == digest
     with open(os.path.join(versions, "active.json")) as handle:
-        assert json.load(handle)["round"] == 2
+        assert json.load(handle) == {"run": RUN_NAME, "round": 2, "data_identifier": "nnUNetPlans_2d"}
     every_case = sorted(f"{case}.nii.gz" for case in ALL)
-    assert sorted(os.listdir(os.path.join(folder, "labelsTr"))) == every_case
+    assert sorted(f for f in os.listdir(os.path.join(folder, "labelsTr")) if f.endswith(".nii.gz")) == every_case
+    with open(os.path.join(folder, "labelsTr", ".nnunetv2_em_version.json")) as handle:
+        assert {k: v for k, v in json.load(handle).items() if k in ("run", "round")} == {"run": RUN_NAME, "round": 2}
     for round_index in (1, 2):
-        labels = os.path.join(versions, f"round_{round_index:02d}", "labelsTr")
+        labels = os.path.join(versions, RUN_NAME, f"round_{round_index:02d}", "labelsTr")
         assert sorted(os.listdir(labels)) == every_case
-        with open(os.path.join(versions, f"round_{round_index:02d}", "manifest.json")) as handle:
+        with open(os.path.join(versions, RUN_NAME, f"round_{round_index:02d}", "manifest.json")) as handle:
             manifest = json.load(handle)["cases"]
         assert {manifest[c]["provenance"] for c in LABELLED} == {"refined"}
         assert {manifest[c]["provenance"] for c in IN_DATASET_UNLABELED + EXTRA_UNLABELED} == {"pseudo"}
@@ -126,7 +132,7 @@ def test_labels_are_versioned_and_the_originals_kept(finished_run):
             assert _sha(os.path.join(labels, f"{case}.nii.gz")) == entry["sha256"]
     for case in ALL:  # labelsTr is the active round
         assert _sha(os.path.join(folder, "labelsTr", f"{case}.nii.gz")) == \
-            _sha(os.path.join(versions, "round_02", "labelsTr", f"{case}.nii.gz"))
+            _sha(os.path.join(versions, RUN_NAME, "round_02", "labelsTr", f"{case}.nii.gz"))
     # the pseudo-labelled images joined the dataset, which vanilla nnU-Net now accepts as it is
     assert sorted(os.listdir(os.path.join(folder, "imagesTr"))) == sorted(f"{c}_0000.nii.gz" for c in ALL)
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
@@ -184,8 +190,8 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
         original = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_00",
                                                           "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         expected, _ = estep.refine_case(logits, original, model, thresholds=thresholds, ignore_label=3)
-        staged = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_02", "nnUNetPlans_2d",
-                                                        f"{case}_seg.b2nd"))[0]
+        staged = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", RUN_NAME, "round_02",
+                                                        "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         live = label_store.read_seg_b2nd(os.path.join(preprocessed, "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         np.testing.assert_array_equal(staged, expected)
         np.testing.assert_array_equal(live, expected)
@@ -213,3 +219,25 @@ def test_running_a_finished_run_again_changes_nothing(finished_run):
     after = tree_snapshot(workspace.root)
     assert {k: v for k, v in after.items() if k != os.path.join("preprocessed", DATASET, "em_run.lock")} == \
         {k: v for k, v in before.items() if k != os.path.join("preprocessed", DATASET, "em_run.lock")}
+
+
+def test_status_and_restore_to_the_originals_and_back(finished_run):
+    workspace, folder = finished_run["workspace"], finished_run["folder"]
+    status = workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
+    assert f"labelsTr: round 2 of run {RUN_NAME}, {len(ALL)} files, checksums match" in status
+    assert "originals (em_labels/round_00): intact" in status and "rounds [1, 2] done" in status
+    workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")
+    after = {k: v for k, v in tree_snapshot(folder).items() if not k.startswith("em_labels")}
+    assert after == finished_run["raw_before"]  # byte-identical: labels, images, dataset.json
+    status = workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
+    assert "labelsTr: round 0 (the original annotations)" in status and "checksums match" in status
+    with open(os.path.join(workspace.preprocessed, DATASET, "splits_final.json")) as handle:
+        splits = json.load(handle)
+    assert not set(EXTRA_UNLABELED) & {case for split in splits for case in split["train"]}
+    # a rerun of the finished run says what labelsTr really holds, and changes nothing
+    rerun = workspace.run(*RUN, "--unlabeled", finished_run["extra"])
+    assert "labelsTr holds round 0 (the original annotations)" in rerun.stdout
+    workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "2")
+    assert "checksums match" in workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    verify_dataset_integrity(folder, num_processes=1)

@@ -99,6 +99,7 @@ class EMTrainer_tiny(EMTrainer_cpu):
     """Smoke-test budget: 2 rounds x 1 epoch x 5 iterations, refining even with the untrained network
     (``min_model_dice`` 0) so that every step of the loop runs. Not a useful model."""
 
-    em_overrides = {"rounds": 2, "epochs_per_round": 1, "mirroring": False, "min_model_dice": 0.0}
+    em_overrides = {"rounds": 2, "epochs_per_round": 1, "mirroring": False, "min_model_dice": 0.0,
+                    "max_ignored_share": 1.0}
     iterations_per_epoch = 5
     val_iterations_per_epoch = 2

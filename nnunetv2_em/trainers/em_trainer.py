@@ -53,6 +53,13 @@ class EMTrainer(nnUNetTrainer):
         if not os.path.isdir(data_folder):
             raise EMInputError(f"{data_folder}: not found. Fix: nnUNetv2_plan_and_preprocess -d "
                                f"{plans['dataset_name']} -pl EMPlanner -c {configuration}.")
+        marker = label_store.read_preprocessed_marker(data_folder)
+        if marker and (marker.get("round") or marker.get("switching")):
+            raise EMInputError(f"{data_folder}: holds the segmentations of "
+                               f"{label_store.version_name(marker.get('run'), int(marker.get('round', 0)))} written "
+                               f"by `nnunetv2_em run`{' (switch interrupted)' if marker.get('switching') else ''}, not "
+                               f"the annotations; EMTrainer would take them for originals. Fix: `nnunetv2_em restore "
+                               f"-d {plans['dataset_name']} --round 0`, then train again.")
         cases = nnUNetDatasetBlosc2.get_identifiers(data_folder)
         if not cases:
             raise EMInputError(f"{data_folder}: no blosc2 (.b2nd) cases. Fix: rerun nnUNetv2_plan_and_preprocess "
@@ -183,7 +190,10 @@ class EMTrainer(nnUNetTrainer):
                                              seed=estep.case_seed(settings.seed, round_index, case)))
         prediction_seconds = time.time() - started
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
-                              max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice)
+                              max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
+                              thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share)
+        if fit.refused:
+            self.print_to_log_file(f"EM round {round_index}: labels kept as they are: {fit.refused}")
         del samples
         fit_done = time.time()
 
@@ -207,6 +217,7 @@ class EMTrainer(nnUNetTrainer):
             "noise_model": fit.model.to_dict(),
             "model_dice": fit.model_dice,
             "refinement_applied": fit.refine,
+            "refinement_refused": fit.refused,
             **estep.summarize_round(scores),
             "seconds_prediction": round(prediction_seconds, 2),
             "seconds_fit": round(fit_done - started - prediction_seconds, 2),

@@ -1,0 +1,288 @@
+"""Switching labelsTr between label versions on real cases, killed (SIGKILL) at every write window.
+
+A dataset is planned once; two rounds of a run are staged through ``DatasetLabelVersions`` (round 1 refines every
+case, round 2 also adds a pseudo-labelled case whose image comes from outside the dataset). Each test copies that
+workspace, activates a version in a child process that kills itself at one window, and checks what a user would
+find: labelsTr is one complete version, nnU-Net accepts the dataset, the originals are untouched, `status` says
+what happened, and `restore` finishes the switch.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
+
+from nnunetv2_em import cli, label_store
+from nnunetv2_em.demo import DEMO_DATA
+
+DATASET_ID = 931
+DATASET = "Dataset931_Hippo"
+CASES = demo_cases(7)
+LABELLED, ADDED = CASES[:6], CASES[6]
+RUN = "em_run__VanillaTrainer_tiny__nnUNetPlans__2d"
+IDENTIFIER = "nnUNetPlans_2d"
+IGNORE = 3
+
+ACTIVATION_WINDOWS = ["staged", "journal_written", "bridge_json", "exchanged", "raw_switched", "preprocessed_partly",
+                      "before_journal_removed"]
+
+
+def _versions(workspace: NnUNetWorkspace) -> label_store.DatasetLabelVersions:
+    return label_store.DatasetLabelVersions(os.path.join(workspace.raw, DATASET),
+                                            os.path.join(workspace.preprocessed, DATASET), IDENTIFIER, ".nii.gz", RUN)
+
+
+def _changed(array: np.ndarray, seed: int) -> np.ndarray:
+    """A refinement's footprint: some foreground voxels become ignore, some background becomes class 1."""
+    rng = np.random.default_rng(seed)
+    out = array.copy()
+    foreground = np.flatnonzero(out > 0)
+    out.flat[rng.choice(foreground, size=max(1, foreground.size // 10), replace=False)] = IGNORE
+    background = np.flatnonzero(out == 0)
+    out.flat[rng.choice(background, size=20, replace=False)] = 1
+    return out
+
+
+def _stage_round(versions, round_index: int, *, with_added_case: bool) -> None:
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    reader_writer = SimpleITKIO()
+    with open(os.path.join(versions.preprocessed_folder, "nnUNetPlans.json")) as handle:
+        patch_size = json.load(handle)["configurations"]["2d"]["patch_size"]
+    entries = {}
+    cases = [*LABELLED, ADDED] if with_added_case else LABELLED
+    for index, case in enumerate(cases):
+        source = (os.path.join(DEMO_DATA, "labelsTr", f"{case}.nii.gz") if case == ADDED
+                  else versions.label_path(0, case))
+        raw, raw_properties = reader_writer.read_seg(source)
+        reference = LABELLED[0] if case == ADDED else case
+        segmentation = label_store.read_seg_b2nd(os.path.join(versions.segmentation_folder(0), f"{reference}_seg.b2nd"))
+        with open(os.path.join(versions.segmentation_folder(0), f"{reference}.pkl"), "rb") as handle:
+            import pickle
+            properties = pickle.load(handle)
+        versions.write_case(round_index, case, raw_label=_changed(raw[0].astype(np.int16), 10 * round_index + index),
+                            raw_properties=raw_properties, reader_writer=reader_writer,
+                            segmentation=_changed(segmentation, round_index), properties=properties,
+                            patch_size=patch_size)
+        entries[case] = {"provenance": label_store.REFINED}
+    if with_added_case:
+        entries[ADDED] = {"provenance": label_store.PSEUDO,
+                          "images": versions.keep_added_images(ADDED, [os.path.join(DEMO_DATA, "imagesTr",
+                                                                                    f"{ADDED}_0000.nii.gz")]),
+                          "preprocessed_image": os.path.join(versions.live_data_folder(), f"{LABELLED[0]}.b2nd")}
+    with open(os.path.join(versions.round_folder(0), "dataset.json")) as handle:
+        dataset_json = json.load(handle)
+    dataset_json["labels"]["ignore"] = IGNORE
+    versions.write_round_metadata(round_index, dataset_json, entries)
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """A planned dataset with its originals kept and rounds 1 and 2 of one run staged (nothing activated)."""
+    workspace = NnUNetWorkspace(str(tmp_path_factory.mktemp("activation")))
+    make_raw_dataset(workspace.raw, DATASET_ID, LABELLED)
+    workspace.run("nnunetv2_em", "plan", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
+    raw = os.path.join(workspace.raw, DATASET)
+    before = tree_snapshot(raw)
+    versions = _versions(workspace)
+    versions.keep_originals(LABELLED)
+    _stage_round(versions, 1, with_added_case=False)
+    _stage_round(versions, 2, with_added_case=True)
+    return {"workspace": workspace, "raw_before": before}
+
+
+def _copy(staged, tmp_path) -> NnUNetWorkspace:
+    shutil.copytree(staged["workspace"].root, tmp_path / "ws", symlinks=True)
+    return NnUNetWorkspace(str(tmp_path / "ws"))
+
+
+def _activate_in_child(workspace: NnUNetWorkspace, round_index: int, kill_at: str | None, *,
+                       two_renames: bool = False) -> int:
+    patch = "label_store.exchange_paths = lambda a, b: False\n" if two_renames else ""
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+              "import test_activation_faults as t\n"
+              "from nnunetv2_em import label_store\n"
+              "from conftest import NnUNetWorkspace\n"
+              f"{patch}t._versions(NnUNetWorkspace({workspace.root!r})).activate({round_index})\n")
+    env = {**workspace.env, label_store.KILL_AT_ENV: kill_at or ""}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300).returncode
+
+
+def _labels_state(workspace):
+    versions = label_store.dataset_versions(os.path.join(workspace.raw, DATASET),
+                                            os.path.join(workspace.preprocessed, DATASET))
+    return label_store.labels_folder_state(versions)
+
+
+def _verify(workspace) -> None:
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(os.path.join(workspace.raw, DATASET), num_processes=1)
+
+
+def _assert_originals_intact(workspace, staged) -> None:
+    versions = _versions(workspace)
+    assert versions.changed_originals() == []
+    for case, digest in staged["raw_before"].items():
+        if case.startswith("labelsTr/") and case.endswith(".nii.gz"):
+            assert label_store.sha256(versions.label_path(0, os.path.basename(case)[:-len(".nii.gz")])) == digest
+
+
+def _assert_live_matches(workspace, round_index: int) -> None:
+    versions = _versions(workspace)
+    for case in versions.read_manifest(round_index)["cases"]:
+        np.testing.assert_array_equal(
+            label_store.read_seg_b2nd(os.path.join(versions.live_data_folder(), f"{case}_seg.b2nd")),
+            versions.read_segmentation(round_index, case))
+
+
+@pytest.mark.parametrize("two_renames", [False, True], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("kill_at", ACTIVATION_WINDOWS + ["between_renames"])
+def test_a_kill_while_activating_leaves_one_complete_version_and_restore_finishes_it(staged, tmp_path, kill_at,
+                                                                                     two_renames):
+    if (kill_at == "between_renames") != two_renames and kill_at in ("between_renames", "exchanged"):
+        pytest.skip("this window exists only with the other switching method")
+    workspace = _copy(staged, tmp_path)
+    assert _activate_in_child(workspace, 1, kill_at, two_renames=two_renames) == -signal.SIGKILL
+
+    state = _labels_state(workspace)
+    if kill_at == "between_renames":  # without renameat2, the one instant at which labelsTr is absent
+        assert not os.path.exists(os.path.join(workspace.raw, DATASET, "labelsTr"))
+    else:
+        assert state["equal_to"] in ({"run": None, "round": 0}, {"run": RUN, "round": 1})  # one complete version
+        _verify(workspace)
+    _assert_originals_intact(workspace, staged)
+    status = label_store.dataset_status(os.path.join(workspace.raw, DATASET),
+                                        os.path.join(workspace.preprocessed, DATASET))
+    assert (status["unfinished_switch"] is not None) == (kill_at != "staged")
+
+    workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID))  # completes (or clears) the interrupted switch
+    state = _labels_state(workspace)
+    expected = {"run": None, "round": 0} if kill_at == "staged" else {"run": RUN, "round": 1}
+    assert state["equal_to"] == expected and state["matches_active"] in (None, True)
+    _verify(workspace)
+    if expected["round"] == 1:
+        _assert_live_matches(workspace, 1)
+        assert state["marker"]["round"] == 1
+    assert not os.path.exists(os.path.join(workspace.raw, DATASET, label_store.STAGING_LABELS))
+    assert not os.path.exists(os.path.join(workspace.raw, DATASET, label_store.PREVIOUS_LABELS))
+
+
+@pytest.mark.parametrize("kill_at", ["journal_written", "raw_switched", "preprocessed_partly"])
+def test_restore_to_the_originals_is_byte_identical_even_after_a_kill(staged, tmp_path, kill_at):
+    workspace = _copy(staged, tmp_path)
+    raw = os.path.join(workspace.raw, DATASET)
+    assert _activate_in_child(workspace, 1, None) == 0
+    assert _activate_in_child(workspace, 2, None) == 0
+    assert os.path.isfile(os.path.join(raw, "imagesTr", f"{ADDED}_0000.nii.gz"))  # the added case joined
+    assert os.path.isfile(os.path.join(raw, "labelsTr", f"{ADDED}.nii.gz"))
+    _verify(workspace)
+
+    script = f"from nnunetv2_em import cli; cli.main(['restore', '-d', '{DATASET_ID}', '--round', '0'])"
+    killed = subprocess.run([sys.executable, "-c", script], env={**workspace.env, label_store.KILL_AT_ENV: kill_at},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    _assert_originals_intact(workspace, staged)
+    assert workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0").returncode == 0
+    assert tree_snapshot(raw) == {**staged["raw_before"], **_em_labels_entries(raw)}
+    status = workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
+    assert "labelsTr: round 0 (the original annotations)" in status and "checksums match" in status
+    assert "UNFINISHED" not in status
+    # the preprocessed side follows: original segmentations, the added case gone from data and splits
+    versions = _versions(workspace)
+    for case in LABELLED:
+        np.testing.assert_array_equal(
+            label_store.read_seg_b2nd(os.path.join(versions.live_data_folder(), f"{case}_seg.b2nd")),
+            versions.read_segmentation(0, case))
+    assert not os.path.exists(os.path.join(versions.live_data_folder(), f"{ADDED}_seg.b2nd"))
+    # and forward again: round 2 comes back complete, its added image included
+    assert workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "2").returncode == 0
+    assert _labels_state(workspace)["equal_to"] == {"run": RUN, "round": 2}
+    _verify(workspace)
+
+
+def _em_labels_entries(raw: str) -> dict:
+    """The version store itself (em_labels/) is the only addition to the raw dataset after a restore."""
+    return {path: digest for path, digest in tree_snapshot(raw).items() if path.startswith("em_labels")}
+
+
+def test_a_full_disk_while_staging_changes_nothing_and_says_what_to_do(staged, tmp_path, monkeypatch, capsys):
+    workspace = _copy(staged, tmp_path)
+    for key, value in workspace.env.items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    raw = os.path.join(workspace.raw, DATASET)
+    before = tree_snapshot(raw)
+    calls = {"n": 0}
+    real_copyfile = shutil.copyfile
+
+    def copy_until_full(source, destination, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", destination)
+        return real_copyfile(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_until_full)
+    assert cli.main(["restore", "-d", str(DATASET_ID), "--round", "1"]) == 2
+    message = capsys.readouterr().err
+    assert "No space left on device" in message and "rerun the same command" in message
+    assert message.count("\n") == 1
+    assert tree_snapshot(raw) == before
+
+
+def test_refined_labels_are_never_taken_for_annotations(staged, tmp_path):
+    workspace = _copy(staged, tmp_path)
+    raw = os.path.join(workspace.raw, DATASET)
+    assert _activate_in_child(workspace, 1, None) == 0
+    for command in (["check", "-d", str(DATASET_ID)], ["plan", "-d", str(DATASET_ID), "-c", "2d"]):
+        before = tree_snapshot(workspace.root)
+        result = workspace.run("nnunetv2_em", *command, check=False)
+        assert result.returncode == 2, result.stderr
+        assert "holds EM output (round 1 of run" in result.stderr and "restore" in result.stderr
+        assert tree_snapshot(workspace.root) == before
+    # a different run must not start from this run's labels
+    other = workspace.run("nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1",
+                          "--trainer", "VanillaTrainer_cpu", "--device", "cpu", check=False)
+    assert other.returncode == 2 and "would start from another run's labels" in other.stderr
+    # EMTrainer refuses preprocessed data that holds a run's refined segmentations
+    trainer = workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "EMTrainer_tiny", "-device", "cpu",
+                            check=False)
+    assert trainer.returncode != 0 and "would take them for originals" in trainer.stderr
+    # without em_labels/ the marker still tells: EM output, originals missing
+    shutil.rmtree(os.path.join(raw, "em_labels"))
+    result = workspace.run("nnunetv2_em", "check", "-d", str(DATASET_ID), check=False)
+    assert result.returncode == 2 and "original annotations" in result.stderr and "missing" in result.stderr
+    # once restored, the same commands work again
+    shutil.copytree(os.path.join(staged["workspace"].raw, DATASET, "em_labels"), os.path.join(raw, "em_labels"))
+    label_store.write_json(os.path.join(raw, "em_labels", "active.json"),
+                           {"run": RUN, "round": 1, "data_identifier": IDENTIFIER})
+    workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")
+    assert "labelled cases" in workspace.run("nnunetv2_em", "check", "-d", str(DATASET_ID)).stdout
+
+
+def test_a_manually_changed_labels_folder_is_reported_by_status(staged, tmp_path):
+    workspace = _copy(staged, tmp_path)
+    raw = os.path.join(workspace.raw, DATASET)
+    assert _activate_in_child(workspace, 1, None) == 0
+    path = os.path.join(raw, "labelsTr", f"{LABELLED[0]}.nii.gz")
+    image = sitk.ReadImage(path)
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, 0] = 1  # a hand edit
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(image)
+    sitk.WriteImage(edited, path, True)
+    status = workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
+    assert "CHANGED since: 1 file(s) differ" in status and LABELLED[0] in status
+    as_json = json.loads(workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID), "--json").stdout)
+    assert as_json["labelsTr"]["differing"] == [LABELLED[0]]
