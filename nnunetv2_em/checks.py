@@ -94,6 +94,19 @@ def check_file_decodes(path: str) -> None:
                            f"copy or export it again from its source.") from None
 
 
+def check_writable(folder: str) -> None:
+    """A file can be created in ``folder`` (probed: permission bits say nothing to root or on read-only mounts)."""
+    import tempfile
+
+    try:
+        handle, path = tempfile.mkstemp(prefix=".em_write_probe_", dir=folder)
+        os.close(handle)
+        os.remove(path)
+    except OSError as error:
+        raise EMInputError(f"{folder}: not writable ({error.strerror}). Fix: make it a folder this user can write "
+                           f"to (or mount it read-write), then run again.") from None
+
+
 def num_channels(dataset_json: dict, source: str) -> int:
     channels = dataset_json.get("channel_names", dataset_json.get("modality"))
     if not isinstance(channels, dict) or not channels:

@@ -262,6 +262,11 @@ class CrossFoldRun:
         self._check_folds(preprocessed)
         self.extra_unlabeled = self._extra_unlabeled()
         self._check_trainer()
+        versions_folder = os.path.join(raw, label_store.EM_LABELS)
+        for folder in (versions_folder if os.path.lexists(versions_folder) else raw, paths["nnUNet_preprocessed"],
+                       paths["nnUNet_results"]):
+            if os.path.lexists(folder):
+                checks.check_writable(folder)
         self.raw, self.preprocessed = raw, preprocessed
 
     @property
@@ -587,5 +592,6 @@ def _wait(client, futures, description: str, *, fault: str | None = None) -> Non
 def run(options: RunOptions, *, scheduler: str | None = None) -> dict:
     """Check everything, then execute (or continue) the run on Dask."""
     cross_fold = CrossFoldRun(options)
-    with cross_fold.locked(), engine.open_client(scheduler, device=options.device) as client:
+    # the client first: an unreachable scheduler is reported before anything is written, the lock included
+    with engine.open_client(scheduler, device=options.device) as client, cross_fold.locked():
         return cross_fold.run(client)

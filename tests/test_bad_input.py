@@ -138,3 +138,148 @@ def test_cross_fold_run_rejects_bad_options_and_writes_nothing(nnunet_env, chang
     with pytest.raises(EMInputError, match=expected):
         CrossFoldRun(dataclasses.replace(options, **change))
     assert tree_snapshot(nnunet_env.root) == before
+
+
+# --------------------------------------------------------------------------- the bad-input catalogue (README)
+def _truncate(path):
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[:len(data) // 2])
+    return path
+
+
+def _bad_truncated_label(folder, extra):
+    return _truncate(_label_path(folder, CASES[1])), "truncated or corrupt"
+
+
+def _bad_float_label(folder, extra):
+    path = _label_path(folder, CASES[0])
+    _rewrite_label(path, lambda array: np.where(array == 1, 1.5, array).astype(np.float32))
+    return path, "non-integer label values [1.5]"
+
+
+def _bad_truncated_image(folder, extra):
+    return _truncate(os.path.join(folder, "imagesTr", f"{CASES[2]}_0000.nii.gz")), "truncated or corrupt"
+
+
+def _bad_empty_label(folder, extra):
+    path = _label_path(folder, CASES[3])
+    open(path, "wb").close()
+    return path, "empty file"
+
+
+def _bad_label_without_image(folder, extra):
+    os.remove(os.path.join(folder, "imagesTr", f"{CASES[3]}_0000.nii.gz"))
+    return _label_path(folder, CASES[3]), "a label without an image"
+
+
+def _bad_no_channel_names(folder, extra):
+    path = os.path.join(folder, "dataset.json")
+    with open(path) as handle:
+        dataset_json = json.load(handle)
+    del dataset_json["channel_names"]
+    with open(path, "w") as handle:
+        json.dump(dataset_json, handle)
+    return path, "missing key 'channel_names'"
+
+
+def _bad_channel_mismatch(folder, extra):
+    path = os.path.join(folder, "dataset.json")
+    with open(path) as handle:
+        dataset_json = json.load(handle)
+    dataset_json["channel_names"] = {"0": "MRI", "1": "T2"}
+    with open(path, "w") as handle:
+        json.dump(dataset_json, handle)
+    return CASES[0], "image channel(s)"
+
+
+def _bad_dangling_label_link(folder, extra):
+    path = _label_path(folder, CASES[2])
+    os.remove(path)
+    os.symlink("/mnt/unmounted/share/label.nii.gz", path)
+    return path, "dangling link"
+
+
+def _bad_2d_unlabeled_image(folder, extra):
+    image = sitk.ReadImage(os.path.join(folder, "imagesTr", f"{CASES[0]}_0000.nii.gz"))
+    path = os.path.join(extra, "new_001_0000.nii.gz")
+    sitk.WriteImage(image[:, :, image.GetSize()[2] // 2], path, True)
+    return path, "a 2D image"
+
+
+def _bad_unlabeled_channels(folder, extra):
+    for channel in ("0000", "0001"):
+        shutil.copy(os.path.join(folder, "imagesTr", f"{CASES[0]}_0000.nii.gz"),
+                    os.path.join(extra, f"new_001_{channel}.nii.gz"))
+    return "--unlabeled", "has 2 image channel(s)"
+
+
+def _bad_unwritable_versions(folder, extra):
+    path = os.path.join(folder, "em_labels")
+    with open(path, "w") as handle:  # a file where the version folder belongs (as root, the one way to deny writes)
+        handle.write("")
+    return path, "not writable"
+
+
+CATALOGUE = [  # (what is wrong, how to make it, command, arguments)
+    ("truncated label .nii.gz", _bad_truncated_label, "plan", []),
+    ("float label values (1.5)", _bad_float_label, "plan", []),
+    ("truncated image .nii.gz", _bad_truncated_image, "plan", []),
+    ("empty label file", _bad_empty_label, "plan", []),
+    ("label without an image", _bad_label_without_image, "plan", []),
+    ("dataset.json without channel_names", _bad_no_channel_names, "plan", []),
+    ("dataset.json channels != image files", _bad_channel_mismatch, "plan", []),
+    ("dangling label symlink", _bad_dangling_label_link, "check", []),
+    ("2D image in --unlabeled", _bad_2d_unlabeled_image, "run", ["--folds", "0", "1"]),
+    ("wrong channel count in --unlabeled", _bad_unlabeled_channels, "run", ["--folds", "0", "1"]),
+    ("em_labels not writable", _bad_unwritable_versions, "run", ["--folds", "0", "1"]),
+]
+
+
+@pytest.mark.parametrize("name, breaker, command, arguments", CATALOGUE, ids=[row[0] for row in CATALOGUE])
+def test_bad_input_catalogue(nnunet_env, capsys, name, breaker, command, arguments):
+    from nnunetv2_em import cli
+
+    folder = make_raw_dataset(nnunet_env.raw, 995, CASES)
+    extra = os.path.join(nnunet_env.root, "extra")
+    os.makedirs(extra)
+    culprit, expected = breaker(folder, extra)
+    before = tree_snapshot(nnunet_env.root)
+    argv = [command, "-d", "995"]
+    if command == "plan":
+        argv += ["-c", "2d", "-np", "1"]
+    if command == "run":
+        argv += ["-c", "2d", "--trainer", "VanillaTrainer_tiny", "--device", "cpu", *arguments]
+        argv += ["--unlabeled", extra] if os.listdir(extra) else []
+    assert cli.main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("nnunetv2_em: error: ")
+    assert expected in message and culprit in message and "Fix:" in message
+    assert tree_snapshot(nnunet_env.root) == before
+
+
+@pytest.mark.parametrize("cases, folds", [(3, ["0", "1", "2", "3"]), (1, ["0", "1"])], ids=["more folds than cases",
+                                                                                             "a 1-case dataset"])
+def test_too_few_cases_for_the_folds(nnunet_env, capsys, cases, folds):
+    from nnunetv2_em import cli
+
+    make_raw_dataset(nnunet_env.raw, 996, CASES[:cases])
+    before = tree_snapshot(nnunet_env.root)
+    assert cli.main(["run", "-d", "996", "-c", "2d", "--trainer", "VanillaTrainer_tiny", "--device", "cpu",
+                     "--folds", *folds]) == 2
+    message = capsys.readouterr().err
+    assert f"{cases} labelled case(s) for {len(folds)} folds" in message and "Fix:" in message
+    assert tree_snapshot(nnunet_env.root) == before
+
+
+def test_an_unreachable_scheduler_is_one_message_and_nothing_written(nnunet_env, capsys):
+    from nnunetv2_em import cli
+
+    make_raw_dataset(nnunet_env.raw, 997, CASES)
+    before = tree_snapshot(nnunet_env.root)
+    assert cli.main(["run", "-d", "997", "-c", "2d", "--trainer", "VanillaTrainer_tiny", "--device", "cpu",
+                     "--folds", "0", "1", "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    message = capsys.readouterr().err
+    assert "--scheduler tcp://127.0.0.1:9: no Dask scheduler answered" in message and "Fix:" in message
+    assert tree_snapshot(nnunet_env.root) == before

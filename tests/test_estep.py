@@ -206,3 +206,40 @@ def test_pseudo_label_keeps_confident_voxels_and_ignores_the_rest():
     np.testing.assert_array_equal(uncertain, [3, 3])
     scores = estep.score_pseudo_label(logits, labels, model, ignore_label=3)
     assert scores["voxels_pseudo_labelled"] == 2 and scores["voxels_ignored"] == 0
+
+
+def _case(seed=0):
+    annotations = np.zeros((6, 6, 6), dtype=np.int64)
+    annotations[1:4, 1:4, 1:4] = 1
+    logits = np.stack([np.where(annotations == 0, 3.0, -3.0), np.where(annotations == 1, 3.0, -3.0)])
+    logits += np.random.default_rng(seed).normal(0, 0.5, logits.shape)
+    return logits, annotations
+
+
+def test_a_degenerate_fit_is_refused_and_says_why():
+    logits, annotations = _case()
+    sample = estep.sample_case(logits, annotations, max_voxels_per_class=500, seed=0)
+    thresholds = RefinementThresholds(0.9, 0.5)
+    sensible = NoiseModel(np.array([[0.95, 0.05], [0.05, 0.95]]), 1.0)
+    assert estep.degenerate_fit([sample], sensible, thresholds=thresholds) is None
+    at_bound = NoiseModel(sensible.transition, estep.TEMPERATURE_BOUNDS[1])
+    assert "at the bound" in estep.degenerate_fit([sample], at_bound, thresholds=thresholds)
+    # a noise model that doubts the annotation more than the (flattened) network would ignore most voxels
+    doubtful = NoiseModel(np.array([[0.3, 0.7], [0.7, 0.3]]), 10.0)
+    reason = estep.degenerate_fit([sample], doubtful, thresholds=thresholds, max_ignored_share=0.25)
+    assert reason is not None and "would become ignore" in reason
+    assert estep.degenerate_fit([sample], doubtful, thresholds=thresholds, max_ignored_share=1.0) is None
+
+
+def test_fit_round_keeps_the_labels_when_an_untrained_network_would_explain_them_away():
+    _, annotations = _case()
+    untrained = np.random.default_rng(0).normal(0, 2.0, (2, *annotations.shape))  # confident and unrelated
+    sample = estep.sample_case(untrained, annotations, max_voxels_per_class=500, seed=0)
+    fit = estep.fit_round([sample], calibrate_temperature=True, max_iterations=10, min_model_dice=0.0,
+                          thresholds=RefinementThresholds(0.9, 0.5))
+    assert fit.refine is False and "at the bound" in fit.refused
+    logits, annotations = _case()
+    trained = estep.sample_case(logits, annotations, max_voxels_per_class=500, seed=0)
+    fit = estep.fit_round([trained], calibrate_temperature=True, max_iterations=10, min_model_dice=0.0,
+                          thresholds=RefinementThresholds(0.9, 0.5))
+    assert fit.refine is True and fit.refused is None

@@ -42,3 +42,11 @@ def test_impossible_values_name_the_file_the_key_and_the_fix(block, key):
 def test_a_non_object_block_is_rejected():
     with pytest.raises(EMInputError, match="must be a JSON object"):
         EMSettings.resolve([1, 2], source="plans.json")
+
+
+def test_a_wrong_type_in_the_plans_is_reported_even_where_a_variant_overrides_the_key():
+    with pytest.raises(EMInputError) as error:
+        EMSettings.resolve({"rounds": "two", "max_ignored_share": 0.3}, {"rounds": 2}, source="/data/plans.json")
+    assert "/data/plans.json" in str(error.value) and "em.rounds" in str(error.value)
+    with pytest.raises(EMInputError, match="max_ignored_share"):
+        EMSettings.resolve({"max_ignored_share": 0.0}, source="plans.json")
