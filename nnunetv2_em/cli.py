@@ -92,8 +92,8 @@ def _restore(args):
 
 
 def _benchmark(args):
-    from nnunetv2_em.benchmark import run_benchmark
-    from nnunetv2_em.benchmark_report import markdown
+    from nnunetv2_em.benchmark.harness import run_benchmark
+    from nnunetv2_em.benchmark.report import markdown
 
     command = " ".join(["nnunetv2_em", "benchmark", "--dataset", args.dataset, "--noise", args.noise, "--seed",
                         str(args.seed), "--profile", args.profile, "--out", args.out])
@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--run", help="run whose round to restore (default: the active run, or the only one)")
     restore.set_defaults(handler=_restore)
 
-    from nnunetv2_em.benchmark import PROFILES
-    from nnunetv2_em.noise import SETTINGS
+    from nnunetv2_em.benchmark.harness import PROFILES
+    from nnunetv2_em.benchmark.noise import SETTINGS
 
     bench = commands.add_parser("benchmark", help="EM vs vanilla nnU-Net on clean data with seeded annotation noise")
     bench.add_argument("--dataset", required=True, help="path of a raw nnU-Net dataset with trusted labels")

@@ -43,7 +43,7 @@ def prepare(data: str, root: str, seed: int) -> tuple[str, dict]:
     """Raw dataset with 'mix'-corrupted labels (clean copies kept), planned and preprocessed."""
     import SimpleITK as sitk
 
-    from nnunetv2_em import noise
+    from nnunetv2_em.benchmark import noise
 
     name = f"Dataset{DATASET_ID}_HippoBench"
     folder = os.path.join(root, "raw", name)

@@ -33,6 +33,8 @@ RUN = "em_run__VanillaTrainer_tiny__nnUNetPlans__2d"
 IDENTIFIER = "nnUNetPlans_2d"
 IGNORE = 3
 
+pytestmark = pytest.mark.slow
+
 ACTIVATION_WINDOWS = ["staged", "journal_written", "bridge_json", "exchanged", "raw_switched", "preprocessed_partly",
                       "before_journal_removed"]
 

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from nnunetv2_em import benchmark, benchmark_report
+from nnunetv2_em.benchmark import harness as benchmark
+from nnunetv2_em.benchmark import report as benchmark_report
 
 
 def test_recovery_share():

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import NNUNET_TEST_ENV, demo_cases, make_raw_dataset
 
-from nnunetv2_em import benchmark
+from nnunetv2_em.benchmark import harness as benchmark
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nnunetv2_em import noise
+from nnunetv2_em.benchmark import noise
 
 
 def _two_boxes():

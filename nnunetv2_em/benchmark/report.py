@@ -132,16 +132,14 @@ def _overlays(path: str, benchmark, results: dict, count: int = 3) -> None:
     with open(os.path.join(benchmark.workspace.out, "corruption", "records.json")) as handle:
         corrupted = json.load(handle)["corrupted_cases"][:count]
     last = max(row["round"] for row in results["label_quality"])
-    versions = os.path.join(benchmark.workspace.raw("em"), "em_labels")
+    versions = benchmark.workspace.em_versions(benchmark.profile)
     figure, axes = plt.subplots(max(len(corrupted), 1), 3, figsize=(7.5, 2.6 * max(len(corrupted), 1)),
                                 squeeze=False)
     for row, case in enumerate(corrupted):
         image = sitk.GetArrayFromImage(sitk.ReadImage(benchmark.cases[case]["images"][0]))
         labels = {"clean": sitk.GetArrayFromImage(sitk.ReadImage(benchmark.cases[case]["label"])),
-                  "noisy": sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(versions, "round_00", "labelsTr",
-                                                                              case + benchmark.ending))),
-                  f"refined (round {last})": sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(
-                      versions, f"round_{last:02d}", "labelsTr", case + benchmark.ending)))}
+                  "noisy": sitk.GetArrayFromImage(sitk.ReadImage(versions.label_path(0, case))),
+                  f"refined (round {last})": sitk.GetArrayFromImage(sitk.ReadImage(versions.label_path(last, case)))}
         z = int(np.argmax((labels["clean"] > 0).sum(axis=(1, 2)) + (labels["noisy"] > 0).sum(axis=(1, 2))))
         for column, (title, label) in enumerate(labels.items()):
             axis = axes[row, column]

@@ -1,240 +1,28 @@
-"""``nnunetv2_em run``: cross-validated EM over a whole dataset, each case corrected by the fold that never saw it.
-
-Each round: (1) M-step: train every fold with an nnU-Net trainer (later rounds warm-start from the previous round's
-weights of the same fold with a shorter budget); (2) E-step on out-of-fold logits: fit temperature and noise model,
-refine each labelled case, pseudo-label unlabeled cases with the fold ensemble, score and rank; (3) the round's
-labels become the dataset's labels (raw ``labelsTr`` and the preprocessed segmentations; round 0 keeps the
-originals). Every step leaves a marker file, so the same command continues a killed run without redoing finished
-folds or cases.
-
-Files (``run`` = ``nnUNet_results/<Dataset>/em_run__<Trainer>__<Plans>__<configuration>``)::
-
-    run/run.json                       the options of the run (a rerun must use the same)
-    run/state.json                     per-round summaries, converged flag
-    run/summary.json|md, run/plots/    the run so far: table and PNG plots per round
-    run/round_NN/nnUNet_results/       the round's fold trainings, in nnU-Net's layout (usable with its tools)
-    run/round_NN/logits/               out-of-fold logits (deleted when the round completes, unless kept)
-    run/round_NN/fit.json              temperature, T, likelihood, network-vs-annotation Dice
-    run/round_NN/cases/<case>.json     per-case scores (its presence: the case is done)
-    run/round_NN/cases.csv|json        ranked by review score;  run/round_NN/summary.json
-    nnUNet_raw/<Dataset>/em_labels/    label versions (see label_store.DatasetLabelVersions)
-"""
+"""The driver of ``nnunetv2_em run``: checks everything up front, then executes or continues the rounds."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
-
-import numpy as np
 
 from nnunetv2_em import checks, engine, estep, label_store, reports
+from nnunetv2_em.crossfold.options import RunContext, RunOptions
+from nnunetv2_em.crossfold.tasks import (
+    load_logits,
+    managers,
+    task_predict,
+    task_preprocess_unlabeled,
+    task_refine,
+    task_train,
+)
 from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.layout import RunLayout
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 
-UNLABELED_FOLDER = "em_unlabeled"
 
-
-@dataclass(frozen=True)
-class RunOptions:
-    dataset: str
-    configuration: str = "3d_fullres"
-    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    rounds: int | None = None  # default: the plans' em.rounds
-    trainer: str = "nnUNetTrainer"
-    plans: str = "nnUNetPlans"
-    device: str = "cuda"
-    warm_fraction: float = 0.5  # budget of rounds >= 2, relative to the trainer's, started from the last weights
-    unlabeled: str | None = None  # folder of extra images (<case>_0000<ending>) to pseudo-label
-    validate: bool = True  # nnU-Net's final validation of each fold (needed by its find_best_configuration)
-    keep_logits: bool = False
-    num_processes: int = 2  # planning / preprocessing workers
-
-    def identity(self) -> dict:
-        """What a rerun must repeat to continue this run (the rest may change between invocations)."""
-        return {key: value for key, value in dataclasses.asdict(self).items()
-                if key in ("configuration", "folds", "trainer", "plans", "warm_fraction", "unlabeled")}
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Resolved paths and nnU-Net facts shared by the driver and the tasks (picklable)."""
-
-    dataset_name: str
-    raw: str
-    preprocessed: str
-    data_identifier: str
-    file_ending: str
-    run_folder: str
-    options: RunOptions
-    settings: dict  # EMSettings.to_plans_block()
-
-    @property
-    def em(self) -> EMSettings:
-        return EMSettings.resolve(self.settings, source="run")
-
-    def versions(self) -> label_store.DatasetLabelVersions:
-        return label_store.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending,
-                                                run=self.run_name)
-
-    @property
-    def run_name(self) -> str:
-        return os.path.basename(self.run_folder)
-
-    def round_folder(self, round_index: int) -> str:
-        return os.path.join(self.run_folder, f"round_{round_index:02d}")
-
-    def round_results(self, round_index: int) -> str:
-        return os.path.join(self.round_folder(round_index), "nnUNet_results")
-
-    def model_folder(self, round_index: int) -> str:
-        return os.path.join(self.round_results(round_index), self.dataset_name,
-                            f"{self.options.trainer}__{self.options.plans}__{self.options.configuration}")
-
-    def fold_folder(self, round_index: int, fold: int) -> str:
-        return os.path.join(self.model_folder(round_index), f"fold_{fold}")
-
-    def logits_folder(self, round_index: int) -> str:
-        return os.path.join(self.round_folder(round_index), "logits")
-
-    def case_file(self, round_index: int, case: str) -> str:
-        return os.path.join(self.round_folder(round_index), "cases", f"{case}.json")
-
-    def unlabeled_folder(self) -> str:
-        return os.path.join(self.preprocessed, UNLABELED_FOLDER, self.data_identifier)
-
-    def plans_file(self) -> str:
-        return os.path.join(self.preprocessed, self.options.plans + ".json")
-
-
-# ------------------------------------------------------------------------------------------------------ tasks
-def _child_env(context: RunContext, round_index: int) -> dict:
-    return {**os.environ, "nnUNet_raw": os.path.dirname(context.raw),
-            "nnUNet_preprocessed": os.path.dirname(context.preprocessed),
-            "nnUNet_results": context.round_results(round_index), **engine.worker_device_env(context.options.device)}
-
-
-def task_train(context: RunContext, round_index: int, fold: int) -> int:
-    """M-step of one fold (a child process running nnU-Net's trainer)."""
-    from nnunetv2_em.mstep import DONE_MARKER
-
-    if os.path.isfile(os.path.join(context.fold_folder(round_index, fold), DONE_MARKER)):
-        return fold
-    options = context.options
-    command = [sys.executable, "-m", "nnunetv2_em.mstep", context.dataset_name, options.configuration, str(fold),
-               "--trainer", options.trainer, "--plans", options.plans, "--device", options.device]
-    if round_index > 1:
-        command += ["--init-checkpoint", os.path.join(context.fold_folder(round_index - 1, fold),
-                                                      "checkpoint_final.pth"),
-                    "--epoch-fraction", str(options.warm_fraction)]
-    if not options.validate:
-        command.append("--no-validation")
-    engine.run_child(command, env=_child_env(context, round_index),
-                     log_file=os.path.join(context.round_folder(round_index), "logs", f"train_fold_{fold}.log"))
-    return fold
-
-
-def task_predict(context: RunContext, round_index: int, folds: list[int], cases: dict[str, str], name: str) -> int:
-    """Logits of ``cases`` ({case: preprocessed folder}) from ``folds`` (a child process)."""
-    cache = context.logits_folder(round_index)
-    if all(os.path.isfile(os.path.join(cache, f"{case}.npy")) for case in cases):
-        return 0
-    spec_file = os.path.join(context.round_folder(round_index), "logs", f"predict_{name}.json")
-    os.makedirs(os.path.dirname(spec_file), exist_ok=True)
-    label_store.write_json(spec_file, {"model_folder": context.model_folder(round_index), "folds": folds,
-                                       "cases": cases, "cache": cache, "mirroring": context.em.mirroring,
-                                       "device": context.options.device})
-    engine.run_child([sys.executable, "-m", "nnunetv2_em.oof", spec_file], env=_child_env(context, round_index),
-                     log_file=spec_file[:-len(".json")] + ".log")
-    return len(cases)
-
-
-def task_preprocess_unlabeled(context: RunContext, case: str, images: list[str]) -> str:
-    """Preprocess the images of an unlabeled case once, with nnU-Net's preprocessor and the dataset's plans."""
-    import blosc2
-    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
-
-    folder = context.unlabeled_folder()
-    if os.path.isfile(os.path.join(folder, f"{case}.pkl")):
-        return case
-    plans_manager, configuration_manager, dataset_json = _managers(context)
-    preprocessor = configuration_manager.preprocessor_class(verbose=False)
-    # without a label, nnU-Net's preprocessing returns the outside-image mask as -1 in ``seg``
-    data, seg, properties = preprocessor.run_case(images, None, plans_manager, configuration_manager, dataset_json)
-    os.makedirs(folder, exist_ok=True)
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    blocks, chunks = comp_blosc2_params(data.shape, tuple(configuration_manager.patch_size), data.itemsize)
-    label_store.atomic_write(os.path.join(folder, f"{case}.b2nd"), lambda temp: blosc2.asarray(
-        data, urlpath=temp, chunks=chunks, blocks=blocks, cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5}),
-        suffix=".b2nd")
-    label_store.write_seg_b2nd(os.path.join(folder, f"{case}_mask.b2nd"), seg, configuration_manager.patch_size)
-    label_store.write_pickle(os.path.join(folder, f"{case}.pkl"), properties)  # last: marks the case done
-    return case
-
-
-def _managers(context: RunContext):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(context.plans_file())
-    dataset_json = checks.with_ignore_label(checks.load_dataset_json(os.path.join(context.preprocessed,
-                                                                                  "dataset.json")))
-    return plans_manager, plans_manager.get_configuration(context.options.configuration), dataset_json
-
-
-def _load_logits(context: RunContext, round_index: int, case: str) -> np.ndarray:
-    return np.load(os.path.join(context.logits_folder(round_index), f"{case}.npy")).astype(np.float32)
-
-
-def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> str:
-    """E-step of one case: refine (labelled) or pseudo-label (unlabeled); stage the round's label files."""
-    from batchgenerators.utilities.file_and_folder_operations import load_pickle
-
-    from nnunetv2_em import nnunet_data
-
-    marker = context.case_file(round_index, case)
-    if os.path.isfile(marker):
-        return case
-    versions = context.versions()
-    plans_manager, configuration_manager, dataset_json = _managers(context)
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    ignore_label = int(label_manager.ignore_label)
-    with open(os.path.join(context.round_folder(round_index), "fit.json")) as handle:
-        fit = json.load(handle)
-    model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
-    settings = context.em
-    logits = _load_logits(context, round_index, case)
-    reader_writer = plans_manager.image_reader_writer_class()
-    if kind == label_store.PSEUDO:
-        properties = load_pickle(os.path.join(context.unlabeled_folder(), f"{case}.pkl"))
-        outside = label_store.read_seg_b2nd(os.path.join(context.unlabeled_folder(), f"{case}_mask.b2nd"))[0] < 0
-        refined = estep.pseudo_label(logits, model, thresholds=settings.thresholds, ignore_label=ignore_label,
-                                     outside=outside)
-        scores = estep.score_pseudo_label(logits, refined, model, ignore_label=ignore_label)
-        raw_label = nnunet_data.preprocessed_to_raw_geometry(refined, properties, plans_manager,
-                                                             configuration_manager)
-    else:
-        properties = load_pickle(versions.original_properties_path(case))
-        original = versions.read_original_segmentation(case)[0]
-        previous = versions.read_segmentation(round_index - 1, case)[0]
-        refined, scores = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
-                                            ignore_label=ignore_label, previous=previous, apply=fit["refine"])
-        original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
-        raw_label = nnunet_data.refined_raw_label(original_raw, original, refined, properties, plans_manager,
-                                                  configuration_manager)
-    properties = dict(properties)
-    properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
-    versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
-                        reader_writer=reader_writer, segmentation=refined[None], properties=properties,
-                        patch_size=configuration_manager.patch_size)
-    label_store.write_json(marker, {"case": case, "provenance": kind, **scores})
-    return case
-
-
-# ------------------------------------------------------------------------------------------------------ driver
 class CrossFoldRun:
     """Resolves and checks everything up front; ``run(client)`` executes or continues the rounds."""
 
@@ -255,8 +43,8 @@ class CrossFoldRun:
         if options.unlabeled and not os.path.isdir(options.unlabeled):
             raise EMInputError(f"--unlabeled {options.unlabeled}: not a folder. Fix: pass a folder of images named "
                                f"<case>_0000<file ending>.")
-        self.run_folder = os.path.join(paths["nnUNet_results"], self.name,
-                                       f"em_run__{options.trainer}__{options.plans}__{options.configuration}")
+        self.layout = RunLayout(paths["nnUNet_results"], self.name, options.trainer, options.plans,
+                                options.configuration)
         checks.guard_label_versions(raw, self.name, continuing_run=self.run_name)
         self.labelled, self.unlabeled_in_dataset = self._check_raw(raw)
         self._check_folds(preprocessed)
@@ -271,7 +59,7 @@ class CrossFoldRun:
 
     @property
     def run_name(self) -> str:
-        return os.path.basename(self.run_folder)
+        return self.layout.name
 
     # checks -------------------------------------------------------------------------------------------------
     def _check_raw(self, raw):
@@ -388,7 +176,7 @@ class CrossFoldRun:
                                       source=os.path.join(self.preprocessed, self.options.plans + ".json"))
         dataset_json = checks.load_dataset_json(os.path.join(self.raw, "dataset.json"))
         return RunContext(self.name, self.raw, self.preprocessed, identifier, dataset_json["file_ending"],
-                          self.run_folder, self.options, settings.to_plans_block())
+                          self.layout, self.options, settings.to_plans_block())
 
     def locked(self):
         """Hold the dataset's run lock (released when the process ends, however it ends)."""
@@ -397,7 +185,7 @@ class CrossFoldRun:
             f"Fix: wait for it to finish or stop it, then run again."))
 
     def _check_identity(self, *, write: bool) -> None:
-        path = os.path.join(self.run_folder, "run.json")
+        path = self.layout.file("run.json")
         identity = self.options.identity()
         identity["folds"] = list(identity["folds"])
         if os.path.isfile(path):
@@ -407,7 +195,7 @@ class CrossFoldRun:
                 raise EMInputError(f"{path}: this run was started with {previous}, now {identity}. Fix: use the same "
                                    f"options to continue it, or move that folder away to start a new run.")
         elif write:
-            os.makedirs(self.run_folder, exist_ok=True)
+            os.makedirs(self.layout.folder, exist_ok=True)
             label_store.write_json(path, identity)
 
     # the loop -----------------------------------------------------------------------------------------------
@@ -438,15 +226,15 @@ class CrossFoldRun:
             summary = self._run_round(client, context, round_index, split, unlabeled)
             state["rounds"][str(round_index)] = summary
             state["converged"] = bool(summary["converged"])
-            label_store.write_json(os.path.join(self.run_folder, "state.json"), state)
+            label_store.write_json(self.layout.file("state.json"), state)
             label_store.fault_point("state_written")
-            reports.write_run_summary(self.run_folder, state)
+            reports.write_run_summary(self.layout.folder, state)
             if not context.options.keep_logits:  # only now: a rerun before this point still finds them
-                shutil.rmtree(context.logits_folder(round_index), ignore_errors=True)
+                shutil.rmtree(context.layout.logits_folder(round_index), ignore_errors=True)
         return {**state, "active": versions.active()}
 
     def _load_state(self) -> dict:
-        path = os.path.join(self.run_folder, "state.json")
+        path = self.layout.file("state.json")
         if os.path.isfile(path):
             with open(path) as handle:
                 return json.load(handle)
@@ -497,7 +285,7 @@ class CrossFoldRun:
                                              resources={engine.DEVICE: 1}, pure=False))
         _wait(client, predictions, "predicting out-of-fold")
         predicted = time.time()
-        label_store.write_json(os.path.join(context.round_folder(round_index), "out_of_fold.json"), out_of_fold)
+        label_store.write_json(context.layout.round_file(round_index, "out_of_fold.json"), out_of_fold)
 
         fit = self._fit(context, round_index, sorted(out_of_fold))
         kinds = {**{case: label_store.REFINED for case in out_of_fold},
@@ -512,17 +300,17 @@ class CrossFoldRun:
                                            "seconds_estep": refined - predicted})
 
     def _fit(self, context: RunContext, round_index: int, cases: list[str]) -> dict:
-        path = os.path.join(context.round_folder(round_index), "fit.json")
+        path = context.layout.round_file(round_index, "fit.json")
         if os.path.isfile(path):
             with open(path) as handle:
                 return json.load(handle)
         settings = context.em
         versions = context.versions()
-        _, _, dataset_json = _managers(context)
+        _, _, dataset_json = managers(context)
         num_classes = len(checks.label_values(dataset_json, "dataset.json"))
         cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases), num_classes=num_classes)
         started = time.time()
-        samples = [estep.sample_case(_load_logits(context, round_index, case),
+        samples = [estep.sample_case(load_logits(context, round_index, case),
                                      versions.read_original_segmentation(case)[0], max_voxels_per_class=cap,
                                      seed=estep.case_seed(settings.seed, round_index, case)) for case in cases]
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
@@ -540,7 +328,7 @@ class CrossFoldRun:
         versions = context.versions()
         scores = {}
         for case in kinds:
-            with open(context.case_file(round_index, case)) as handle:
+            with open(context.layout.case_file(round_index, case)) as handle:
                 scores[case] = json.load(handle)
         labelled_scores = {c: s for c, s in scores.items() if s["provenance"] == label_store.REFINED}
         summary = {"round": round_index, "noise_model": fit["noise_model"], "model_dice": fit["model_dice"],
@@ -549,7 +337,7 @@ class CrossFoldRun:
                    "pseudo_labelled_cases": len(unlabeled), **{k: round(v, 2) for k, v in timings.items()}}
         summary["converged"] = bool(fit["refine"] and
                                     summary["fraction_changed_since_previous"] < context.em.tolerance)
-        reports.write_round_reports(context.round_folder(round_index), summary, estep.rank_cases(scores))
+        reports.write_round_reports(context.layout.round_folder(round_index), summary, estep.rank_cases(scores))
         # cases no fold could judge keep their labels of the previous round, so the round folder stays complete
         for case in self.labelled:
             if case not in kinds:

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunetv2_em import checks, estep, label_store, noise
+from nnunetv2_em import checks, estep, label_store
+from nnunetv2_em.benchmark import noise
 from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.layout import RunLayout
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,17 @@ class Workspace:
 
     def preprocessed(self, arm: str) -> str:
         return os.path.join(self.nnunet, "preprocessed", self.dataset(arm))
+
+    def em_run(self, profile: Profile) -> RunLayout:
+        """The EM arm's ``nnunetv2_em run``."""
+        return RunLayout(os.path.join(self.nnunet, "results"), self.dataset("em"), profile.trainer, "nnUNetPlans",
+                         profile.configuration)
+
+    def em_versions(self, profile: Profile) -> label_store.DatasetLabelVersions:
+        """The EM arm's label versions (round 0: the noisy labels; rounds >= 1: the run's refinements)."""
+        return label_store.DatasetLabelVersions(self.raw("em"), self.preprocessed("em"),
+                                                f"nnUNetPlans_{profile.configuration}", ".nii.gz",
+                                                run=self.em_run(profile).name)
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -372,28 +385,23 @@ class Benchmark:
 
     def label_quality(self, split: dict) -> list[dict]:
         """Mean label Dice of the training labels vs the clean ones: noisy (round 0), then after each EM round."""
-        versions = os.path.join(self.workspace.raw("em"), "em_labels")
+        versions = self.workspace.em_versions(self.profile)
         clean = {case: _read_label(self.cases[case]["label"]) for case in split["train"]}
         ignore = int(checks.with_ignore_label(self.dataset_json)["labels"]["ignore"])
         rounds = []
-        for name in sorted(r for r in os.listdir(versions) if r.startswith("round_")):
-            per_case = [label_dice(clean[case], _read_label(os.path.join(versions, name, "labelsTr",
-                                                                         case + self.ending)),
+        for round_index in [0, *versions.runs().get(versions.run, [])]:
+            per_case = [label_dice(clean[case], _read_label(versions.label_path(round_index, case)),
                                    classes=self.classes, ignore_label=ignore) for case in split["train"]]
             foreground = [np.nanmean([p[f"dice_{c}"] for c in self.classes]) for p in per_case]
-            rounds.append({"round": int(name.split("_")[1]), "mean_foreground_dice": float(np.nanmean(foreground)),
+            rounds.append({"round": round_index, "mean_foreground_dice": float(np.nanmean(foreground)),
                            "mean_fraction_ignored": float(np.mean([p["fraction_ignored"] for p in per_case]))})
         return rounds
-
-    def _em_run_folder(self) -> str:
-        return os.path.join(self.workspace.nnunet, "results", self.workspace.dataset("em"),
-                            f"em_run__{self.profile.trainer}__nnUNetPlans__{self.profile.configuration}")
 
     def em_rounds(self) -> list[dict]:
         """What each EM round's E-step did: out-of-fold model Dice against its quality gate, changes, ignores."""
         with open(os.path.join(self.workspace.preprocessed("em"), "nnUNetPlans.json")) as handle:
             min_model_dice = json.load(handle)["em"]["min_model_dice"]
-        with open(os.path.join(self._em_run_folder(), "summary.json")) as handle:  # the run's completed rounds
+        with open(self.workspace.em_run(self.profile).file("summary.json")) as handle:  # the run's completed rounds
             rounds = json.load(handle)["rounds"]
         return [{"round": summary["round"], "model_dice": summary["model_dice"], "min_model_dice": min_model_dice,
                  "refinement_applied": summary["refinement_applied"], "fraction_changed": summary["fraction_changed"],
@@ -407,27 +415,23 @@ class Benchmark:
 
         with open(os.path.join(self.workspace.out, "corruption", "records.json")) as handle:
             corrupted = set(json.load(handle)["corrupted_cases"])
-        run_folder = self._em_run_folder()
-        last = max(int(r.split("_")[1]) for r in os.listdir(run_folder) if r.startswith("round_"))
-        round_folder = os.path.join(run_folder, f"round_{last:02d}")
-        with open(os.path.join(round_folder, "cases.json")) as handle:
+        layout = self.workspace.em_run(self.profile)
+        versions = self.workspace.em_versions(self.profile)
+        last = max(layout.rounds_started())
+        with open(layout.round_file(last, "cases.json")) as handle:
             ranked = json.load(handle)
-        with open(os.path.join(round_folder, "fit.json")) as handle:
+        with open(layout.round_file(last, "fit.json")) as handle:
             temperature = json.load(handle)["noise_model"]["temperature"]
-        identifier = f"nnUNetPlans_{self.profile.configuration}"
-        em_labels = os.path.join(self.workspace.preprocessed("em"), "em_labels")
-        clean_folder = os.path.join(self.workspace.preprocessed("clean"), identifier)
+        clean_folder = os.path.join(self.workspace.preprocessed("clean"), versions.data_identifier)
         truths, em_flags, cleanlab_flags = [], [], []
         for case in split["train"]:
-            noisy = label_store.read_seg_b2nd(os.path.join(em_labels, "round_00", identifier, f"{case}_seg.b2nd"))[0]
-            refined = label_store.read_seg_b2nd(os.path.join(em_labels, f"round_{last:02d}", identifier,
-                                                             f"{case}_seg.b2nd"))[0]
+            noisy = versions.read_segmentation(0, case)[0]
+            refined = versions.read_segmentation(last, case)[0]
             clean = label_store.read_seg_b2nd(os.path.join(clean_folder, f"{case}_seg.b2nd"))[0]
             inside = noisy >= 0
             truths.append((noisy != clean)[inside])
             em_flags.append((refined != noisy)[inside])
-            probabilities = estep.softmax(np.load(os.path.join(round_folder, "logits", f"{case}.npy")),
-                                          temperature).astype(np.float32)
+            probabilities = estep.softmax(np.load(layout.logits_file(last, case)), temperature).astype(np.float32)
             labels = np.maximum(noisy, 0)
             issues = find_label_issues(labels, np.moveaxis(probabilities, 0, 1), n_jobs=1, verbose=False)
             cleanlab_flags.append(issues[inside])
@@ -453,7 +457,7 @@ class Benchmark:
             "command": command,
             "report_minutes": (time.time() - started) / 60,
         }
-        from nnunetv2_em import benchmark_report
+        from nnunetv2_em.benchmark import report as benchmark_report
 
         benchmark_report.write(self.workspace.out, results, self)
         return results

@@ -1,0 +1,60 @@
+"""What a cross-fold run is: the options that define it, and the resolved facts its tasks share."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from nnunetv2_em import label_store
+from nnunetv2_em.layout import RunLayout, unlabeled_folder
+from nnunetv2_em.settings import EMSettings
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    dataset: str
+    configuration: str = "3d_fullres"
+    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    rounds: int | None = None  # default: the plans' em.rounds
+    trainer: str = "nnUNetTrainer"
+    plans: str = "nnUNetPlans"
+    device: str = "cuda"
+    warm_fraction: float = 0.5  # budget of rounds >= 2, relative to the trainer's, started from the last weights
+    unlabeled: str | None = None  # folder of extra images (<case>_0000<ending>) to pseudo-label
+    validate: bool = True  # nnU-Net's final validation of each fold (needed by its find_best_configuration)
+    keep_logits: bool = False
+    num_processes: int = 2  # planning / preprocessing workers
+
+    def identity(self) -> dict:
+        """What a rerun must repeat to continue this run (the rest may change between invocations)."""
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if key in ("configuration", "folds", "trainer", "plans", "warm_fraction", "unlabeled")}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Resolved paths and nnU-Net facts shared by the driver and the tasks (picklable)."""
+
+    dataset_name: str
+    raw: str
+    preprocessed: str
+    data_identifier: str
+    file_ending: str
+    layout: RunLayout
+    options: RunOptions
+    settings: dict  # EMSettings.to_plans_block()
+
+    @property
+    def em(self) -> EMSettings:
+        return EMSettings.resolve(self.settings, source="run")
+
+    def versions(self) -> label_store.DatasetLabelVersions:
+        return label_store.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending,
+                                                run=self.layout.name)
+
+    def unlabeled_folder(self) -> str:
+        return unlabeled_folder(self.preprocessed, self.data_identifier)
+
+    def plans_file(self) -> str:
+        return os.path.join(self.preprocessed, self.options.plans + ".json")

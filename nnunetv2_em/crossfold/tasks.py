@@ -1,0 +1,139 @@
+"""The run's Dask tasks: a fold's training, predictions, an unlabeled case's preprocessing, one case's E-step.
+
+Each is idempotent (a finished task leaves a marker and returns at once when rerun) and runs nnU-Net's heavy work
+in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from nnunetv2_em import checks, engine, estep, label_store
+from nnunetv2_em.crossfold.options import RunContext
+
+
+def _child_env(context: RunContext, round_index: int) -> dict:
+    return {**os.environ, "nnUNet_raw": os.path.dirname(context.raw),
+            "nnUNet_preprocessed": os.path.dirname(context.preprocessed),
+            "nnUNet_results": context.layout.round_results(round_index),
+            **engine.worker_device_env(context.options.device)}
+
+
+def task_train(context: RunContext, round_index: int, fold: int) -> int:
+    """M-step of one fold (a child process running nnU-Net's trainer)."""
+    from nnunetv2_em.mstep import DONE_MARKER
+
+    if os.path.isfile(os.path.join(context.layout.fold_folder(round_index, fold), DONE_MARKER)):
+        return fold
+    options = context.options
+    command = [sys.executable, "-m", "nnunetv2_em.mstep", context.dataset_name, options.configuration, str(fold),
+               "--trainer", options.trainer, "--plans", options.plans, "--device", options.device]
+    if round_index > 1:
+        command += ["--init-checkpoint", os.path.join(context.layout.fold_folder(round_index - 1, fold),
+                                                      "checkpoint_final.pth"),
+                    "--epoch-fraction", str(options.warm_fraction)]
+    if not options.validate:
+        command.append("--no-validation")
+    engine.run_child(command, env=_child_env(context, round_index),
+                     log_file=os.path.join(context.layout.logs_folder(round_index), f"train_fold_{fold}.log"))
+    return fold
+
+
+def task_predict(context: RunContext, round_index: int, folds: list[int], cases: dict[str, str], name: str) -> int:
+    """Logits of ``cases`` ({case: preprocessed folder}) from ``folds`` (a child process)."""
+    cache = context.layout.logits_folder(round_index)
+    if all(os.path.isfile(os.path.join(cache, f"{case}.npy")) for case in cases):
+        return 0
+    spec_file = os.path.join(context.layout.logs_folder(round_index), f"predict_{name}.json")
+    os.makedirs(os.path.dirname(spec_file), exist_ok=True)
+    label_store.write_json(spec_file, {"model_folder": context.layout.model_folder(round_index), "folds": folds,
+                                       "cases": cases, "cache": cache, "mirroring": context.em.mirroring,
+                                       "device": context.options.device})
+    engine.run_child([sys.executable, "-m", "nnunetv2_em.oof", spec_file], env=_child_env(context, round_index),
+                     log_file=spec_file[:-len(".json")] + ".log")
+    return len(cases)
+
+
+def task_preprocess_unlabeled(context: RunContext, case: str, images: list[str]) -> str:
+    """Preprocess the images of an unlabeled case once, with nnU-Net's preprocessor and the dataset's plans."""
+    import blosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+
+    folder = context.unlabeled_folder()
+    if os.path.isfile(os.path.join(folder, f"{case}.pkl")):
+        return case
+    plans_manager, configuration_manager, dataset_json = managers(context)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    # without a label, nnU-Net's preprocessing returns the outside-image mask as -1 in ``seg``
+    data, seg, properties = preprocessor.run_case(images, None, plans_manager, configuration_manager, dataset_json)
+    os.makedirs(folder, exist_ok=True)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    blocks, chunks = comp_blosc2_params(data.shape, tuple(configuration_manager.patch_size), data.itemsize)
+    label_store.atomic_write(os.path.join(folder, f"{case}.b2nd"), lambda temp: blosc2.asarray(
+        data, urlpath=temp, chunks=chunks, blocks=blocks, cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5}),
+        suffix=".b2nd")
+    label_store.write_seg_b2nd(os.path.join(folder, f"{case}_mask.b2nd"), seg, configuration_manager.patch_size)
+    label_store.write_pickle(os.path.join(folder, f"{case}.pkl"), properties)  # last: marks the case done
+    return case
+
+
+def managers(context: RunContext):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(context.plans_file())
+    dataset_json = checks.with_ignore_label(checks.load_dataset_json(os.path.join(context.preprocessed,
+                                                                                  "dataset.json")))
+    return plans_manager, plans_manager.get_configuration(context.options.configuration), dataset_json
+
+
+def load_logits(context: RunContext, round_index: int, case: str) -> np.ndarray:
+    return np.load(context.layout.logits_file(round_index, case)).astype(np.float32)
+
+
+def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> str:
+    """E-step of one case: refine (labelled) or pseudo-label (unlabeled); stage the round's label files."""
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+
+    from nnunetv2_em import nnunet_data
+
+    marker = context.layout.case_file(round_index, case)
+    if os.path.isfile(marker):
+        return case
+    versions = context.versions()
+    plans_manager, configuration_manager, dataset_json = managers(context)
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    ignore_label = int(label_manager.ignore_label)
+    with open(context.layout.round_file(round_index, "fit.json")) as handle:
+        fit = json.load(handle)
+    model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
+    settings = context.em
+    logits = load_logits(context, round_index, case)
+    reader_writer = plans_manager.image_reader_writer_class()
+    if kind == label_store.PSEUDO:
+        properties = load_pickle(os.path.join(context.unlabeled_folder(), f"{case}.pkl"))
+        outside = label_store.read_seg_b2nd(os.path.join(context.unlabeled_folder(), f"{case}_mask.b2nd"))[0] < 0
+        refined = estep.pseudo_label(logits, model, thresholds=settings.thresholds, ignore_label=ignore_label,
+                                     outside=outside)
+        scores = estep.score_pseudo_label(logits, refined, model, ignore_label=ignore_label)
+        raw_label = nnunet_data.preprocessed_to_raw_geometry(refined, properties, plans_manager,
+                                                             configuration_manager)
+    else:
+        properties = load_pickle(versions.original_properties_path(case))
+        original = versions.read_original_segmentation(case)[0]
+        previous = versions.read_segmentation(round_index - 1, case)[0]
+        refined, scores = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
+                                            ignore_label=ignore_label, previous=previous, apply=fit["refine"])
+        original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
+        raw_label = nnunet_data.refined_raw_label(original_raw, original, refined, properties, plans_manager,
+                                                  configuration_manager)
+    properties = dict(properties)
+    properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
+    versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
+                        reader_writer=reader_writer, segmentation=refined[None], properties=properties,
+                        patch_size=configuration_manager.patch_size)
+    label_store.write_json(marker, {"case": case, "provenance": kind, **scores})
+    return case
