@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 import blosc2
 import numpy as np
 
+from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.nnunet_data import SEG_DTYPE, blosc2_seg_layout
 
 TEMP_DIR_PREFIX = ".em_tmp_"
@@ -396,7 +397,9 @@ class DatasetLabelVersions:
         if not os.path.isfile(complete):
             live_marker = read_preprocessed_marker(self.live_data_folder())
             if live_marker and (live_marker.get("round") or live_marker.get("switching")):
-                raise RuntimeError(f"{self.live_data_folder()} holds EM output ({live_marker}), not the originals")
+                raise EMInputError(f"{self.live_data_folder()}: holds EM output ({live_marker}), not the original "
+                                   f"segmentations. Fix: `nnunetv2_em restore -d {os.path.basename(self.raw_folder)} "
+                                   f"--round 0`, or preprocess this configuration again from the originals.")
             for case in self.read_manifest(0)["cases"]:
                 for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
                     copy = os.path.join(self.segmentation_folder(0), name)
@@ -487,8 +490,9 @@ class DatasetLabelVersions:
         identifier = manifest.get("data_identifier") or self.data_identifier
         previous = self.active()
         if previous["round"] and not previous["run"]:
-            raise RuntimeError(f"{self.active_path()}: written by nnunetv2_em 0.1 (rounds without a run); restore "
-                               f"its labels by hand from {self.root}, then remove em_labels/active.json")
+            raise EMInputError(f"{self.active_path()}: written by nnunetv2_em 0.1 (rounds without a run). Fix: copy "
+                               f"{self.root}/round_00/labelsTr back into labelsTr by hand, then remove "
+                               f"em_labels/active.json.")
         previous_path = self.manifest_path(previous["round"], previous["run"])
         previous_manifest = _read_json(previous_path) if os.path.isfile(previous_path) else {"cases": {}}
         token = uuid.uuid4().hex
