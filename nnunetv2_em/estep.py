@@ -42,7 +42,8 @@ class NoiseModel:
 
     def to_dict(self) -> dict:
         return {
-            "transition": np.asarray(self.transition).round(8).tolist(),
+            # full precision: rounding made exact zeros that the update can never leave again
+            "transition": np.asarray(self.transition, dtype=np.float64).tolist(),
             "temperature": float(self.temperature),
             "log_likelihood": float(self.log_likelihood),
             "trace": [float(v) for v in self.trace],
@@ -259,18 +260,29 @@ def posterior(logits, annotations, model: NoiseModel) -> np.ndarray:
     """Posterior over the true class per voxel, ``(C, *spatial)`` float32.
 
     Annotated voxels: ``∝ softmax(z/tau) · T[:, a]``. Voxels without an annotation get the calibrated prior.
+    Computed in log space (float32 keeps memory per voxel small): a product of a tiny probability and a tiny
+    transition entry underflows to zero in float32 for every class at once, which left such voxels all-zero.
     """
     logits = np.asarray(logits)
     annotations = np.asarray(annotations)
     num_classes = logits.shape[0]
     if logits.shape[1:] != annotations.shape:
         raise ValueError(f"logits {logits.shape} do not match annotations {annotations.shape}")
-    probs = softmax(logits, model.temperature, dtype=np.float32)  # per-voxel work: float32 is plenty
+    log_probs = np.array(logits, dtype=np.float32) * np.float32(1.0 / float(model.temperature))
     mask = annotated_mask(annotations, num_classes)
-    transition = np.asarray(model.transition, dtype=np.float32)
-    probs[:, mask] *= transition[:, annotations[mask]]
-    probs /= np.maximum(probs.sum(axis=0, keepdims=True), np.float32(1e-30))
-    return probs
+    with np.errstate(divide="ignore"):  # log(0) = -inf: an impossible (true, annotated) pair
+        log_transition = np.log(np.asarray(model.transition, dtype=np.float64)).astype(np.float32)
+    prior = log_probs[:, mask].copy()
+    log_probs[:, mask] += log_transition[:, annotations[mask]]
+    highest = log_probs.max(axis=0, keepdims=True)
+    impossible = ~np.isfinite(highest[0])  # an annotated class no true class produces (T column all zero)
+    if impossible.any():  # nothing to learn from such an annotation: the network's prior
+        log_probs[:, mask] = np.where(impossible[mask][None], prior, log_probs[:, mask])
+        highest = log_probs.max(axis=0, keepdims=True)
+    log_probs -= highest
+    np.exp(log_probs, out=log_probs)
+    log_probs /= log_probs.sum(axis=0, keepdims=True)
+    return log_probs
 
 
 def refine_labels(posterior_probs, annotations, *, thresholds: RefinementThresholds, ignore_label: int) -> np.ndarray:

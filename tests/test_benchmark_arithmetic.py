@@ -49,6 +49,12 @@ def test_label_dice_leaves_ignored_voxels_out():
     assert result["dice_1"] == pytest.approx(2 * 1 / (2 + 1))  # kept voxels: 0,1,3,4
     assert result["dice_2"] == pytest.approx(1.0)
     assert result["fraction_ignored"] == pytest.approx(2 / 6)
+    # scored as the annotation it replaced: voxel 2 was annotated 0 (a miss), voxel 5 was annotated 2 (a hit)
+    annotation = np.array([0, 1, 0, 0, 2, 2])
+    kept = benchmark.label_dice(reference, labels, classes=[1, 2], ignore_label=3, annotation=annotation)
+    assert kept["dice_kept_1"] == pytest.approx(2 * 1 / (3 + 1))
+    assert kept["dice_kept_2"] == pytest.approx(1.0)
+    assert kept["dice_1"] == result["dice_1"]
 
 
 def _results(em_dice):
@@ -58,8 +64,10 @@ def _results(em_dice):
             "test_cases": 3, "command": "nnunetv2_em benchmark ...",
             "test_dice": {"noisy": arm(0.70), "em": arm(em_dice), "clean": arm(0.80)},
             "recovery_share": benchmark.recovery_share(0.70, em_dice, 0.80),
-            "label_quality": [{"round": 0, "mean_foreground_dice": 0.8, "mean_fraction_ignored": 0.0},
-                              {"round": 1, "mean_foreground_dice": 0.85, "mean_fraction_ignored": 0.01}],
+            "label_quality": [{"round": 0, "mean_foreground_dice": 0.8, "mean_foreground_dice_ignored_kept": 0.8,
+                               "mean_fraction_ignored": 0.0},
+                              {"round": 1, "mean_foreground_dice": 0.85, "mean_foreground_dice_ignored_kept": 0.83,
+                               "mean_fraction_ignored": 0.01}],
             "detection": {"cases": {"corrupted": 2, "flagged": 2, "precision": 1.0, "recall": 1.0, "k": 2,
                                     "precision_at_k": 1.0, "average_precision": 1.0},
                           "voxels": {m: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "flagged": 10, "true": 12}
@@ -75,7 +83,7 @@ def test_report_states_the_result_either_way():
     assert "0.760 [0.750, 0.770]" in better
     worse = benchmark_report.markdown(_results(0.65))
     assert "**-0.50**" in worse and "EM did **not** beat vanilla" in worse
-    assert "| 1 | 0.8500 | 1.000% |" in worse
+    assert "| 1 | 0.8300 | 0.8500 | 1.000% |" in worse  # ignored kept at annotation first
     no_drop = _results(0.75)
     no_drop["test_dice"]["clean"] = no_drop["test_dice"]["noisy"]
     no_drop["recovery_share"] = float("nan")

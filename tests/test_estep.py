@@ -243,3 +243,26 @@ def test_fit_round_keeps_the_labels_when_an_untrained_network_would_explain_them
     fit = estep.fit_round([trained], calibrate_temperature=True, max_iterations=10, min_model_dice=0.0,
                           thresholds=RefinementThresholds(0.9, 0.5))
     assert fit.refine is True and fit.refused is None
+
+
+def test_the_posterior_does_not_underflow_where_float32_products_would():
+    # class 0 is certain to the network; the annotation says 2, which T says class 0 never produces and classes 1-2
+    # are ~1e-52 likely: every product p_k * T[k, 2] underflows in float32; the posterior must still favour 2
+    logits = np.array([[120.0], [0.0], [0.0]])
+    transition = np.array([[1.0, 0.0, 0.0], [0.0, 0.99, 0.01], [0.0, 0.01, 0.99]])
+    q = estep.posterior(logits, np.array([2]), NoiseModel(transition, 1.0))
+    assert np.isfinite(q).all() and q[:, 0].sum() == pytest.approx(1.0)
+    assert q[2, 0] == pytest.approx(0.99, abs=1e-6)
+    refined = estep.refine_labels(q, np.array([2]), thresholds=RefinementThresholds(0.9, 0.5), ignore_label=3)
+    assert refined[0] == 2  # kept, not ignored
+    # an annotated class that no true class produces (a T column of zeros) falls back to the network's prior
+    impossible = np.array([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0], [0.5, 0.5, 0.0]])
+    q = estep.posterior(np.array([[2.0], [0.0], [0.0]]), np.array([2]), NoiseModel(impossible, 1.0))
+    np.testing.assert_allclose(q[:, 0], estep.softmax(np.array([[2.0], [0.0], [0.0]]))[:, 0], rtol=1e-5)
+
+
+def test_the_stored_noise_model_keeps_full_precision():
+    transition = np.array([[1 - 3e-10, 3e-10], [0.25, 0.75]])
+    stored = NoiseModel(transition, 1.3).to_dict()
+    assert stored["transition"][0][1] == 3e-10
+    np.testing.assert_array_equal(np.asarray(stored["transition"]), transition)

@@ -197,10 +197,19 @@ def ranking_scores(ranked: list[dict], corrupted: set[str]) -> dict:
             "average_precision": float(np.mean(precisions)) if precisions else 0.0}
 
 
-def label_dice(reference: np.ndarray, labels: np.ndarray, *, classes, ignore_label: int | None) -> dict:
-    """Dice per class of training labels against the clean ones; ignored voxels are left out (and counted)."""
+def label_dice(reference: np.ndarray, labels: np.ndarray, *, classes, ignore_label: int | None,
+               annotation: np.ndarray | None = None) -> dict:
+    """Dice per class of training labels against the clean ones, two ways, and the ignored share.
+
+    ``dice_<c>`` leaves ignored voxels out (it rewards ignoring: a voxel set to ignore can no longer be wrong);
+    ``dice_kept_<c>`` (with ``annotation``, the labels EM started from) scores an ignored voxel as the annotation
+    it replaced, so ignoring gains nothing over keeping. All arrays have the same shape.
+    """
     keep = np.ones(reference.shape, bool) if ignore_label is None else labels != ignore_label
     result = {f"dice_{c}": estep.dice((reference == c) & keep, (labels == c) & keep) for c in classes}
+    if annotation is not None:
+        filled = np.where(keep, labels, annotation)
+        result.update({f"dice_kept_{c}": estep.dice(reference == c, filled == c) for c in classes})
     result["fraction_ignored"] = float(1 - keep.mean())
     return result
 
@@ -389,13 +398,19 @@ class Benchmark:
         clean = {case: _read_label(self.cases[case]["label"]) for case in split["train"]}
         ignore = int(checks.with_ignore_label(self.dataset_json)["labels"]["ignore"])
         rounds = []
+        noisy = {case: _read_label(versions.label_path(0, case)) for case in split["train"]}
         for round_index in [0, *versions.runs().get(versions.run, [])]:
             per_case = [label_dice(clean[case], _read_label(versions.label_path(round_index, case)),
-                                   classes=self.classes, ignore_label=ignore) for case in split["train"]]
-            foreground = [np.nanmean([p[f"dice_{c}"] for c in self.classes]) for p in per_case]
-            rounds.append({"round": round_index, "mean_foreground_dice": float(np.nanmean(foreground)),
+                                   classes=self.classes, ignore_label=ignore, annotation=noisy[case])
+                        for case in split["train"]]
+            rounds.append({"round": round_index,
+                           "mean_foreground_dice": self._mean_foreground(per_case, "dice"),
+                           "mean_foreground_dice_ignored_kept": self._mean_foreground(per_case, "dice_kept"),
                            "mean_fraction_ignored": float(np.mean([p["fraction_ignored"] for p in per_case]))})
         return rounds
+
+    def _mean_foreground(self, per_case: list[dict], key: str) -> float:
+        return float(np.nanmean([np.nanmean([p[f"{key}_{c}"] for c in self.classes]) for p in per_case]))
 
     def em_rounds(self) -> list[dict]:
         """What each EM round's E-step did: out-of-fold model Dice against its quality gate, changes, ignores."""
