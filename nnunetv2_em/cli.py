@@ -39,7 +39,8 @@ def _run(args):
     options = RunOptions(dataset=args.dataset, configuration=args.configuration, folds=tuple(args.folds),
                          rounds=args.rounds, trainer=args.trainer, plans=args.plans, device=args.device,
                          warm_fraction=args.warm_fraction, unlabeled=args.unlabeled,
-                         validate=not args.no_validation, keep_logits=args.keep_logits, num_processes=args.np)
+                         validate=not args.no_validation, keep_logits=args.keep_logits, num_processes=args.np,
+                         seed=args.seed)
     state = run(options, scheduler=args.scheduler)
     active = state["active"]
     print(f"\n{len(state['rounds'])} round(s) done{' (converged)' if state['converged'] else ''}; labelsTr holds "
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation of each fold")
     run.add_argument("--keep-logits", action="store_true", help="keep the out-of-fold logits of every round")
     run.add_argument("-np", type=int, default=2, help="worker processes for planning and preprocessing")
+    run.add_argument("--seed", type=int, help="train every fold repeatably with this seed (augmentation then runs "
+                     "in the training process; see nnunetv2_em/seeding.py)")
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="which label version labelsTr holds, kept versions, runs, checksums, "

@@ -27,14 +27,20 @@ def load_full_weights(trainer, checkpoint_file: str) -> None:
 
 
 def train_fold(dataset: str, configuration: str, fold: int | str, trainer_name: str, plans: str, device: str, *,
-               init_checkpoint: str | None = None, epoch_fraction: float = 1.0, validate: bool = True) -> str:
+               init_checkpoint: str | None = None, epoch_fraction: float = 1.0, validate: bool = True,
+               seed: int | None = None) -> str:
+    """Train one fold; with ``seed``, repeatably (``nnunetv2_em.seeding``: same seed, data and labels -> same
+    weights), unless the training resumes from a checkpoint of a killed run."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     from nnunetv2_em import label_store
+    from nnunetv2_em.seeding import seed_training
 
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
+    if seed is not None:
+        seed_training(seed)
     trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, plans, continue_training=True,
                                     device=torch.device(device))
     if epoch_fraction != 1.0:
@@ -50,7 +56,8 @@ def train_fold(dataset: str, configuration: str, fold: int | str, trainer_name: 
     if validate:
         trainer.perform_actual_validation(False)
     label_store.write_json(os.path.join(trainer.output_folder, DONE_MARKER),
-                           {"fold": fold, "epochs": trainer.num_epochs, "warm_start": init_checkpoint})
+                           {"fold": fold, "epochs": trainer.num_epochs, "warm_start": init_checkpoint, "seed": seed,
+                            "repeatable": seed is not None and not resumable})
     return trainer.output_folder
 
 
@@ -65,11 +72,12 @@ def main(argv=None) -> None:
     parser.add_argument("--init-checkpoint")
     parser.add_argument("--epoch-fraction", type=float, default=1.0)
     parser.add_argument("--no-validation", action="store_true")
+    parser.add_argument("--seed", type=int, help="train repeatably with this seed (see nnunetv2_em.seeding)")
     args = parser.parse_args(argv)
     fold = args.fold if args.fold == "all" else int(args.fold)
     train_fold(args.dataset, args.configuration, fold, args.trainer, args.plans, args.device,
                init_checkpoint=args.init_checkpoint, epoch_fraction=args.epoch_fraction,
-               validate=not args.no_validation)
+               validate=not args.no_validation, seed=args.seed)
 
 
 if __name__ == "__main__":

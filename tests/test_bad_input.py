@@ -127,6 +127,7 @@ def test_ignore_label_must_be_max_plus_one():
     ({"folds": (0, 0)}, "distinct fold numbers"),
     ({"rounds": 0}, "--rounds 0"),
     ({"warm_fraction": 1.5}, "--warm-fraction"),
+    ({"seed": -1}, "--seed -1"),
     ({"unlabeled": "/no/such/folder"}, "not a folder"),
 ])
 def test_cross_fold_run_rejects_bad_options_and_writes_nothing(nnunet_env, change, expected):

@@ -25,7 +25,7 @@ DATASET_ID = 932
 DATASET = "Dataset932_Hippo"
 CASES = demo_cases(8)
 RUN = ["nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1", "--rounds", "1", "--trainer",
-       "VanillaTrainer_tiny", "--device", "cpu", "--no-validation"]
+       "VanillaTrainer_tiny", "--device", "cpu", "--no-validation", "--seed", "0"]
 # in the order a round reaches them: originals copied, trainings, E-step, staging, the switch, bookkeeping
 WINDOWS = ["copying_originals", "fold_trained", "estep_case", "round_staged", "journal_written", "exchanged",
            "preprocessed_partly", "round_activated", "state_written"]
@@ -91,6 +91,10 @@ def test_a_run_killed_at_every_window_stays_valid_and_finishes(tmp_path):
     versions = label_store.dataset_versions(raw, preprocessed)
     assert {case: _sha(versions.label_path(0, case)) for case in CASES} == originals
     assert not os.path.exists(os.path.join(preprocessed, label_store.LOCK_FILE))
+    fold_folder = os.path.join(workspace.results, DATASET, "em_run__VanillaTrainer_tiny__nnUNetPlans__2d",
+                               "round_01", "nnUNet_results", DATASET, "VanillaTrainer_tiny__nnUNetPlans__2d", "fold_1")
+    with open(os.path.join(fold_folder, "em_mstep_done.json")) as handle:
+        assert json.load(handle)["seed"] == 0
     workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")
     assert {case: _sha(os.path.join(raw, "labelsTr", f"{case}.nii.gz")) for case in CASES} == originals
     assert sorted(os.listdir(os.path.join(raw, "labelsTr"))) == sorted(f"{case}.nii.gz" for case in CASES)

@@ -36,6 +36,8 @@ class CrossFoldRun:
         preprocessed = os.path.join(paths["nnUNet_preprocessed"], self.name)
         if options.rounds is not None and options.rounds < 1:
             raise EMInputError(f"--rounds {options.rounds}: must be at least 1. Fix: pass --rounds 1 or more.")
+        if options.seed is not None and options.seed < 0:
+            raise EMInputError(f"--seed {options.seed}: must be an integer >= 0. Fix: e.g. --seed 0.")
         if not 0 < options.warm_fraction <= 1:
             raise EMInputError(f"--warm-fraction {options.warm_fraction}: must be in (0, 1]. Fix: e.g. 0.5.")
         if not options.folds or len(set(options.folds)) != len(options.folds) or min(options.folds) < 0:

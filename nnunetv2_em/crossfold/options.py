@@ -25,11 +25,15 @@ class RunOptions:
     validate: bool = True  # nnU-Net's final validation of each fold (needed by its find_best_configuration)
     keep_logits: bool = False
     num_processes: int = 2  # planning / preprocessing workers
+    seed: int | None = None  # every fold training repeatable with this seed (nnunetv2_em.seeding)
 
     def identity(self) -> dict:
         """What a rerun must repeat to continue this run (the rest may change between invocations)."""
-        return {key: value for key, value in dataclasses.asdict(self).items()
-                if key in ("configuration", "folds", "trainer", "plans", "warm_fraction", "unlabeled")}
+        identity = {key: value for key, value in dataclasses.asdict(self).items()
+                    if key in ("configuration", "folds", "trainer", "plans", "warm_fraction", "unlabeled")}
+        if self.seed is not None:  # absent when unseeded, so runs started before seeds existed still continue
+            identity["seed"] = self.seed
+        return identity
 
 
 @dataclass(frozen=True)

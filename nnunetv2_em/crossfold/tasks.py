@@ -38,6 +38,8 @@ def task_train(context: RunContext, round_index: int, fold: int) -> int:
                     "--epoch-fraction", str(options.warm_fraction)]
     if not options.validate:
         command.append("--no-validation")
+    if options.seed is not None:
+        command += ["--seed", str(options.seed)]
     engine.run_child(command, env=_child_env(context, round_index),
                      log_file=os.path.join(context.layout.logs_folder(round_index), f"train_fold_{fold}.log"))
     return fold
