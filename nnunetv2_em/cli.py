@@ -97,9 +97,10 @@ def _benchmark(args):
     from nnunetv2_em.benchmark.report import markdown
 
     command = " ".join(["nnunetv2_em", "benchmark", "--dataset", args.dataset, "--noise", args.noise, "--seed",
-                        str(args.seed), "--profile", args.profile, "--out", args.out])
+                        str(args.seed), "--profile", args.profile, "--out", args.out,
+                        *([] if args.training_seed is None else ["--training-seed", str(args.training_seed)])])
     results = run_benchmark(args.dataset, args.noise, seed=args.seed, profile=args.profile, out=args.out,
-                            command=command)
+                            command=command, training_seed=args.training_seed)
     print(markdown(results))
 
 
@@ -165,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dataset", required=True, help="path of a raw nnU-Net dataset with trusted labels")
     bench.add_argument("--noise", required=True, choices=sorted(SETTINGS),
                        help="; ".join(f"{k}: {v.description}" for k, v in SETTINGS.items()).replace("%", "%%"))
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="split and corruption seed")
+    bench.add_argument("--training-seed", type=int, help="seed of every training of every arm, so that the arms "
+                       "differ only by their labels (default: unseeded)")
     bench.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
                        help="; ".join(f"{k}: {v.description}" for k, v in PROFILES.items()).replace("%", "%%"))
     bench.add_argument("--out", required=True, help="output folder (rerunning continues where it stopped)")

@@ -21,7 +21,8 @@ def smoke(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for key, value in NNUNET_TEST_ENV.items():
             patch.setenv(key, value)
-        results = benchmark.run_benchmark(source, "mix", seed=3, profile="smoke", out=out, command="smoke")
+        results = benchmark.run_benchmark(source, "mix", seed=3, profile="smoke", out=out, command="smoke",
+                                          training_seed=0)
     return source, out, results
 
 
@@ -61,8 +62,17 @@ def test_every_arm_is_trained_evaluated_and_reported(smoke):
                          ("Dataset963_BenchClean", "ExperimentPlanner")):
         with open(os.path.join(out, "nnunet", "preprocessed", arm, "nnUNetPlans.json")) as handle:
             assert json.load(handle)["experiment_planner_used"] == planner
+    # every training of every arm ran with the same training seed
+    for arm in ("Dataset961_BenchNoisy", "Dataset962_BenchEm", "Dataset963_BenchClean"):
+        with open(os.path.join(out, "nnunet", "results", arm, "VanillaTrainer_tiny__nnUNetPlans__2d", "fold_all",
+                               "em_mstep_done.json")) as handle:
+            assert json.load(handle)["seed"] == 0
+    assert results["training_seed"] == 0
     assert [row["round"] for row in results["label_quality"]] == [0, 1]
     assert results["label_quality"][0]["mean_fraction_ignored"] == 0.0
+    # round 0 is the annotation itself: both label Dice variants agree there
+    assert results["label_quality"][0]["mean_foreground_dice_ignored_kept"] == \
+        pytest.approx(results["label_quality"][0]["mean_foreground_dice"])
     assert [row["round"] for row in results["em_rounds"]] == [1]
     assert results["em_rounds"][0]["min_model_dice"] == 0.0  # the smoke profile opens the gate
     for method in ("em", "cleanlab"):

@@ -216,7 +216,8 @@ def label_dice(reference: np.ndarray, labels: np.ndarray, *, classes, ignore_lab
 
 # ------------------------------------------------------------------------------------------------- the steps
 class Benchmark:
-    def __init__(self, dataset_path: str, noise_name: str, *, seed: int, profile: str, out: str):
+    def __init__(self, dataset_path: str, noise_name: str, *, seed: int, profile: str, out: str,
+                 training_seed: int | None = None):
         if noise_name not in noise.SETTINGS:
             raise EMInputError(f"--noise {noise_name}: unknown. Fix: pick one of {sorted(noise.SETTINGS)}.")
         if profile not in PROFILES:
@@ -227,6 +228,7 @@ class Benchmark:
         self.classes = checks.label_values(self.dataset_json, os.path.join(self.source, "dataset.json"))[1:]
         self.setting = noise.SETTINGS[noise_name]
         self.seed = seed
+        self.training_seed = training_seed  # every training of every arm (nnunetv2_em.seeding); None: unseeded
         self.profile = PROFILES[profile]
         self.profile_name = profile
         self.workspace = Workspace(os.path.abspath(out))
@@ -317,7 +319,8 @@ class Benchmark:
         if os.path.isfile(os.path.join(fold, "em_mstep_done.json")):
             return {}
         command = [sys.executable, "-m", "nnunetv2_em.mstep", self.workspace.dataset(arm), self.profile.configuration,
-                   "all", "--trainer", self.profile.trainer, "--device", self.profile.device, "--no-validation"]
+                   "all", "--trainer", self.profile.trainer, "--device", self.profile.device, "--no-validation",
+                   *self._seed_arguments()]
         return _run_measured(command, self.workspace.env(), os.path.join(self.workspace.out, "logs",
                                                                          f"{arm}_train.log"))
 
@@ -347,11 +350,15 @@ class Benchmark:
         command = [_console("nnunetv2_em"), "run", "-d", str(ARM_IDS["em"]), "-c", self.profile.configuration,
                    "--folds", *[str(f) for f in range(self.profile.folds)], "--rounds", str(self.profile.rounds),
                    "--trainer", self.profile.trainer, "--device", self.profile.device, "--no-validation",
-                   "--keep-logits"]
+                   "--keep-logits", *self._seed_arguments()]
         measured = _run_measured(command, self.workspace.env(), os.path.join(self.workspace.out, "logs",
                                                                              "em_run.log"))
         label_store.write_json(marker, measured)
         return measured
+
+    def _seed_arguments(self) -> list[str]:
+        """The same training seed for every arm, so that arms (a) and (b) differ only by their labels."""
+        return [] if self.training_seed is None else ["--seed", str(self.training_seed)]
 
     def run_arms(self) -> dict:
         timings_file = os.path.join(self.workspace.out, "arms.json")
@@ -462,6 +469,7 @@ class Benchmark:
         test = self.test_dice()
         results = {
             "dataset": self.source, "noise": dataclasses.asdict(self.setting), "seed": self.seed,
+            "training_seed": self.training_seed,
             "profile": self.profile_name, "profile_settings": dataclasses.asdict(self.profile),
             "train_cases": len(split["train"]), "test_cases": len(split["test"]),
             "test_dice": test,
@@ -479,6 +487,6 @@ class Benchmark:
 
 
 def run_benchmark(dataset: str, noise_name: str, *, seed: int = 0, profile: str = "cpu", out: str,
-                  command: str | None = None) -> dict:
-    return Benchmark(dataset, noise_name, seed=seed, profile=profile, out=out).run(command)
+                  command: str | None = None, training_seed: int | None = None) -> dict:
+    return Benchmark(dataset, noise_name, seed=seed, profile=profile, out=out, training_seed=training_seed).run(command)
 

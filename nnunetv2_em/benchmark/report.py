@@ -22,7 +22,8 @@ def markdown(results: dict) -> str:
     test = results["test_dice"]
     classes = list(test["noisy"]["per_class"])
     lines = [f"# EM vs vanilla nnU-Net: noise `{results['noise']['name']}` ({results['noise']['description']})", "",
-             f"Profile `{results['profile']}`, seed {results['seed']}, {results['train_cases']} training / "
+             f"Profile `{results['profile']}`, seed {results['seed']}, training seed "
+             f"{results.get('training_seed')}, {results['train_cases']} training / "
              f"{results['test_cases']} test cases." + (f" Command: `{results['command']}`" if results.get("command")
                                                          else ""), "",
              "## Test Dice (mean over test cases, 95 % bootstrap interval)", "",
