@@ -151,7 +151,7 @@ def guard_label_versions(raw_folder: str, dataset: str, *, continuing_run: str |
         return
     version = label_store.version_name(marker.get("run"), int(marker.get("round", 0)))
     marker_file = os.path.join(labels, label_store.VERSION_MARKER)
-    if not os.path.isfile(os.path.join(root, "round_00", "manifest.json")):
+    if not os.path.isfile(label_store.originals_manifest_path(raw_folder)):
         raise EMInputError(f"{labels}: holds EM output ({version}), and the original annotations "
                            f"({root}/round_00) are missing. Fix: put em_labels/ back from a backup, then "
                            f"`nnunetv2_em restore -d {dataset} --round 0`; only if these labels are to become your "

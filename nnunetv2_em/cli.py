@@ -35,6 +35,7 @@ def _demo(args):
 
 def _run(args):
     from nnunetv2_em.crossfold import RunOptions, run
+    from nnunetv2_em.label_store import version_name
 
     options = RunOptions(dataset=args.dataset, configuration=args.configuration, folds=tuple(args.folds),
                          rounds=args.rounds, trainer=args.trainer, plans=args.plans, device=args.device,
@@ -44,7 +45,7 @@ def _run(args):
     state = run(options, scheduler=args.scheduler)
     active = state["active"]
     print(f"\n{len(state['rounds'])} round(s) done{' (converged)' if state['converged'] else ''}; labelsTr holds "
-          f"{label_version_name(active['run'], active['round'])}; the originals are in "
+          f"{version_name(active['run'], active['round'])}; the originals are in "
           f"nnUNet_raw/<dataset>/em_labels/round_00 (`nnunetv2_em status` / `restore`).")
 
 
@@ -71,14 +72,11 @@ def _status(args):
 
 def _restore(args):
     from nnunetv2_em import checks
-    from nnunetv2_em.label_store import dataset_lock, restore
+    from nnunetv2_em.label_store import dataset_lock, restore, version_name
 
     raw, preprocessed, _ = _dataset_folders(args.dataset)
     checks.load_dataset_json(f"{raw}/dataset.json")
-    busy = lambda holder, lock_file: EMInputError(  # noqa: E731
-        f"{args.dataset}: an nnunetv2_em command is working on this dataset ({holder}; lock {lock_file}). Fix: wait "
-        f"for it to finish or stop it, then restore.")
-    with dataset_lock(preprocessed, busy):
+    with dataset_lock(preprocessed):
         try:
             result = restore(raw, preprocessed, round_index=args.round, run=args.run)
         except ValueError as error:
@@ -86,9 +84,9 @@ def _restore(args):
                                f"kept.") from None
     if result["completed"]:
         done = result["completed"]
-        print(f"completed an interrupted switch to {label_version_name(done['run'], done['round'])}")
+        print(f"completed an interrupted switch to {version_name(done['run'], done['round'])}")
     active = result["active"]
-    print(f"labelsTr holds {label_version_name(active['run'], active['round'])}; preprocessed segmentations, "
+    print(f"labelsTr holds {version_name(active['run'], active['round'])}; preprocessed segmentations, "
           f"dataset.json and splits match it; gt_segmentations hold the originals.")
 
 
@@ -102,12 +100,6 @@ def _benchmark(args):
     results = run_benchmark(args.dataset, args.noise, seed=args.seed, profile=args.profile, out=args.out,
                             command=command, training_seed=args.training_seed)
     print(markdown(results))
-
-
-def label_version_name(run, round_index) -> str:
-    from nnunetv2_em.label_store import version_name
-
-    return version_name(run, round_index)
 
 
 def build_parser() -> argparse.ArgumentParser:

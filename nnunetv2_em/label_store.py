@@ -40,6 +40,7 @@ import blosc2
 import numpy as np
 
 from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.layout import run_folder
 from nnunetv2_em.nnunet_data import SEG_DTYPE, blosc2_seg_layout
 
 TEMP_DIR_PREFIX = ".em_tmp_"
@@ -271,6 +272,11 @@ def labels_digest(checksums: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(checksums.items())).encode()).hexdigest()
 
 
+def originals_manifest_path(raw_folder: str) -> str:
+    """``em_labels/round_00/manifest.json``: its presence means the original annotations are kept (complete)."""
+    return os.path.join(raw_folder, EM_LABELS, "round_00", "manifest.json")
+
+
 def version_name(run: str | None, round_index: int) -> str:
     return "round 0 (the original annotations)" if round_index == 0 else f"round {round_index} of run {run}"
 
@@ -344,7 +350,7 @@ class DatasetLabelVersions:
         return os.path.join(self.root, "active.json")
 
     def has_originals(self) -> bool:
-        return os.path.isfile(self.manifest_path(0))
+        return os.path.isfile(originals_manifest_path(self.raw_folder))
 
     def read_manifest(self, round_index: int, run: str | None = None) -> dict:
         return _read_json(self.manifest_path(round_index, run))
@@ -356,11 +362,6 @@ class DatasetLabelVersions:
         active = _read_json(self.active_path())
         return {"run": active.get("run"), "round": int(active["round"]),
                 "data_identifier": active.get("data_identifier")}
-
-    def active_round(self) -> int:
-        """This run's round that labelsTr holds; 0 when it holds the originals or another run's labels."""
-        active = self.active()
-        return active["round"] if active["run"] == self.run else 0
 
     def runs(self) -> dict[str, list[int]]:
         """``{run: [rounds with a complete manifest]}`` kept in em_labels."""
@@ -386,8 +387,7 @@ class DatasetLabelVersions:
                 source = os.path.join(self.live_labels_folder(), case + self.file_ending)
                 copy = self.label_path(0, case)
                 os.makedirs(os.path.dirname(copy), exist_ok=True)
-                _verified_copy(source, copy)
-                entries[case] = {"provenance": ORIGINAL, "sha256": sha256(copy)}
+                entries[case] = {"provenance": ORIGINAL, "sha256": _verified_copy(source, copy)}
                 fault_point("copying_originals")
             copy_file(os.path.join(self.raw_folder, "dataset.json"), os.path.join(self.round_folder(0), "dataset.json"))
             manifest = {"round": 0, "cases": entries, "labels_sha256": labels_digest(
@@ -395,8 +395,8 @@ class DatasetLabelVersions:
             write_json(self.manifest_path(0), manifest)  # last: its presence means round 0 is complete
         complete = os.path.join(self.segmentation_folder(0), "complete.json")
         if not os.path.isfile(complete):
-            live_marker = read_preprocessed_marker(self.live_data_folder())
-            if live_marker and (live_marker.get("round") or live_marker.get("switching")):
+            live_marker = preprocessed_em_output(self.live_data_folder())
+            if live_marker:
                 raise EMInputError(f"{self.live_data_folder()}: holds EM output ({live_marker}), not the original "
                                    f"segmentations. Fix: `nnunetv2_em restore -d {os.path.basename(self.raw_folder)} "
                                    f"--round 0`, or preprocess this configuration again from the originals.")
@@ -450,13 +450,12 @@ class DatasetLabelVersions:
         """Copy a case's images from outside the dataset (--unlabeled) into the run's version folder, so that any
         later restore finds them; returns their paths relative to em_labels."""
         kept = []
+        os.makedirs(self.added_images_folder(), exist_ok=True)
         for index, image in enumerate(images):
-            relative = os.path.join(self.run, "added_images", f"{case}_{index:04d}{self.file_ending}")
-            target = os.path.join(self.root, relative)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            target = os.path.join(self.added_images_folder(), f"{case}_{index:04d}{self.file_ending}")
             if not os.path.isfile(target):
                 _verified_copy(image, target)
-            kept.append(relative)
+            kept.append(os.path.relpath(target, self.root))
         return kept
 
     def write_round_metadata(self, round_index: int, dataset_json: dict, cases: dict[str, dict]) -> None:
@@ -541,14 +540,24 @@ def read_preprocessed_marker(data_folder: str) -> dict | None:
     return _read_json(path) if os.path.isfile(path) else None
 
 
+def preprocessed_em_output(data_folder: str) -> dict | None:
+    """The marker of a preprocessed data folder if it holds a run's segmentations (or a switch to them), else
+    None: the folder holds nnU-Net's own preprocessing of the annotations."""
+    marker = read_preprocessed_marker(data_folder)
+    return marker if marker and (marker.get("round") or marker.get("switching")) else None
+
+
 def preprocessed_marker_path(data_folder: str) -> str:
     return os.path.normpath(data_folder) + PREPROCESSED_MARKER_SUFFIX
 
 
-def _verified_copy(source: str, destination: str) -> None:
+def _verified_copy(source: str, destination: str) -> str:
+    """Copy atomically and check the copy against the source; returns its SHA-256."""
     copy_file(source, destination)
-    if sha256(destination) != sha256(source):
+    digest = sha256(destination)
+    if digest != sha256(source):
         raise OSError(f"copy of {source} does not match the original; nothing was replaced")
+    return digest
 
 
 def recover_activation(raw_folder: str, preprocessed_folder: str) -> dict | None:
@@ -645,7 +654,7 @@ def _roll_forward(raw_folder: str, preprocessed_folder: str, journal: dict) -> N
         with contextlib.suppress(FileNotFoundError):
             os.remove(preprocessed_marker_path(other))
     _sync_splits(preprocessed_folder, manifest, journal["remove_live_cases"])
-    _sync_preprocessed_dataset_json(preprocessed_folder, manifest)
+    _sync_preprocessed_dataset_json(preprocessed_folder)
     _restore_gt_segmentations(versions)
 
     write_json(versions.active_path(), {"run": run, "round": round_index, "data_identifier": identifier})
@@ -668,16 +677,15 @@ def _sync_splits(preprocessed_folder: str, manifest: dict, leaving: list[str]) -
         write_json(path, updated)
 
 
-def _sync_preprocessed_dataset_json(preprocessed_folder: str, manifest: dict) -> None:
+def _sync_preprocessed_dataset_json(preprocessed_folder: str) -> None:
     """Training reads the preprocessed dataset.json: it needs the ignore label and no list of excluded images."""
+    from nnunetv2_em.checks import with_ignore_label
+
     path = os.path.join(preprocessed_folder, "dataset.json")
     if not os.path.isfile(path):
         return
     dataset_json = _read_json(path)
-    updated = dict(dataset_json)
-    if "ignore" not in updated["labels"]:
-        updated["labels"] = {**updated["labels"],
-                             "ignore": max(int(v) for v in updated["labels"].values()) + 1}
+    updated = dict(with_ignore_label(dataset_json))
     updated.pop("dataset", None)
     if updated != dataset_json:
         write_json(path, updated)
@@ -699,9 +707,9 @@ LOCK_FILE = "em_run.lock"
 
 
 @contextlib.contextmanager
-def dataset_lock(preprocessed_folder: str, on_busy: Callable[[str, str], Exception]):
-    """Hold the dataset's lock (runs and restores take it; released when the process ends, however it ends).
-    ``on_busy(holder, lock_file)`` builds the exception raised when another process holds it."""
+def dataset_lock(preprocessed_folder: str):
+    """Hold the dataset's lock (runs and restores take it; released when the process ends, however it ends);
+    one clear error when another process holds it."""
     os.makedirs(preprocessed_folder, exist_ok=True)
     lock_file = os.path.join(preprocessed_folder, LOCK_FILE)
     handle = open(lock_file, "a+")
@@ -711,7 +719,9 @@ def dataset_lock(preprocessed_folder: str, on_busy: Callable[[str, str], Excepti
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise on_busy(holder, lock_file) from None
+        raise EMInputError(f"{os.path.basename(os.path.normpath(preprocessed_folder))}: an nnunetv2_em command is "
+                           f"already working on this dataset ({holder}; lock {lock_file}). Fix: wait for it to finish "
+                           f"or stop it, then run again.") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -815,7 +825,7 @@ def dataset_status(raw_folder: str, preprocessed_folder: str, results_folder: st
         "preprocessed": {},
     }
     for run, rounds in versions.runs().items():
-        state_file = os.path.join(results_folder or "", status["dataset"], run, "state.json")
+        state_file = os.path.join(run_folder(results_folder or "", status["dataset"], run), "state.json")
         state = _read_json(state_file) if results_folder and os.path.isfile(state_file) else None
         status["runs"][run] = {"rounds_kept": rounds, "rounds_done": sorted(int(r) for r in state["rounds"])
                                if state else None, "converged": state["converged"] if state else None}

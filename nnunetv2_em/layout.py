@@ -30,6 +30,11 @@ def run_name(trainer: str, plans: str, configuration: str) -> str:
     return f"{RUN_PREFIX}{trainer}__{plans}__{configuration}"
 
 
+def run_folder(results_root: str, dataset_name: str, name: str) -> str:
+    """The folder of the run called ``name`` (see ``run_name``)."""
+    return os.path.join(results_root, dataset_name, name)
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Paths of one run; picklable, so Dask tasks carry it."""
@@ -46,7 +51,7 @@ class RunLayout:
 
     @property
     def folder(self) -> str:
-        return os.path.join(self.results_root, self.dataset_name, self.name)
+        return run_folder(self.results_root, self.dataset_name, self.name)
 
     def file(self, name: str) -> str:
         """``run.json``, ``state.json``, ``summary.json``, ``summary.md``, ``plots``."""

@@ -90,10 +90,10 @@ class Workspace:
         return RunLayout(os.path.join(self.nnunet, "results"), self.dataset("em"), profile.trainer, "nnUNetPlans",
                          profile.configuration)
 
-    def em_versions(self, profile: Profile) -> label_store.DatasetLabelVersions:
+    def em_versions(self, profile: Profile, file_ending: str) -> label_store.DatasetLabelVersions:
         """The EM arm's label versions (round 0: the noisy labels; rounds >= 1: the run's refinements)."""
         return label_store.DatasetLabelVersions(self.raw("em"), self.preprocessed("em"),
-                                                f"nnUNetPlans_{profile.configuration}", ".nii.gz",
+                                                f"nnUNetPlans_{profile.configuration}", file_ending,
                                                 run=self.em_run(profile).name)
 
 
@@ -401,7 +401,7 @@ class Benchmark:
 
     def label_quality(self, split: dict) -> list[dict]:
         """Mean label Dice of the training labels vs the clean ones: noisy (round 0), then after each EM round."""
-        versions = self.workspace.em_versions(self.profile)
+        versions = self.workspace.em_versions(self.profile, self.ending)
         clean = {case: _read_label(self.cases[case]["label"]) for case in split["train"]}
         ignore = int(checks.with_ignore_label(self.dataset_json)["labels"]["ignore"])
         rounds = []
@@ -438,7 +438,7 @@ class Benchmark:
         with open(os.path.join(self.workspace.out, "corruption", "records.json")) as handle:
             corrupted = set(json.load(handle)["corrupted_cases"])
         layout = self.workspace.em_run(self.profile)
-        versions = self.workspace.em_versions(self.profile)
+        versions = self.workspace.em_versions(self.profile, self.ending)
         last = max(layout.rounds_started())
         with open(layout.round_file(last, "cases.json")) as handle:
             ranked = json.load(handle)

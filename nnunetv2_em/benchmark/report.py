@@ -142,7 +142,7 @@ def _overlays(path: str, benchmark, results: dict, count: int = 3) -> None:
     with open(os.path.join(benchmark.workspace.out, "corruption", "records.json")) as handle:
         corrupted = json.load(handle)["corrupted_cases"][:count]
     last = max(row["round"] for row in results["label_quality"])
-    versions = benchmark.workspace.em_versions(benchmark.profile)
+    versions = benchmark.workspace.em_versions(benchmark.profile, benchmark.ending)
     figure, axes = plt.subplots(max(len(corrupted), 1), 3, figsize=(7.5, 2.6 * max(len(corrupted), 1)),
                                 squeeze=False)
     for row, case in enumerate(corrupted):

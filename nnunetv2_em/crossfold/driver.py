@@ -67,7 +67,7 @@ class CrossFoldRun:
     def _check_raw(self, raw):
         from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-        versions_manifest = os.path.join(raw, "em_labels", "round_00", "manifest.json")
+        versions_manifest = label_store.originals_manifest_path(raw)
         if os.path.isfile(versions_manifest):  # a run in progress already replaced labelsTr: check the originals
             with open(versions_manifest) as handle:
                 originals = sorted(json.load(handle)["cases"])
@@ -182,9 +182,7 @@ class CrossFoldRun:
 
     def locked(self):
         """Hold the dataset's run lock (released when the process ends, however it ends)."""
-        return label_store.dataset_lock(self.preprocessed, lambda holder, lock_file: EMInputError(
-            f"{self.name}: an nnunetv2_em command is already working on this dataset ({holder}; lock {lock_file}). "
-            f"Fix: wait for it to finish or stop it, then run again."))
+        return label_store.dataset_lock(self.preprocessed)
 
     def _check_identity(self, *, write: bool) -> None:
         path = self.layout.file("run.json")

@@ -53,8 +53,8 @@ class EMTrainer(nnUNetTrainer):
         if not os.path.isdir(data_folder):
             raise EMInputError(f"{data_folder}: not found. Fix: nnUNetv2_plan_and_preprocess -d "
                                f"{plans['dataset_name']} -pl EMPlanner -c {configuration}.")
-        marker = label_store.read_preprocessed_marker(data_folder)
-        if marker and (marker.get("round") or marker.get("switching")):
+        marker = label_store.preprocessed_em_output(data_folder)
+        if marker:
             raise EMInputError(f"{data_folder}: holds the segmentations of "
                                f"{label_store.version_name(marker.get('run'), int(marker.get('round', 0)))} written "
                                f"by `nnunetv2_em run`{' (switch interrupted)' if marker.get('switching') else ''}, not "
