@@ -96,10 +96,12 @@ class VanillaTrainer_tiny(VanillaTrainer_cpu):
 
 
 class EMTrainer_tiny(EMTrainer_cpu):
-    """Smoke-test budget: 2 rounds x 1 epoch x 5 iterations, refining even with the untrained network
-    (``min_model_dice`` 0) so that every step of the loop runs. Not a useful model."""
+    """Smoke-test budget: 2 rounds x 1 epoch x 5 iterations, refining even with the untrained network so that
+    every step of the loop runs: no Dice gate, no limit on the ignored share, and the temperature left at 1 (fitted,
+    it runs to its bound for an untrained network and the round is refused, depending on the draw). Not a useful
+    model."""
 
     em_overrides = {"rounds": 2, "epochs_per_round": 1, "mirroring": False, "min_model_dice": 0.0,
-                    "max_ignored_share": 1.0}
+                    "max_ignored_share": 1.0, "calibrate_temperature": False}
     iterations_per_epoch = 5
     val_iterations_per_epoch = 2
