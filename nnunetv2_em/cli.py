@@ -91,15 +91,21 @@ def _restore(args):
 
 
 def _benchmark(args):
-    from nnunetv2_em.benchmark.harness import run_benchmark
+    from nnunetv2_em.benchmark import suite
     from nnunetv2_em.benchmark.report import markdown
 
-    command = " ".join(["nnunetv2_em", "benchmark", "--dataset", args.dataset, "--noise", args.noise, "--seed",
-                        str(args.seed), "--profile", args.profile, "--out", args.out,
-                        *([] if args.training_seed is None else ["--training-seed", str(args.training_seed)])])
-    results = run_benchmark(args.dataset, args.noise, seed=args.seed, profile=args.profile, out=args.out,
-                            command=command, training_seed=args.training_seed)
-    print(markdown(results))
+    command = " ".join(["nnunetv2_em", "benchmark", "--dataset", args.dataset, "--noise", *args.noise, "--seeds",
+                        *map(str, args.seeds), "--seed", str(args.seed), "--profile", args.profile, "--out", args.out,
+                        *(["--label-quality-only"] if args.label_quality_only else [])])
+    if args.report_only:
+        summary = suite.report_finished(args.out, args.noise, seeds=args.seeds, profile=args.profile,
+                                        corruption_seed=args.seed, label_quality_only=args.label_quality_only,
+                                        command=command)
+    else:
+        summary = suite.run_suite(args.dataset, args.noise, seeds=args.seeds, corruption_seed=args.seed,
+                                  profile=args.profile, out=args.out, label_quality_only=args.label_quality_only,
+                                  command=command)
+    print(markdown(summary))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,15 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     from nnunetv2_em.benchmark.harness import PROFILES
     from nnunetv2_em.benchmark.noise import SETTINGS
 
-    bench = commands.add_parser("benchmark", help="EM vs vanilla nnU-Net on clean data with seeded annotation noise")
+    bench = commands.add_parser("benchmark", help="EM vs vanilla nnU-Net and a cleanlab peer on clean data with "
+                                "seeded annotation noise: noise settings x training seeds, resumable")
     bench.add_argument("--dataset", required=True, help="path of a raw nnU-Net dataset with trusted labels")
-    bench.add_argument("--noise", required=True, choices=sorted(SETTINGS),
-                       help="; ".join(f"{k}: {v.description}" for k, v in SETTINGS.items()).replace("%", "%%"))
-    bench.add_argument("--seed", type=int, default=0, help="split and corruption seed")
-    bench.add_argument("--training-seed", type=int, help="seed of every training of every arm, so that the arms "
-                       "differ only by their labels (default: unseeded)")
+    bench.add_argument("--noise", required=True, nargs="+", choices=sorted(SETTINGS), metavar="SETTING",
+                       help="one or more of: " + "; ".join(f"{k}: {v.description}"
+                                                           for k, v in SETTINGS.items()).replace("%", "%%"))
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0],
+                       help="training seeds, each a full replicate (every training of every arm uses it; the split "
+                            "and corruption stay fixed). Default: 0")
+    bench.add_argument("--seed", type=int, default=0, help="split and corruption seed, the same for every replicate")
     bench.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
                        help="; ".join(f"{k}: {v.description}" for k, v in PROFILES.items()).replace("%", "%%"))
+    bench.add_argument("--label-quality-only", action="store_true",
+                       help="only the EM run and cleanlab's filtering: training-label quality, no final trainings")
+    bench.add_argument("--report-only", action="store_true",
+                       help="write the report from the replicates already finished (nothing is trained)")
     bench.add_argument("--out", required=True, help="output folder (rerunning continues where it stopped)")
     bench.set_defaults(handler=_benchmark)
 

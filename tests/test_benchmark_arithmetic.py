@@ -1,102 +1,176 @@
-"""The benchmark report's arithmetic on hand-made results."""
+"""The benchmark's metrics, paired intervals, suite summary and report on hand-made arrays and results."""
 
 import math
 
 import numpy as np
 import pytest
 
-from nnunetv2_em.benchmark import harness as benchmark
+from nnunetv2_em.benchmark import metrics, suite
 from nnunetv2_em.benchmark import report as benchmark_report
 
 
 def test_recovery_share():
-    assert benchmark.recovery_share(0.70, 0.76, 0.80) == pytest.approx(0.6)
-    assert benchmark.recovery_share(0.70, 0.65, 0.80) == pytest.approx(-0.5)  # EM worse than vanilla
-    assert math.isnan(benchmark.recovery_share(0.8, 0.8, 0.8))
+    assert metrics.recovery_share(0.70, 0.76, 0.80) == pytest.approx(0.6)
+    assert metrics.recovery_share(0.70, 0.65, 0.80) == pytest.approx(-0.5)  # EM worse than vanilla
+    assert math.isnan(metrics.recovery_share(0.8, 0.8, 0.8))
 
 
 def test_bootstrap_interval_contains_the_mean_and_ignores_nan():
-    mean, low, high = benchmark.bootstrap_ci([0.5, 0.7, 0.9, float("nan")], seed=1)
+    mean, low, high = metrics.bootstrap_ci([0.5, 0.7, 0.9, float("nan")], seed=1)
     assert mean == pytest.approx(0.7)
     assert 0.5 <= low < mean < high <= 0.9
-    assert benchmark.bootstrap_ci([0.8, 0.8, 0.8]) == pytest.approx((0.8, 0.8, 0.8))
+    assert metrics.bootstrap_ci([0.8, 0.8, 0.8]) == pytest.approx((0.8, 0.8, 0.8))
+
+
+def test_paired_bootstrap_carries_the_spread_between_seeds():
+    rng = np.random.default_rng(0)
+    cases = rng.normal(0.0, 0.01, 20)
+    # every seed shifts all cases: +0.05, -0.04, +0.02 -> a mean of +0.01 that the seeds do not support
+    seed_effects = np.array([0.05, -0.04, 0.02])[:, None]
+    mean, low, high = metrics.paired_bootstrap(seed_effects + cases, seed=1)
+    assert mean == pytest.approx(0.01 + cases.mean())
+    assert low < 0 < high
+    # the same mean with consistent seeds excludes 0
+    mean, low, high = metrics.paired_bootstrap(np.full((3, 1), 0.01) + cases, seed=1)
+    assert 0 < low < mean < high
+    # one seed: an interval over cases only
+    single = metrics.paired_bootstrap((0.05 + cases)[None], seed=1)
+    assert single[1] > 0
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.paired_bootstrap([[0.1, float("nan")]])
+    with pytest.raises(ValueError, match="seeds, cases"):
+        metrics.paired_bootstrap([0.1, 0.2])
 
 
 def test_detection_scores():
     truth = np.array([1, 1, 1, 0, 0, 0], bool)
     flagged = np.array([1, 1, 0, 1, 0, 0], bool)
-    scores = benchmark.detection_scores(truth, flagged)
+    scores = metrics.detection_scores(truth, flagged)
     assert scores["precision"] == pytest.approx(2 / 3)
     assert scores["recall"] == pytest.approx(2 / 3)
     assert scores["f1"] == pytest.approx(2 / 3)
-    assert benchmark.detection_scores(truth, np.zeros(6, bool))["f1"] == 0.0
+    assert metrics.detection_scores(truth, np.zeros(6, bool))["f1"] == 0.0
 
 
 def test_ranking_scores():
     ranked = [{"case": c, "review_score": s} for c, s in
               (("a", 0.9), ("b", 0.5), ("c", 0.1), ("d", 0.1), ("e", 0.05))]
-    scores = benchmark.ranking_scores(ranked, {"a", "c"})
+    scores = metrics.ranking_scores(ranked, {"a", "c"})
     # median 0.1: flagged a (0.9) and b (0.5) -> precision 1/2, recall 1/2
     assert (scores["flagged"], scores["precision"], scores["recall"]) == (2, 0.5, 0.5)
     assert scores["precision_at_k"] == 0.5  # top-2 = a, b
     assert scores["average_precision"] == pytest.approx((1 / 1 + 2 / 3) / 2)
+    # 5 % and 10 % of 5 cases: the top case is reviewed
+    assert scores["precision_at_5pct"] == scores["precision_at_10pct"] == 1.0
+    long = [{"case": f"c{i}", "review_score": 1.0 - i / 40} for i in range(40)]
+    scores = metrics.ranking_scores(long, {"c0", "c3", "c39"})
+    assert scores["precision_at_5pct"] == pytest.approx(1 / 2)  # top 2: c0, c1
+    assert scores["precision_at_10pct"] == pytest.approx(2 / 4)  # top 4: c0..c3
 
 
-def test_label_dice_leaves_ignored_voxels_out():
+def test_label_scores_leave_ignored_voxels_out_or_keep_the_annotation():
     reference = np.array([0, 1, 1, 1, 2, 2])
     labels = np.array([0, 1, 3, 0, 2, 3])
-    result = benchmark.label_dice(reference, labels, classes=[1, 2], ignore_label=3)
+    result = metrics.label_scores(reference, labels, classes=[1, 2], ignore_label=3)
     assert result["dice_1"] == pytest.approx(2 * 1 / (2 + 1))  # kept voxels: 0,1,3,4
     assert result["dice_2"] == pytest.approx(1.0)
     assert result["fraction_ignored"] == pytest.approx(2 / 6)
     # scored as the annotation it replaced: voxel 2 was annotated 0 (a miss), voxel 5 was annotated 2 (a hit)
     annotation = np.array([0, 1, 0, 0, 2, 2])
-    kept = benchmark.label_dice(reference, labels, classes=[1, 2], ignore_label=3, annotation=annotation)
+    kept = metrics.label_scores(reference, labels, classes=[1, 2], ignore_label=3, annotation=annotation)
     assert kept["dice_kept_1"] == pytest.approx(2 * 1 / (3 + 1))
     assert kept["dice_kept_2"] == pytest.approx(1.0)
     assert kept["dice_1"] == result["dice_1"]
+    with pytest.raises(ValueError, match="annotation"):
+        metrics.label_scores(reference, labels, classes=[1, 2], ignore_label=3, surfaces=True)
 
 
-def _results(em_dice):
-    arm = lambda d: {"per_class": {"1": (d, d - 0.01, d + 0.01), "2": (d, d - 0.02, d + 0.02)},  # noqa: E731
-                     "foreground": (d, d - 0.01, d + 0.01), "cases": 3}
-    return {"noise": {"name": "erode2", "description": "eroded"}, "profile": "cpu", "seed": 0, "train_cases": 4,
-            "test_cases": 3, "command": "nnunetv2_em benchmark ...",
-            "test_dice": {"noisy": arm(0.70), "em": arm(em_dice), "clean": arm(0.80)},
-            "recovery_share": benchmark.recovery_share(0.70, em_dice, 0.80),
-            "label_quality": [{"round": 0, "mean_foreground_dice": 0.8, "mean_foreground_dice_ignored_kept": 0.8,
-                               "mean_fraction_ignored": 0.0},
-                              {"round": 1, "mean_foreground_dice": 0.85, "mean_foreground_dice_ignored_kept": 0.83,
-                               "mean_fraction_ignored": 0.01}],
-            "detection": {"cases": {"corrupted": 2, "flagged": 2, "precision": 1.0, "recall": 1.0, "k": 2,
-                                    "precision_at_k": 1.0, "average_precision": 1.0},
-                          "voxels": {m: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "flagged": 10, "true": 12}
-                                     for m in ("em", "cleanlab")}},
-            "arms": {a: {"wall_minutes": 1.0, "peak_rss_mib": 100.0} for a in ("noisy", "em", "clean")},
-            "em_rounds": [{"round": 1, "model_dice": 0.72, "min_model_dice": 0.5, "refinement_applied": True,
-                           "fraction_changed": 0.02, "fraction_ignored": 0.01}]}
+def _cube(shift=0, size=8, shape=(20, 20, 20)):
+    label = np.zeros(shape, np.uint8)
+    label[5 + shift:5 + shift + size, 5:5 + size, 5:5 + size] = 1
+    return label
 
 
-def test_report_states_the_result_either_way():
-    better = benchmark_report.markdown(_results(0.76))
-    assert "**0.60**" in better and "did **not**" not in better
-    assert "0.760 [0.750, 0.770]" in better
-    worse = benchmark_report.markdown(_results(0.65))
-    assert "**-0.50**" in worse and "EM did **not** beat vanilla" in worse
-    assert "| 1 | 0.8300 | 0.8500 | 1.000% |" in worse  # ignored kept at annotation first
-    no_drop = _results(0.75)
-    no_drop["test_dice"]["clean"] = no_drop["test_dice"]["noisy"]
-    no_drop["recovery_share"] = float("nan")
-    assert "no noise-induced drop" in benchmark_report.markdown(no_drop)
+def test_surface_scores_on_shifted_cubes():
+    reference = _cube()
+    same = metrics.surface_scores(reference, reference, classes=[1])
+    assert same == {"hd95_1": 0.0, "surface_dice_1": 1.0}
+    one = metrics.surface_scores(reference, _cube(shift=1), classes=[1])
+    assert one["hd95_1"] == pytest.approx(1.0) and one["surface_dice_1"] == pytest.approx(1.0)  # within tolerance
+    three = metrics.surface_scores(reference, _cube(shift=3), classes=[1])
+    assert three["hd95_1"] == pytest.approx(3.0)
+    assert 0.0 < three["surface_dice_1"] < 1.0  # the side faces still agree, the shifted caps do not
+    # a structure missing from one map: HD95 undefined, surface Dice 0; absent from both: perfect
+    missing = metrics.surface_scores(reference, np.zeros_like(reference), classes=[1, 2])
+    assert math.isnan(missing["hd95_1"]) and missing["surface_dice_1"] == 0.0
+    assert missing["hd95_2"] == 0.0 and missing["surface_dice_2"] == 1.0
 
 
-def test_report_says_when_the_gate_kept_every_label():
-    refined = benchmark_report.markdown(_results(0.76))
-    assert "| 1 | 0.720 | 0.50 | yes | 2.000% | 1.000% |" in refined
-    assert "gate stayed closed" not in refined
-    gated = _results(0.65)
-    gated["em_rounds"] = [{"round": 1, "model_dice": 0.44, "min_model_dice": 0.5, "refinement_applied": False,
-                           "fraction_changed": 0.0, "fraction_ignored": 0.0}]
-    report = benchmark_report.markdown(gated)
-    assert "| 1 | 0.440 | 0.50 | no | 0.000% | 0.000% |" in report
-    assert "gate stayed closed in every round" in report and "run-to-run spread" in report
+def _label_rows(noisy, em, cleanlab_left_out, ignored=0.0):
+    group = lambda kept, left_out, ignored_share: {  # noqa: E731
+        "cases": 4, "dice": left_out, "dice_kept": kept, "hd95": 2.0, "surface_dice": 0.8, "hd95_undefined": 0,
+        "fraction_ignored": ignored_share}
+    return {"noisy": {g: group(noisy, noisy, 0.0) for g in ("all", "corrupted", "untouched")},
+            "em": {g: group(em, em + 0.01, ignored) for g in ("all", "corrupted", "untouched")},
+            "cleanlab": {g: group(noisy, cleanlab_left_out, 0.05) for g in ("all", "corrupted", "untouched")}}
+
+
+def _replicate(setting, em_label, test_noisy, test_em, cases=6):
+    versions = _label_rows(0.8, em_label, 0.85)
+    rng = np.random.default_rng(len(setting))
+    noise_per_case = rng.normal(0, 0.005, cases)
+    per_case = lambda value: {f"t{i}": value + noise_per_case[i] for i in range(cases)}  # noqa: E731
+    arm = lambda value: {"per_case": per_case(value), "foreground": (value, value - 0.01, value + 0.01)}  # noqa: E731
+    return {
+        "noise": {"name": setting, "description": setting}, "train_cases": 8, "dataset": "/data",
+        "label_quality": {"corrupted_cases": ["a", "b"] if setting != "clean" else [],
+                          "versions": {"noisy": versions["noisy"], "em_round_1": versions["em"],
+                                       "cleanlab": versions["cleanlab"]}},
+        "em_rounds": [{"round": 1, "model_dice": 0.6, "min_model_dice": 0.5, "refinement_applied": True,
+                       "fraction_changed": 0.01, "fraction_ignored": 0.02}],
+        "detection": {"cases": {"corrupted": 2, "average_precision": 0.9, "precision_at_5pct": 1.0,
+                                "precision_at_10pct": 1.0},
+                      "voxels": {m: {"precision": 0.5, "recall": 0.4, "f1": 0.44, "flagged": 10, "true": 12}
+                                 for m in ("em", "cleanlab")}},
+        "arms": {}, "test_dice": {"noisy": arm(test_noisy), "em": arm(test_em), "cleanlab": arm(test_noisy)},
+    }
+
+
+def test_suite_pairs_arms_per_seed_and_reports_what_is_established():
+    seeds = [0, 1, 2]
+    replicates = {}
+    for seed, (em_gain, em_label) in enumerate(((0.02, 0.85), (0.03, 0.86), (0.025, 0.84))):
+        replicates[("mix", seed)] = _replicate("mix", em_label, 0.70, 0.70 + em_gain)
+        replicates[("clean", seed)] = _replicate("clean", 0.8, 0.80, 0.80)
+    summary = suite.summarize(replicates, settings=["clean", "mix"], seeds=seeds)
+    mix = summary["settings"]["mix"]
+    assert mix["paired"]["em - noisy"]["mean"] == pytest.approx(0.025)
+    assert mix["paired"]["em - noisy"]["excludes_zero"] and mix["paired"]["em - noisy"]["seeds_won"] == 3
+    assert not mix["paired"]["cleanlab - noisy"]["excludes_zero"]
+    assert mix["paired"]["clean - noisy"]["mean"] == pytest.approx(0.10, abs=0.01)
+    assert mix["recovery_share"] == pytest.approx(0.25, abs=0.05)
+    assert mix["labels"]["em"]["all"]["dice_kept"] == pytest.approx(0.85)
+    summary.update({"profile": "cpu", "corruption_seed": 0, "label_quality_only": False, "command": "x"})
+    text = benchmark_report.markdown(summary)
+    assert "| mix | EM (last round) | 0.8500 | 0.8600 |" in text
+    assert "+0.025 [" in text and "3 of 3" in text
+    assert "`clean`: EM left the clean labels unchanged" in text
+    assert "Test Dice, EM − vanilla +0.025 [+0.020, +0.030]: established." in text
+
+
+def test_report_does_not_claim_what_one_seed_or_a_harmed_control_shows():
+    replicates = {("mix", 0): _replicate("mix", 0.79, 0.70, 0.69), ("clean", 0): _replicate("clean", 0.78, 0.8, 0.8)}
+    summary = suite.summarize(replicates, settings=["clean", "mix"], seeds=[0])
+    summary.update({"profile": "cpu", "corruption_seed": 0, "label_quality_only": False, "command": None})
+    text = benchmark_report.markdown(summary)
+    assert "do-no-harm control failed" in text
+    assert "not established" in text and "fewer than 3 seeds" in text
+    assert "lower in 1 of 1 seeds" in text
+
+
+def test_suite_rejects_unknown_settings_and_bad_seeds():
+    with pytest.raises(Exception, match="unknown"):
+        suite.check_suite(["mix", "nope"], [0], "cpu")
+    with pytest.raises(Exception, match="distinct"):
+        suite.check_suite(["mix"], [0, 0], "cpu")
+    assert suite.check_suite(["mix", "mix", "clean"], [2, 1], "cpu") == (["mix", "clean"], [2, 1])

@@ -1,12 +1,14 @@
-"""``nnunetv2_em benchmark``: EM vs vanilla nnU-Net on a dataset with trusted labels and seeded annotation noise.
+"""One benchmark replicate: EM vs vanilla nnU-Net and a cleanlab peer, on trusted labels with seeded annotation noise.
 
-From a clean raw nnU-Net dataset it (1) splits cases into train and held-out test (seeded, written down), (2) corrupts
-only the training labels with a named noise setting (records which cases and voxels), (3) trains with the same
-budget (a) vanilla nnU-Net on the noisy labels, (b) the cross-fold EM loop on the noisy labels followed by the same
-training on its refined labels, (c) vanilla nnU-Net on the clean labels, and (4) reports test Dice with bootstrap
-confidence intervals, the share of the noise-induced drop that EM recovers, label quality per EM round, how well
-the ranked case list and the changed voxels find the corruption (next to cleanlab's segmentation label-issue finder
-on the same out-of-fold probabilities), and wall time and peak memory per arm.
+From a clean raw nnU-Net dataset a replicate (1) splits cases into train and held-out test (seeded, written down),
+(2) corrupts only the training labels with a named noise setting (records which cases and voxels), (3) trains with
+the same budget and the same training seed (a) vanilla nnU-Net on the noisy labels, (b) the cross-fold EM loop on
+the noisy labels followed by the same training on its refined labels, (p) the peer: the voxels cleanlab flags on the
+EM run's first out-of-fold probabilities set to the ignore label, then the same training, and (4) scores the
+training labels against the clean ones (Dice both ways, HD95, surface Dice; corrupted and untouched cases apart),
+the ranked case list and the voxel flags against the corruption, and test Dice per case. The clean reference arm is
+the replicate of the ``clean`` setting with the same seeds (``suite.py``). With ``label_quality_only`` only the EM
+run and cleanlab's filtering happen (no final trainings).
 
 The vanilla arms plan with nnU-Net's own ``ExperimentPlanner``; every arm's final model uses the same trainer,
 configuration and budget (``fold all``). Steps already done are skipped when the command is run again.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nnunetv2_em import checks, estep, label_store
-from nnunetv2_em.benchmark import noise
+from nnunetv2_em.benchmark import metrics, noise
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.layout import RunLayout
 
@@ -41,7 +43,7 @@ class Profile:
     rounds: int
     device: str
     mirroring: bool
-    min_model_dice: float | None = None  # None: the plans' default
+    em_overrides: tuple[tuple[str, object], ...] = ()  # settings of the EM arm's plans (em block) to override
     description: str = ""
 
 
@@ -56,9 +58,13 @@ PROFILES = {
                    description="one GPU, nnU-Net's full budget: 3d_fullres, nnUNetTrainer (1000 epochs), 80/20 split, "
                                "EM with 5 folds x 3 rounds"),
     "smoke": Profile("2d", "VanillaTrainer_tiny", 8, 3, folds=2, rounds=1, device="cpu", mirroring=False,
-                     min_model_dice=0.0, description="checks the harness in minutes; the numbers mean nothing"),
+                     em_overrides=(("min_model_dice", 0.0), ("max_ignored_share", 1.0),
+                                   ("calibrate_temperature", False)),
+                     description="checks the harness in minutes (the E-step always refines); the numbers mean "
+                                 "nothing"),
 }
-ARM_IDS = {"noisy": 961, "em": 962, "clean": 963}
+ARM_IDS = {"noisy": 961, "em": 962, "cleanlab": 964}
+ARMS = ("noisy", "em", "cleanlab")
 
 
 @dataclass
@@ -152,72 +158,12 @@ def _write_label_like(array: np.ndarray, reference: str, path: str) -> None:
     label_store.atomic_write(path, lambda temp: sitk.WriteImage(out, temp, True), suffix=".nii.gz")
 
 
-def bootstrap_ci(values, *, seed: int = 0, samples: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean over cases and its percentile bootstrap interval (cases resampled with replacement)."""
-    values = np.asarray([v for v in values if not np.isnan(v)], dtype=float)
-    if values.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, (samples, values.size))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(values.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
-
-
-def recovery_share(noisy: float, em: float, clean: float) -> float:
-    """Share of the noise-induced drop that EM recovers: ((b) - (a)) / ((c) - (a)); NaN without a drop."""
-    drop = clean - noisy
-    return float((em - noisy) / drop) if abs(drop) > 1e-12 else float("nan")
-
-
-def detection_scores(truth: np.ndarray, flagged: np.ndarray) -> dict:
-    """Precision, recall and F1 of boolean ``flagged`` against boolean ``truth`` (same shape)."""
-    true_positive = int(np.count_nonzero(truth & flagged))
-    precision = true_positive / max(int(flagged.sum()), 1)
-    recall = true_positive / max(int(truth.sum()), 1)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "flagged": int(flagged.sum()),
-            "true": int(truth.sum())}
-
-
-FLAG_FACTOR = 2.0  # a case is flagged for review when its review score is above FLAG_FACTOR x the median
-
-
-def ranking_scores(ranked: list[dict], corrupted: set[str]) -> dict:
-    """Quality of the ranked case list (rows with ``case`` and ``review_score``, best first) against the truly
-    corrupted cases: precision / recall of the flagged cases (review score > ``FLAG_FACTOR`` x median), precision
-    at k = number of corrupted cases, and the average precision of the whole ranking."""
-    cases = [row["case"] for row in ranked]
-    scores = np.array([row["review_score"] for row in ranked], dtype=float)
-    flagged = {case for case, score in zip(cases, scores, strict=True) if score > FLAG_FACTOR * np.median(scores)}
-    k = len(corrupted)
-    hits = [case in corrupted for case in cases]
-    precisions = [sum(hits[:i + 1]) / (i + 1) for i, hit in enumerate(hits) if hit]
-    return {"flagged": len(flagged), "precision": len(flagged & corrupted) / max(len(flagged), 1),
-            "recall": len(flagged & corrupted) / max(k, 1), "k": k, "precision_at_k": sum(hits[:k]) / max(k, 1),
-            "average_precision": float(np.mean(precisions)) if precisions else 0.0}
-
-
-def label_dice(reference: np.ndarray, labels: np.ndarray, *, classes, ignore_label: int | None,
-               annotation: np.ndarray | None = None) -> dict:
-    """Dice per class of training labels against the clean ones, two ways, and the ignored share.
-
-    ``dice_<c>`` leaves ignored voxels out (it rewards ignoring: a voxel set to ignore can no longer be wrong);
-    ``dice_kept_<c>`` (with ``annotation``, the labels EM started from) scores an ignored voxel as the annotation
-    it replaced, so ignoring gains nothing over keeping. All arrays have the same shape.
-    """
-    keep = np.ones(reference.shape, bool) if ignore_label is None else labels != ignore_label
-    result = {f"dice_{c}": estep.dice((reference == c) & keep, (labels == c) & keep) for c in classes}
-    if annotation is not None:
-        filled = np.where(keep, labels, annotation)
-        result.update({f"dice_kept_{c}": estep.dice(reference == c, filled == c) for c in classes})
-    result["fraction_ignored"] = float(1 - keep.mean())
-    return result
-
-
 # ------------------------------------------------------------------------------------------------- the steps
 class Benchmark:
+    """One replicate: one noise setting, one training seed, in its own folder; every step skipped once done."""
+
     def __init__(self, dataset_path: str, noise_name: str, *, seed: int, profile: str, out: str,
-                 training_seed: int | None = None):
+                 training_seed: int | None = None, label_quality_only: bool = False):
         if noise_name not in noise.SETTINGS:
             raise EMInputError(f"--noise {noise_name}: unknown. Fix: pick one of {sorted(noise.SETTINGS)}.")
         if profile not in PROFILES:
@@ -226,9 +172,11 @@ class Benchmark:
         self.cases = checks.check_raw_dataset(self.source)
         self.dataset_json = checks.load_dataset_json(os.path.join(self.source, "dataset.json"))
         self.classes = checks.label_values(self.dataset_json, os.path.join(self.source, "dataset.json"))[1:]
+        self.ignore_label = int(checks.with_ignore_label(self.dataset_json)["labels"]["ignore"])
         self.setting = noise.SETTINGS[noise_name]
         self.seed = seed
         self.training_seed = training_seed  # every training of every arm (nnunetv2_em.seeding); None: unseeded
+        self.label_quality_only = label_quality_only
         self.profile = PROFILES[profile]
         self.profile_name = profile
         self.workspace = Workspace(os.path.abspath(out))
@@ -237,6 +185,10 @@ class Benchmark:
         if needed > len(self.cases):
             raise EMInputError(f"{self.source}: {len(self.cases)} cases, profile {profile} needs {needed}. Fix: use "
                                f"a larger dataset or another profile.")
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return ("em",) if self.label_quality_only else ARMS
 
     # 1 + 2: split and corrupt
     def prepare(self) -> dict:
@@ -261,8 +213,8 @@ class Benchmark:
         label_store.write_json(os.path.join(corruption, "records.json"),
                                {"setting": dataclasses.asdict(self.setting), "seed": self.seed,
                                 "corrupted_cases": corrupted, "records": records})
-        for arm in ARM_IDS:
-            self._write_dataset(arm, split["train"], noisy if arm != "clean" else clean)
+        for arm in ("noisy", "em"):
+            self._write_dataset(arm, split["train"], noisy)
         test = os.path.join(self.workspace.out, "test")
         for sub in ("images", "labels"):
             os.makedirs(os.path.join(test, sub), exist_ok=True)
@@ -275,7 +227,8 @@ class Benchmark:
         label_store.write_json(path, split)  # last: marks the preparation complete
         return split
 
-    def _write_dataset(self, arm: str, cases: list[str], labels: dict[str, np.ndarray]) -> None:
+    def _write_dataset(self, arm: str, cases: list[str], labels: dict[str, np.ndarray] | None = None,
+                       label_files: dict[str, str] | None = None) -> None:
         folder = self.workspace.raw(arm)
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(os.path.join(folder, "imagesTr"))
@@ -283,9 +236,14 @@ class Benchmark:
         for case in cases:
             for index, image in enumerate(self.cases[case]["images"]):
                 os.symlink(image, os.path.join(folder, "imagesTr", f"{case}_{index:04d}{self.ending}"))
-            _write_label_like(labels[case], self.cases[case]["label"],
-                              os.path.join(folder, "labelsTr", case + self.ending))
+            target = os.path.join(folder, "labelsTr", case + self.ending)
+            if label_files is not None:
+                label_store.copy_file(label_files[case], target)
+            else:
+                _write_label_like(labels[case], self.cases[case]["label"], target)
         dataset_json = {key: value for key, value in self.dataset_json.items() if key != "dataset"}
+        if arm == "cleanlab":  # the flagged voxels are nnU-Net's ignore label
+            dataset_json = checks.with_ignore_label(dataset_json)
         dataset_json["numTraining"] = len(cases)
         label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
 
@@ -300,7 +258,7 @@ class Benchmark:
             command = [_console("nnunetv2_em"), "plan", "-d", str(ARM_IDS[arm]), "-c", self.profile.configuration]
             _run_measured(command, env, log)
             self._apply_profile_settings(arm)
-        else:  # vanilla: nnU-Net's own planner and preprocessing
+        else:  # vanilla and cleanlab: nnU-Net's own planner and preprocessing
             _run_measured([_console("nnUNetv2_plan_and_preprocess"), "-d", str(ARM_IDS[arm]), "-c",
                            self.profile.configuration, "-np", "2", "-npfp", "2"], env, log)
 
@@ -309,8 +267,7 @@ class Benchmark:
         with open(plans_file) as handle:
             plans = json.load(handle)
         plans["em"]["mirroring"] = self.profile.mirroring
-        if self.profile.min_model_dice is not None:
-            plans["em"]["min_model_dice"] = self.profile.min_model_dice
+        plans["em"].update(dict(self.profile.em_overrides))
         label_store.write_json(plans_file, plans)
 
     def _train_final(self, arm: str) -> dict:
@@ -357,67 +314,145 @@ class Benchmark:
         return measured
 
     def _seed_arguments(self) -> list[str]:
-        """The same training seed for every arm, so that arms (a) and (b) differ only by their labels."""
+        """The same training seed for every arm, so that the arms differ only by their labels."""
         return [] if self.training_seed is None else ["--seed", str(self.training_seed)]
 
-    def run_arms(self) -> dict:
+    def _cleanlab_folder(self) -> str:
+        return os.path.join(self.workspace.out, "cleanlab")
+
+    def filter_with_cleanlab(self, split: dict) -> dict[str, str]:
+        """The peer arm's labels: the noisy annotation with the voxels cleanlab flags set to the ignore label.
+
+        cleanlab's ``segmentation.filter.find_label_issues`` runs on the EM run's round-1 out-of-fold probabilities
+        (the network's softmax, the same numbers EM's first E-step sees), one case at a time with its slices as
+        images, in nnU-Net's preprocessed space; the result is mapped back to the raw geometry exactly as EM's
+        refined labels are. Returns ``{case: raw label file}``; flags are kept per case for the detection scores.
+        """
+        from batchgenerators.utilities.file_and_folder_operations import load_pickle
+        from cleanlab.segmentation.filter import find_label_issues
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        from nnunetv2_em import nnunet_data
+
+        folder = self._cleanlab_folder()
+        files = {case: os.path.join(folder, "labels", case + self.ending) for case in split["train"]}
+        done = os.path.join(folder, "flags.json")
+        if os.path.isfile(done):
+            return files
+        layout = self.workspace.em_run(self.profile)
+        versions = self.workspace.em_versions(self.profile, self.ending)
+        plans_manager = PlansManager(os.path.join(self.workspace.preprocessed("em"), "nnUNetPlans.json"))
+        configuration_manager = plans_manager.get_configuration(self.profile.configuration)
+        os.makedirs(os.path.join(folder, "labels"), exist_ok=True)
+        os.makedirs(os.path.join(folder, "flags"), exist_ok=True)
+        counts = {}
+        for case in split["train"]:
+            noisy = versions.read_segmentation(0, case)[0]
+            probabilities = estep.softmax(np.load(layout.logits_file(1, case)), 1.0).astype(np.float32)
+            issues = find_label_issues(np.maximum(noisy, 0), np.moveaxis(probabilities, 0, 1), n_jobs=1,
+                                       verbose=False) & (noisy >= 0)
+            label_store.atomic_write(os.path.join(folder, "flags", f"{case}.npz"),
+                                     lambda temp, m=issues: np.savez_compressed(temp, flagged=m), suffix=".npz")
+            filtered = np.where(issues, self.ignore_label, noisy)
+            raw = nnunet_data.refined_raw_label(_read_label(versions.original_label_path(case)), noisy, filtered,
+                                                load_pickle(versions.original_properties_path(case)), plans_manager,
+                                                configuration_manager)
+            _write_label_like(raw, self.cases[case]["label"], files[case])
+            counts[case] = int(issues.sum())
+        label_store.write_json(done, counts)
+        return files
+
+    def run_arms(self, split: dict) -> dict:
         timings_file = os.path.join(self.workspace.out, "arms.json")
         timings = {}
         if os.path.isfile(timings_file):
             with open(timings_file) as handle:
                 timings = json.load(handle)
-        for arm in ("noisy", "clean", "em"):
+        for arm in ("noisy", "em", "cleanlab"):  # cleanlab's labels need the EM run's probabilities
             if arm in timings:
                 continue
             steps = []
             started = time.time()
+            if arm == "cleanlab":
+                if "em" not in timings:
+                    continue
+                files = self.filter_with_cleanlab(split)
+                if arm in self.arms and not os.path.isfile(os.path.join(self.workspace.raw(arm), "dataset.json")):
+                    self._write_dataset(arm, split["train"], label_files=files)
+            if arm not in self.arms:
+                continue
             plan_started = time.time()
             self._plan(arm)
             steps.append({"seconds": time.time() - plan_started, "peak_rss_mib": 0.0})
             if arm == "em":
                 steps.append(self._run_em())
-            steps.append(self._train_final(arm))
-            steps.append(self._predict_test(arm))
+            if not self.label_quality_only:
+                steps.append(self._train_final(arm))
+                steps.append(self._predict_test(arm))
             timings[arm] = {"wall_minutes": (time.time() - started) / 60,
                             "peak_rss_mib": max((s.get("peak_rss_mib", 0.0) for s in steps), default=0.0)}
             label_store.write_json(timings_file, timings)
+        if "em" in timings:
+            self.filter_with_cleanlab(split)
         return timings
 
     # 4: evaluation
     def test_dice(self) -> dict:
+        """Per arm: foreground-mean Dice per test case (for pairing), per-class means and bootstrap intervals."""
         results = {}
-        for arm in ARM_IDS:
+        for arm in self.arms:
             with open(os.path.join(self.workspace.out, "predictions", arm, "summary.json")) as handle:
                 summary = json.load(handle)
-            per_class = {}
-            for c in self.classes:
-                values = [case["metrics"][str(c)]["Dice"] for case in summary["metric_per_case"]]
-                per_class[str(c)] = bootstrap_ci(values, seed=self.seed)
-            foreground = [np.nanmean([case["metrics"][str(c)]["Dice"] for c in self.classes])
-                          for case in summary["metric_per_case"]]
-            results[arm] = {"per_class": per_class, "foreground": bootstrap_ci(foreground, seed=self.seed),
-                            "cases": len(foreground)}
+            per_case = {os.path.basename(case["reference_file"]).removesuffix(self.ending):
+                        float(np.nanmean([case["metrics"][str(c)]["Dice"] for c in self.classes]))
+                        for case in summary["metric_per_case"]}
+            per_class = {str(c): metrics.bootstrap_ci([case["metrics"][str(c)]["Dice"]
+                                                       for case in summary["metric_per_case"]], seed=self.seed)
+                         for c in self.classes}
+            results[arm] = {"per_case": dict(sorted(per_case.items())), "per_class": per_class,
+                            "foreground": metrics.bootstrap_ci(list(per_case.values()), seed=self.seed),
+                            "cases": len(per_case)}
         return results
 
-    def label_quality(self, split: dict) -> list[dict]:
-        """Mean label Dice of the training labels vs the clean ones: noisy (round 0), then after each EM round."""
+    def label_quality(self, split: dict) -> dict:
+        """Training labels vs the clean ones, in the raw geometry: the noisy input, EM after each round, cleanlab's
+        filtered labels. Per version and group of cases (all / corrupted / untouched): mean over cases of the
+        foreground-mean Dice both ways, HD95, surface Dice (ignored voxels kept at the annotation) and the ignored
+        share; per case in ``per_case``."""
+        with open(os.path.join(self.workspace.out, "corruption", "records.json")) as handle:
+            corrupted = set(json.load(handle)["corrupted_cases"])
         versions = self.workspace.em_versions(self.profile, self.ending)
         clean = {case: _read_label(self.cases[case]["label"]) for case in split["train"]}
-        ignore = int(checks.with_ignore_label(self.dataset_json)["labels"]["ignore"])
-        rounds = []
         noisy = {case: _read_label(versions.label_path(0, case)) for case in split["train"]}
-        for round_index in [0, *versions.runs().get(versions.run, [])]:
-            per_case = [label_dice(clean[case], _read_label(versions.label_path(round_index, case)),
-                                   classes=self.classes, ignore_label=ignore, annotation=noisy[case])
-                        for case in split["train"]]
-            rounds.append({"round": round_index,
-                           "mean_foreground_dice": self._mean_foreground(per_case, "dice"),
-                           "mean_foreground_dice_ignored_kept": self._mean_foreground(per_case, "dice_kept"),
-                           "mean_fraction_ignored": float(np.mean([p["fraction_ignored"] for p in per_case]))})
-        return rounds
+        candidates = {"noisy": noisy}
+        for round_index in versions.runs().get(versions.run, []):
+            candidates[f"em_round_{round_index}"] = {case: _read_label(versions.label_path(round_index, case))
+                                                     for case in split["train"]}
+        cleanlab_files = self.filter_with_cleanlab(split)
+        candidates["cleanlab"] = {case: _read_label(path) for case, path in cleanlab_files.items()}
+        result = {"corrupted_cases": sorted(corrupted), "versions": {}, "per_case": {}}
+        for name, labels in candidates.items():
+            per_case = {case: metrics.label_scores(clean[case], labels[case], classes=self.classes,
+                                                   ignore_label=self.ignore_label, annotation=noisy[case],
+                                                   surfaces=True)
+                        for case in split["train"]}
+            groups = {"all": list(per_case), "corrupted": [c for c in per_case if c in corrupted],
+                      "untouched": [c for c in per_case if c not in corrupted]}
+            result["versions"][name] = {group: self._summarize_cases([per_case[c] for c in members])
+                                        for group, members in groups.items()}
+            result["per_case"][name] = per_case
+        return result
 
-    def _mean_foreground(self, per_case: list[dict], key: str) -> float:
-        return float(np.nanmean([np.nanmean([p[f"{key}_{c}"] for c in self.classes]) for p in per_case]))
+    def _summarize_cases(self, rows: list[dict]) -> dict:
+        if not rows:
+            return {"cases": 0}
+        summary = {"cases": len(rows)}
+        for key in ("dice", "dice_kept", "hd95", "surface_dice"):
+            values = [float(np.nanmean([row[f"{key}_{c}"] for c in self.classes])) for row in rows]
+            summary[key] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+        summary["hd95_undefined"] = int(sum(np.isnan(row[f"hd95_{c}"]) for row in rows for c in self.classes))
+        summary["fraction_ignored"] = float(np.mean([row["fraction_ignored"] for row in rows]))
+        return summary
 
     def em_rounds(self) -> list[dict]:
         """What each EM round's E-step did: out-of-fold model Dice against its quality gate, changes, ignores."""
@@ -431,10 +466,8 @@ class Benchmark:
                 for _, summary in sorted(rounds.items(), key=lambda item: int(item[0]))]
 
     def detection(self, split: dict) -> dict:
-        """Corrupted cases vs the ranked list, and corrupted voxels vs EM's changes and cleanlab's label issues,
-        in nnU-Net's preprocessed space on the last round's out-of-fold probabilities."""
-        from cleanlab.segmentation.filter import find_label_issues
-
+        """Corrupted cases vs the ranked list; corrupted voxels vs EM's changes or ignores (last round) and
+        cleanlab's flags, in the raw geometry of the labels."""
         with open(os.path.join(self.workspace.out, "corruption", "records.json")) as handle:
             corrupted = set(json.load(handle)["corrupted_cases"])
         layout = self.workspace.em_run(self.profile)
@@ -442,51 +475,35 @@ class Benchmark:
         last = max(layout.rounds_started())
         with open(layout.round_file(last, "cases.json")) as handle:
             ranked = json.load(handle)
-        with open(layout.round_file(last, "fit.json")) as handle:
-            temperature = json.load(handle)["noise_model"]["temperature"]
-        clean_folder = os.path.join(self.workspace.preprocessed("clean"), versions.data_identifier)
+        cleanlab_files = self.filter_with_cleanlab(split)
         truths, em_flags, cleanlab_flags = [], [], []
         for case in split["train"]:
-            noisy = versions.read_segmentation(0, case)[0]
-            refined = versions.read_segmentation(last, case)[0]
-            clean = label_store.read_seg_b2nd(os.path.join(clean_folder, f"{case}_seg.b2nd"))[0]
-            inside = noisy >= 0
-            truths.append((noisy != clean)[inside])
-            em_flags.append((refined != noisy)[inside])
-            probabilities = estep.softmax(np.load(layout.logits_file(last, case)), temperature).astype(np.float32)
-            labels = np.maximum(noisy, 0)
-            issues = find_label_issues(labels, np.moveaxis(probabilities, 0, 1), n_jobs=1, verbose=False)
-            cleanlab_flags.append(issues[inside])
+            noisy = _read_label(versions.label_path(0, case))
+            mask_file = os.path.join(self.workspace.out, "corruption", f"{case}.npz")
+            truths.append(np.load(mask_file)["corrupted_voxels"].ravel() if case in corrupted
+                          else np.zeros(noisy.size, bool))
+            em_flags.append((_read_label(versions.label_path(last, case)) != noisy).ravel())
+            cleanlab_flags.append((_read_label(cleanlab_files[case]) == self.ignore_label).ravel())
         truth = np.concatenate(truths)
-        return {"cases": {"corrupted": len(corrupted), **ranking_scores(ranked, corrupted)},
-                "voxels": {"em": detection_scores(truth, np.concatenate(em_flags)),
-                           "cleanlab": detection_scores(truth, np.concatenate(cleanlab_flags))}}
+        return {"cases": {"corrupted": len(corrupted), **metrics.ranking_scores(ranked, corrupted)},
+                "voxels": {"em": metrics.detection_scores(truth, np.concatenate(em_flags)),
+                           "cleanlab": metrics.detection_scores(truth, np.concatenate(cleanlab_flags))}}
 
-    def run(self, command: str | None = None) -> dict:
+    def run(self) -> dict:
+        """Every step of the replicate (each skipped once done), then its results (``results.json``)."""
         started = time.time()
         split = self.prepare()
-        timings = self.run_arms()
-        test = self.test_dice()
+        timings = self.run_arms(split)
         results = {
             "dataset": self.source, "noise": dataclasses.asdict(self.setting), "seed": self.seed,
-            "training_seed": self.training_seed,
+            "training_seed": self.training_seed, "label_quality_only": self.label_quality_only,
             "profile": self.profile_name, "profile_settings": dataclasses.asdict(self.profile),
-            "train_cases": len(split["train"]), "test_cases": len(split["test"]),
-            "test_dice": test,
-            "recovery_share": recovery_share(test["noisy"]["foreground"][0], test["em"]["foreground"][0],
-                                             test["clean"]["foreground"][0]),
+            "train_cases": len(split["train"]), "test_cases": len(split["test"]), "test_case_ids": split["test"],
             "label_quality": self.label_quality(split), "em_rounds": self.em_rounds(),
             "detection": self.detection(split), "arms": timings,
-            "command": command,
-            "report_minutes": (time.time() - started) / 60,
         }
-        from nnunetv2_em.benchmark import report as benchmark_report
-
-        benchmark_report.write(self.workspace.out, results, self)
+        if not self.label_quality_only:
+            results["test_dice"] = self.test_dice()
+        results["evaluation_minutes"] = (time.time() - started) / 60
+        label_store.write_json(os.path.join(self.workspace.out, "results.json"), results)
         return results
-
-
-def run_benchmark(dataset: str, noise_name: str, *, seed: int = 0, profile: str = "cpu", out: str,
-                  command: str | None = None, training_seed: int | None = None) -> dict:
-    return Benchmark(dataset, noise_name, seed=seed, profile=profile, out=out, training_seed=training_seed).run(command)
-

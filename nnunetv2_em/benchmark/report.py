@@ -1,90 +1,118 @@
-"""The benchmark's report: results.json, report.md and PNG plots in the output folder."""
+"""The suite's report: ``suite.json``, ``report.md`` and PNG plots in the output folder."""
 
 from __future__ import annotations
 
-import json
+import math
 import os
 
 import numpy as np
 
 from nnunetv2_em import label_store
 
-ARMS = ("noisy", "em", "clean")
-TITLES = {"noisy": "(a) vanilla, noisy labels", "em": "(b) EM, noisy labels", "clean": "(c) vanilla, clean labels"}
+VERSION_TITLES = {"noisy": "noisy input", "em": "EM (last round)", "cleanlab": "cleanlab filter"}
+PAIRS = ("em - noisy", "cleanlab - noisy", "clean - noisy")
 
 
-def _ci(triple) -> str:
-    mean, low, high = triple
-    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+def _f(value, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def markdown(results: dict) -> str:
-    test = results["test_dice"]
-    classes = list(test["noisy"]["per_class"])
-    lines = [f"# EM vs vanilla nnU-Net: noise `{results['noise']['name']}` ({results['noise']['description']})", "",
-             f"Profile `{results['profile']}`, seed {results['seed']}, training seed "
-             f"{results.get('training_seed')}, {results['train_cases']} training / "
-             f"{results['test_cases']} test cases." + (f" Command: `{results['command']}`" if results.get("command")
-                                                         else ""), "",
-             "## Test Dice (mean over test cases, 95 % bootstrap interval)", "",
-             "| arm | " + " | ".join(f"class {c}" for c in classes) +
-             " | foreground mean | wall (min) | peak RSS (MiB) |",
-             "|---|" + "---|" * (len(classes) + 3)]
-    for arm in ARMS:
-        row = test[arm]
-        timing = results["arms"].get(arm, {})
-        lines.append(f"| {TITLES[arm]} | " + " | ".join(_ci(row["per_class"][c]) for c in classes) +
-                     f" | {_ci(row['foreground'])} | {timing.get('wall_minutes', float('nan')):.1f} | "
-                     f"{timing.get('peak_rss_mib', float('nan')):.0f} |")
-    share = results["recovery_share"]
-    noisy, em, clean = (test[arm]["foreground"][0] for arm in ARMS)
-    lines += ["", f"Share of the noise-induced drop that EM recovers, ((b) − (a)) / ((c) − (a)): **{share:.2f}**"
-              if not np.isnan(share) else "Recovery share undefined: no noise-induced drop.", ""]
-    if clean <= noisy:
-        lines += ["The clean labels did not beat the noisy ones here ((c) ≤ (a)), so this setting shows no "
-                  "noise-induced drop to recover.", ""]
-    if em <= noisy:
-        lines += ["EM did **not** beat vanilla nnU-Net on this setting.", ""]
-    rounds = results.get("em_rounds", [])
-    if rounds:
-        lines += ["## What the E-step did", "",
-                  "| round | out-of-fold model Dice | gate (`min_model_dice`) | labels refined | changed voxels | "
-                  "ignored voxels |", "|---|---|---|---|---|---|"]
-        for row in rounds:
-            lines.append(f"| {row['round']} | {row['model_dice']:.3f} | {row['min_model_dice']:.2f} | "
-                         f"{'yes' if row['refinement_applied'] else 'no'} | {row['fraction_changed']:.3%} | "
-                         f"{row['fraction_ignored']:.3%} |")
-        lines.append("")
-        if not any(row["refinement_applied"] for row in rounds):
-            lines += ["The E-step's quality gate stayed closed in every round: the out-of-fold models' Dice with the "
-                      "annotations stayed below `min_model_dice`, so EM changed no label. Arm (b)'s final training "
-                      "therefore used the same labels as arm (a) (with nnU-Net's ignore-label patch sampling), and "
-                      "the difference between (a) and (b) is the run-to-run spread of this training budget, not an "
-                      "effect of EM.", ""]
-    lines += ["## Training labels vs the clean labels", "",
-              "Dice with ignored voxels scored as the annotation they replaced (the honest figure), next to Dice "
-              "with ignored voxels left out (flattering: an ignored voxel cannot be wrong).", "",
-              "| round | mean foreground Dice, ignored kept at annotation | ignored left out | ignored voxels |",
-              "|---|---|---|---|"]
-    for row in results["label_quality"]:
-        name = "0 (noisy input)" if row["round"] == 0 else str(row["round"])
-        kept = row.get("mean_foreground_dice_ignored_kept", float("nan"))
-        lines.append(f"| {name} | {kept:.4f} | {row['mean_foreground_dice']:.4f} | "
-                     f"{row['mean_fraction_ignored']:.3%} |")
-    cases = results["detection"]["cases"]
-    lines += ["", "## Finding the corruption", "",
-              f"Case list ({cases['corrupted']} corrupted cases): flagged (review score > 2 × median) "
-              f"{cases['flagged']}, precision {cases['precision']:.2f}, recall {cases['recall']:.2f}; "
-              f"precision at k={cases['k']} {cases['precision_at_k']:.2f}; average precision "
-              f"{cases['average_precision']:.2f}.", "",
-              "| voxel-level issue detection | precision | recall | F1 | flagged voxels |", "|---|---|---|---|---|"]
-    for method, title in (("em", "EM (changed or ignored)"), ("cleanlab", "cleanlab find_label_issues (2D slices)")):
-        row = results["detection"]["voxels"][method]
-        lines.append(f"| {title} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | "
-                     f"{row['flagged']} |")
-    lines += ["", f"Corrupted voxels: {results['detection']['voxels']['em']['true']}. Both methods see the same "
-                  f"out-of-fold probabilities of the last EM round.", ""]
+def _interval(row: dict) -> str:
+    return f"{row['mean']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
+def markdown(summary: dict) -> str:
+    seeds = summary["seeds"]
+    lines = [f"# nnunetv2_em benchmark: {len(summary['settings'])} noise setting(s) x {len(seeds)} training seed(s)",
+             "", f"Profile `{summary['profile']}`, split and corruption seed {summary['corruption_seed']}, training "
+                 f"seeds {', '.join(map(str, seeds))}" + (", label quality only (no final trainings)"
+                                                          if summary["label_quality_only"] else "") + ".",
+             *([f"Command: `{summary['command']}`"] if summary.get("command") else []), "",
+             "## Training labels against the clean labels", "",
+             "Mean over training cases and seeds. **Dice (kept)** scores a voxel set to ignore as the annotation it "
+             "replaced, so ignoring gains nothing (the honest figure); **Dice (left out)** drops ignored voxels "
+             "(flattering: an ignored voxel cannot be wrong). HD95 (voxels, lower is better) and surface Dice at 1 "
+             "voxel are computed on the kept variant. cleanlab only ignores, so its kept Dice equals the input's.", "",
+             "| setting | labels | Dice (kept) | Dice (left out) | ignored | HD95 | surface Dice | corrupted: Dice "
+             "(kept) | untouched: Dice (kept) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in summary["settings"].items():
+        for version in ("noisy", "em", "cleanlab"):
+            rows = entry["labels"][version]
+            every, bad, good = rows["all"], rows["corrupted"], rows["untouched"]
+            lines.append(f"| {name} | {VERSION_TITLES[version]} | {_f(every['dice_kept'], 4)} | "
+                         f"{_f(every['dice'], 4)} | {every['fraction_ignored']:.2%} | {_f(every['hd95'], 2)} | "
+                         f"{_f(every['surface_dice'])} | {_f(bad.get('dice_kept'), 4)} | "
+                         f"{_f(good.get('dice_kept'), 4)} |")
+    lines += ["", "Per seed, EM's change of the label Dice (kept) over the noisy input, and what its gate did:", "",
+              "| setting | seed | Dice (kept) change | corrupted | untouched | model Dice (gate) | refined | "
+              "changed | ignored |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in summary["settings"].items():
+        for seed in seeds:
+            labels = entry["labels_per_seed"][str(seed)]
+            last = entry["em_rounds"][str(seed)][-1] if entry["em_rounds"][str(seed)] else None
+            delta = {g: labels["em"][g].get("dice_kept", float("nan")) - labels["noisy"][g].get("dice_kept",
+                                                                                                float("nan"))
+                     for g in ("all", "corrupted", "untouched")}
+            gate = (f"{last['model_dice']:.3f} ({last['min_model_dice']:.2f}) | "
+                    f"{'yes' if last['refinement_applied'] else 'no'} | {last['fraction_changed']:.3%} | "
+                    f"{last['fraction_ignored']:.3%}") if last else "n/a | n/a | n/a | n/a"
+            lines.append(f"| {name} | {seed} | {delta['all']:+.4f} | {_f(delta['corrupted'], 4)} | "
+                         f"{_f(delta['untouched'], 4)} | {gate} |")
+    lines += ["", "## Finding the corrupted cases and voxels", "",
+              "Mean over seeds. The review list is EM's ranked case list (last round); precision at 5 % / 10 % is "
+              "the share of corrupted cases among the top 5 % / 10 % of the list. Voxel detection compares EM's "
+              "changed or ignored voxels and cleanlab's flags with the corrupted voxels.", "",
+              "| setting | corrupted cases | average precision | precision at 5 % | precision at 10 % | voxel F1: EM | "
+              "voxel F1: cleanlab | voxel precision / recall: EM | cleanlab |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in summary["settings"].items():
+        ranking, em, peer = entry["ranking"], entry["voxels"]["em"], entry["voxels"]["cleanlab"]
+        lines.append(f"| {name} | {entry['corrupted_cases']} of {entry['train_cases']} | "
+                     f"{_f(ranking.get('average_precision'), 2)} | {_f(ranking.get('precision_at_5pct'), 2)} | "
+                     f"{_f(ranking.get('precision_at_10pct'), 2)} | {_f(em['f1'])} | {_f(peer['f1'])} | "
+                     f"{_f(em['precision'], 2)} / {_f(em['recall'], 2)} | {_f(peer['precision'], 2)} / "
+                     f"{_f(peer['recall'], 2)} |")
+    tested = {name: entry for name, entry in summary["settings"].items() if "test" in entry}
+    if tested:
+        lines += ["", "## Test Dice (secondary figure)", "",
+                  "Foreground-mean Dice on the held-out cases, mean per seed. Paired differences over seeds x test "
+                  "cases with a 95 % bootstrap interval resampling both; a claim needs the interval to exclude 0.", "",
+                  "| setting | vanilla (noisy) | EM | cleanlab | EM − vanilla | seeds EM won | cleanlab − vanilla | "
+                  "clean − vanilla |", "|---|---|---|---|---|---|---|---|"]
+        for name, entry in tested.items():
+            paired = entry["paired"]
+            lines.append(f"| {name} | {entry['test']['noisy']['mean']:.3f} | {entry['test']['em']['mean']:.3f} | "
+                         f"{entry['test']['cleanlab']['mean']:.3f} | {_interval(paired['em - noisy'])} | "
+                         f"{paired['em - noisy']['seeds_won']} of {paired['em - noisy']['seeds']} | "
+                         f"{_interval(paired['cleanlab - noisy'])} | "
+                         f"{_interval(paired['clean - noisy']) if 'clean - noisy' in paired else 'control'} |")
+    lines += ["", "## Reading", "", *reading(summary), ""]
     return "\n".join(lines)
+
+
+def reading(summary: dict) -> list[str]:
+    """Plain statements the figures support, and what they do not establish."""
+    out = []
+    seeds = len(summary["seeds"])
+    for name, entry in summary["settings"].items():
+        per_seed = [entry["labels_per_seed"][s]["em"]["all"]["dice_kept"] -
+                    entry["labels_per_seed"][s]["noisy"]["all"]["dice_kept"] for s in entry["labels_per_seed"]]
+        gains = sum(d > 0 for d in per_seed)
+        losses = sum(d < 0 for d in per_seed)
+        if name == "clean":
+            verdict = ("EM left the clean labels unchanged" if not any(per_seed) else
+                       f"EM changed clean labels: Dice (kept) {np.mean(per_seed):+.4f} on average "
+                       f"({losses} of {seeds} seeds lower) — the do-no-harm control "
+                       f"{'failed' if losses else 'held'}")
+        else:
+            verdict = (f"EM's label Dice (kept) change {np.mean(per_seed):+.4f} on average; higher in {gains}, "
+                       f"lower in {losses} of {seeds} seeds")
+        out.append(f"- `{name}`: {verdict}.")
+        for pair, row in entry.get("paired", {}).items():
+            if pair == "em - noisy":
+                out.append(f"  Test Dice, EM − vanilla {_interval(row)}: "
+                           f"{'established' if row['excludes_zero'] else 'not established (the interval covers 0)'}"
+                           f"{'' if seeds >= 3 else '; fewer than 3 seeds'}.")
+    return out
 
 
 def _save(figure, path):
@@ -94,7 +122,7 @@ def _save(figure, path):
     plt.close(figure)
 
 
-def plots(out: str, results: dict, benchmark) -> list[str]:
+def plots(out: str, summary: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,65 +131,48 @@ def plots(out: str, results: dict, benchmark) -> list[str]:
     folder = os.path.join(out, "plots")
     os.makedirs(folder, exist_ok=True)
     written = []
-
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    rounds = [row["round"] for row in results["label_quality"]]
-    axis.plot(rounds, [row.get("mean_foreground_dice_ignored_kept", np.nan) for row in results["label_quality"]],
-              marker="o", label="ignored kept at annotation")
-    axis.plot(rounds, [row["mean_foreground_dice"] for row in results["label_quality"]], marker="x",
-              linestyle="--", label="ignored left out")
-    axis.legend(fontsize=7)
-    axis.set_xticks(rounds)
-    axis.set_xlabel("EM round (0 = noisy input)")
+    names = list(summary["settings"])
+    figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 3.4))
+    width = 0.2
+    for offset, (version, key, style) in enumerate((("noisy", "dice_kept", {}), ("em", "dice_kept", {}),
+                                                    ("em", "dice", {"hatch": "//"}),
+                                                    ("cleanlab", "dice", {"hatch": "//"}))):
+        values = [summary["settings"][n]["labels"][version]["all"][key] for n in names]
+        spread = [np.ptp([summary["settings"][n]["labels_per_seed"][s][version]["all"][key]
+                          for s in summary["settings"][n]["labels_per_seed"]]) / 2 for n in names]
+        label = f"{VERSION_TITLES[version]}, {'kept' if key == 'dice_kept' else 'left out'}"
+        axis.bar(np.arange(len(names)) + (offset - 1.5) * width, values, width, yerr=spread, capsize=2, label=label,
+                 **style)
+    axis.set_xticks(range(len(names)), names, fontsize=8)
     axis.set_ylabel("training-label Dice vs clean")
+    axis.set_ylim(max(0.0, min(axis.get_ylim()[1] - 0.4, 0.5)), 1.0)
+    axis.legend(fontsize=6, loc="lower right")
     figure.tight_layout()
-    written.append(os.path.join(folder, "label_dice_per_round.png"))
+    written.append(os.path.join(folder, "label_dice.png"))
     _save(figure, written[-1])
 
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    means = [results["test_dice"][arm]["foreground"] for arm in ARMS]
-    axis.bar(range(3), [m[0] for m in means], yerr=[[m[0] - m[1] for m in means], [m[2] - m[0] for m in means]],
-             capsize=4, color=["tab:red", "tab:green", "tab:blue"])
-    axis.set_xticks(range(3), [TITLES[arm].split(",")[0] + "\n" + TITLES[arm].split(", ")[1] for arm in ARMS],
-                    fontsize=8)
-    axis.set_ylabel("test Dice (foreground mean)")
-    figure.tight_layout()
-    written.append(os.path.join(folder, "test_dice_per_arm.png"))
-    _save(figure, written[-1])
-
-    written.append(os.path.join(folder, "overlays.png"))
-    _overlays(written[-1], benchmark, results)
+    tested = [n for n in names if "paired" in summary["settings"][n]]
+    if tested:
+        figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(tested) + 2), 3.2))
+        for offset, pair in enumerate(PAIRS):
+            rows = [summary["settings"][n]["paired"].get(pair) for n in tested]
+            x = np.arange(len(tested)) + (offset - 1) * 0.25
+            for xi, row in zip(x, rows, strict=True):
+                if row is not None:
+                    axis.errorbar(xi, row["mean"], yerr=[[row["mean"] - row["low"]], [row["high"] - row["mean"]]],
+                                  fmt="o", color=f"C{offset}", capsize=3)
+            axis.plot([], [], "o", color=f"C{offset}", label=pair)
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set_xticks(range(len(tested)), tested, fontsize=8)
+        axis.set_ylabel("paired test Dice difference")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        written.append(os.path.join(folder, "paired_test_differences.png"))
+        _save(figure, written[-1])
     return written
 
 
-def _overlays(path: str, benchmark, results: dict, count: int = 3) -> None:
-    """Middle foreground slice of a few corrupted cases: clean / noisy / refined labels over the image."""
-    import matplotlib.pyplot as plt
-    import SimpleITK as sitk
-
-    with open(os.path.join(benchmark.workspace.out, "corruption", "records.json")) as handle:
-        corrupted = json.load(handle)["corrupted_cases"][:count]
-    last = max(row["round"] for row in results["label_quality"])
-    versions = benchmark.workspace.em_versions(benchmark.profile, benchmark.ending)
-    figure, axes = plt.subplots(max(len(corrupted), 1), 3, figsize=(7.5, 2.6 * max(len(corrupted), 1)),
-                                squeeze=False)
-    for row, case in enumerate(corrupted):
-        image = sitk.GetArrayFromImage(sitk.ReadImage(benchmark.cases[case]["images"][0]))
-        labels = {"clean": sitk.GetArrayFromImage(sitk.ReadImage(benchmark.cases[case]["label"])),
-                  "noisy": sitk.GetArrayFromImage(sitk.ReadImage(versions.label_path(0, case))),
-                  f"refined (round {last})": sitk.GetArrayFromImage(sitk.ReadImage(versions.label_path(last, case)))}
-        z = int(np.argmax((labels["clean"] > 0).sum(axis=(1, 2)) + (labels["noisy"] > 0).sum(axis=(1, 2))))
-        for column, (title, label) in enumerate(labels.items()):
-            axis = axes[row, column]
-            axis.imshow(image[z], cmap="gray")
-            axis.imshow(np.ma.masked_equal(label[z].astype(float), 0), cmap="jet", alpha=0.45, vmin=0, vmax=3)
-            axis.set_title(f"{case}: {title}", fontsize=7)
-            axis.axis("off")
-    figure.tight_layout()
-    _save(figure, path)
-
-
-def write(out: str, results: dict, benchmark) -> None:
-    label_store.write_json(os.path.join(out, "results.json"), results)
-    label_store.write_text(os.path.join(out, "report.md"), markdown(results))
-    plots(out, results, benchmark)
+def write(out: str, summary: dict) -> None:
+    label_store.write_json(os.path.join(out, "suite.json"), summary)
+    label_store.write_text(os.path.join(out, "report.md"), markdown(summary))
+    plots(out, summary)

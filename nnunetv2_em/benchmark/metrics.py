@@ -1,0 +1,143 @@
+"""The benchmark's numbers: label quality against the clean labels, detection, ranking, intervals. Pure array functions.
+
+Surface metrics (95 % Hausdorff distance, surface Dice at a tolerance) come from MONAI (``monai.metrics``), in
+voxel units (spacing 1): the benchmark compares label maps on the same grid, and a tolerance of one voxel is what
+the issue tracker and the literature on boundary noise ask for.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from nnunetv2_em import estep
+
+SURFACE_TOLERANCE_VOXELS = 1.0
+
+
+def bootstrap_ci(values, *, seed: int = 0, samples: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean over cases and its percentile bootstrap interval (cases resampled with replacement); NaN dropped."""
+    values = np.asarray([v for v in values if not np.isnan(v)], dtype=float)
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (samples, values.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(values.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def paired_bootstrap(differences, *, seed: int = 0, samples: int = 4000,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """Mean paired difference over seeds x cases and its bootstrap interval, seeds and cases resampled independently.
+
+    Args:
+        differences: ``(S, N)``: arm minus baseline for training seed ``s`` and test case ``n`` (the same cases for
+            every seed). Resampling both axes lets the interval carry the spread between trainings as well as
+            between cases; with one seed it is a bootstrap over cases only and says nothing about training noise.
+    """
+    differences = np.asarray(differences, dtype=float)
+    if differences.ndim != 2 or 0 in differences.shape:
+        raise ValueError(f"differences must be a non-empty (seeds, cases) array, got shape {differences.shape}")
+    if np.isnan(differences).any():
+        raise ValueError("differences contain NaN: pair only cases scored in both arms")
+    rng = np.random.default_rng(seed)
+    num_seeds, num_cases = differences.shape
+    seeds = rng.integers(0, num_seeds, (samples, num_seeds))
+    cases = rng.integers(0, num_cases, (samples, num_cases))
+    means = np.array([differences[np.ix_(s, c)].mean() for s, c in zip(seeds, cases, strict=True)])
+    tail = (1 - level) / 2 * 100
+    return (float(differences.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
+
+
+def recovery_share(noisy: float, em: float, clean: float) -> float:
+    """Share of the noise-induced drop that EM recovers: ((b) - (a)) / ((c) - (a)); NaN without a drop."""
+    drop = clean - noisy
+    return float((em - noisy) / drop) if abs(drop) > 1e-12 else float("nan")
+
+
+def detection_scores(truth: np.ndarray, flagged: np.ndarray) -> dict:
+    """Precision, recall and F1 of boolean ``flagged`` against boolean ``truth`` (same shape)."""
+    true_positive = int(np.count_nonzero(truth & flagged))
+    precision = true_positive / max(int(flagged.sum()), 1)
+    recall = true_positive / max(int(truth.sum()), 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "flagged": int(flagged.sum()),
+            "true": int(truth.sum())}
+
+
+FLAG_FACTOR = 2.0  # a case is flagged for review when its review score is above FLAG_FACTOR x the median
+REVIEW_BUDGETS = (0.05, 0.10)  # shares of the cases a reviewer looks at, top of the list first
+
+
+def ranking_scores(ranked: list[dict], corrupted: set[str]) -> dict:
+    """Quality of the ranked case list (rows with ``case`` and ``review_score``, best first) against the truly
+    corrupted cases: precision / recall of the flagged cases (review score > ``FLAG_FACTOR`` x median), precision
+    at k = number of corrupted cases and at each review budget (``ceil(share x cases)`` reviewed), and the average
+    precision of the whole ranking (0 without corrupted cases)."""
+    cases = [row["case"] for row in ranked]
+    scores = np.array([row["review_score"] for row in ranked], dtype=float)
+    flagged = {case for case, score in zip(cases, scores, strict=True) if score > FLAG_FACTOR * np.median(scores)}
+    k = len(corrupted)
+    hits = [case in corrupted for case in cases]
+    precisions = [sum(hits[:i + 1]) / (i + 1) for i, hit in enumerate(hits) if hit]
+    result = {"flagged": len(flagged), "precision": len(flagged & corrupted) / max(len(flagged), 1),
+              "recall": len(flagged & corrupted) / max(k, 1), "k": k, "precision_at_k": sum(hits[:k]) / max(k, 1),
+              "average_precision": float(np.mean(precisions)) if precisions else 0.0}
+    for share in REVIEW_BUDGETS:
+        reviewed = max(1, math.ceil(share * len(cases)))
+        result[f"precision_at_{round(share * 100)}pct"] = sum(hits[:reviewed]) / reviewed
+    return result
+
+
+def surface_scores(reference: np.ndarray, labels: np.ndarray, *, classes,
+                   tolerance: float = SURFACE_TOLERANCE_VOXELS) -> dict:
+    """95 % Hausdorff distance and surface Dice at ``tolerance`` (voxels) per class, via MONAI.
+
+    Both maps empty for a class: HD95 0 and surface Dice 1 (nothing to miss). One empty: HD95 NaN (undefined) and
+    surface Dice 0. Args: ``reference``, ``labels``: ``(*spatial)`` integer maps of the same shape.
+    """
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    result = {}
+    for c in classes:
+        truth, guess = reference == c, labels == c
+        if not truth.any() and not guess.any():
+            result[f"hd95_{c}"], result[f"surface_dice_{c}"] = 0.0, 1.0
+            continue
+        if not truth.any() or not guess.any():
+            result[f"hd95_{c}"], result[f"surface_dice_{c}"] = float("nan"), 0.0
+            continue
+        # MONAI wants one-hot (batch, class, *spatial); channel 0 is "not c", excluded below
+        one_hot = [torch.from_numpy(np.stack([~m, m])[None]) for m in (guess, truth)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI's deprecation chatter about its own arguments
+            result[f"hd95_{c}"] = float(compute_hausdorff_distance(*one_hot, include_background=False,
+                                                                   percentile=95)[0, 0])
+            result[f"surface_dice_{c}"] = float(compute_surface_dice(*one_hot, class_thresholds=[tolerance],
+                                                                     include_background=False)[0, 0])
+    return result
+
+
+def label_scores(reference: np.ndarray, labels: np.ndarray, *, classes, ignore_label: int | None,
+                 annotation: np.ndarray | None = None, surfaces: bool = False) -> dict:
+    """Quality of training labels against the clean ones, per class, and the ignored share.
+
+    ``dice_<c>`` leaves ignored voxels out (it rewards ignoring: a voxel set to ignore can no longer be wrong);
+    ``dice_kept_<c>`` (with ``annotation``, the labels EM started from) scores an ignored voxel as the annotation
+    it replaced, so ignoring gains nothing over keeping. With ``surfaces``, ``hd95_<c>`` and ``surface_dice_<c>``
+    of the same kept variant (``surface_scores``). All arrays ``(*spatial)``, the same shape.
+    """
+    keep = np.ones(reference.shape, bool) if ignore_label is None else labels != ignore_label
+    result = {f"dice_{c}": estep.dice((reference == c) & keep, (labels == c) & keep) for c in classes}
+    if annotation is not None:
+        filled = np.where(keep, labels, annotation)
+        result.update({f"dice_kept_{c}": estep.dice(reference == c, filled == c) for c in classes})
+        if surfaces:
+            result.update(surface_scores(reference, filled, classes=classes))
+    elif surfaces:
+        raise ValueError("surface scores need the annotation (they score the labels with ignored voxels kept)")
+    result["fraction_ignored"] = float(1 - keep.mean())
+    return result
