@@ -216,6 +216,59 @@ def fit_noise_model(logits, annotations, *, weights=None, initial: NoiseModel | 
     return NoiseModel(transition, temperature, trace[-1], tuple(trace))
 
 
+def fit_case_transition(logits, annotations, model: NoiseModel, *, strength: float, weights=None,
+                        max_iterations: int = 50, tolerance: float = 1e-7) -> NoiseModel:
+    """One case's transition matrix, MAP-estimated under a Dirichlet prior centred on the dataset's ``model``.
+
+    Each row ``k`` has the prior ``Dirichlet(strength · T[k] + 1)``, so the EM update is
+
+        T_case[k, j] = (Σ_{n: a_n = j} w_n q_n(k) + strength · T[k, j]) / (Σ_n w_n q_n(k) + strength)
+
+    with ``q_n`` the posterior under the current ``T_case``; it never decreases the log-likelihood plus log-prior
+    (``trace``). ``strength`` is in voxels: a row with much more posterior mass than ``strength`` follows the case,
+    a rare one stays near the dataset's. ``strength → ∞`` gives ``model.transition``; ``0`` the case's own
+    maximum-likelihood ``T``. The temperature stays the dataset's: one case cannot calibrate a network.
+
+    Args:
+        logits: ``(C, N)`` the case's (sampled) logits. annotations: ``(N,)`` in ``0..C-1``. weights: ``(N,)``
+            sampling weights (``sample_voxels``) so that counts are in voxels, or None.
+
+    Returns:
+        A ``NoiseModel`` with the case's transition and the dataset's temperature; ``log_likelihood`` is the case's
+        mean log-likelihood (without the prior), ``trace`` the penalised objective per unit weight after each update.
+    """
+    if not strength >= 0:
+        raise ValueError(f"strength must be >= 0, got {strength}")
+    logits, annotations, weights = _check_samples(logits, annotations, weights)
+    prior = np.asarray(model.transition, dtype=np.float64)
+    num_classes = logits.shape[0]
+    if prior.shape != (num_classes, num_classes):
+        raise ValueError(f"model transition must be {(num_classes, num_classes)}, got {prior.shape}")
+    probs = softmax(logits, model.temperature)
+    total = max(float(weights.sum()), _TINY)
+
+    def objective(transition):
+        with np.errstate(divide="ignore"):
+            log_transition = np.where(prior > 0, np.log(np.maximum(transition, _TINY)), 0.0)
+        log_prior = float(np.sum(strength * prior * log_transition))
+        return _mean_log_likelihood(logits, annotations, transition, model.temperature, weights) + log_prior / total
+
+    transition = prior.copy()
+    trace = [objective(transition)]
+    for _ in range(max_iterations):
+        joint = _annotation_likelihoods(probs, annotations, transition)
+        weighted = joint / np.maximum(joint.sum(axis=0, keepdims=True), _TINY) * weights[None]
+        counts = np.stack([weighted[:, annotations == j].sum(axis=1) for j in range(num_classes)], axis=1)
+        counts += strength * prior
+        row_mass = counts.sum(axis=1, keepdims=True)
+        transition = np.where(row_mass > 0, counts / np.maximum(row_mass, _TINY), transition)
+        trace.append(objective(transition))
+        if trace[-1] - trace[-2] < tolerance:
+            break
+    return NoiseModel(transition, model.temperature,
+                      _mean_log_likelihood(logits, annotations, transition, model.temperature, weights), tuple(trace))
+
+
 def sample_voxels(logits, annotations, *, max_voxels_per_class: int, rng: np.random.Generator):
     """Stratified voxel sample for fitting the noise model, with weights that keep the estimates unbiased.
 
@@ -410,8 +463,12 @@ def rank_cases(scores_by_case: dict[str, dict]) -> list[dict]:
     return [{"rank": rank, "case": case, **scores} for rank, (case, scores) in enumerate(ordered, start=1)]
 
 
+CASE_FIT_VOXELS_PER_CLASS = 50_000  # per-case fits sample at most this many voxels per annotated class
+
+
 def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
-                previous=None, apply: bool = True) -> tuple[np.ndarray, dict]:
+                previous=None, apply: bool = True, case_prior_strength: float | None = None,
+                seed=0) -> tuple[np.ndarray, dict]:
     """Posterior, refined labels and scores of one case.
 
     Args:
@@ -419,10 +476,20 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
             conditions on what the annotator wrote, not on an earlier round's refinement).
         previous: ``(*spatial)`` labels of the previous round, for the convergence count (default: annotations).
         apply: False keeps the annotation unchanged (the model is not trusted yet) but still scores the case.
+        case_prior_strength: None uses the dataset's ``model`` for every voxel; a number fits this case's own
+            transition matrix shrunk toward it (``fit_case_transition``, on a stratified sample drawn with ``seed``).
 
     Returns:
-        ``(refined (*spatial) like annotations, scores dict of score_case)``.
+        ``(refined (*spatial) like annotations, scores dict of score_case)``; with a per-case model the scores add
+        ``case_flip_rate``, the share of the case's annotated voxels its ``T`` expects to be mislabelled.
     """
+    case_flip_rate = None
+    if case_prior_strength is not None:
+        sampled = sample_voxels(logits, annotations, max_voxels_per_class=CASE_FIT_VOXELS_PER_CLASS,
+                                rng=np.random.default_rng(seed))
+        if sampled[1].size:
+            model = fit_case_transition(*sampled[:2], model, strength=case_prior_strength, weights=sampled[2])
+            case_flip_rate = _expected_flip_rate(sampled[0], sampled[1], sampled[2], model)
     probabilities = posterior(logits, annotations, model)
     if apply:
         refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label)
@@ -431,7 +498,16 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
     prediction = np.asarray(logits).argmax(axis=0)
     scores = score_case(annotations, refined, probabilities, prediction, previous=previous,
                         ignore_label=ignore_label)
+    if case_flip_rate is not None:
+        scores["case_flip_rate"] = case_flip_rate
     return refined, scores
+
+
+def _expected_flip_rate(logits, annotations, weights, model: NoiseModel) -> float:
+    """Weighted share of sampled voxels whose posterior puts the true class elsewhere than the annotation."""
+    joint = _annotation_likelihoods(softmax(logits, model.temperature), annotations, model.transition)
+    q_of_annotation = np.take_along_axis(joint, annotations[None], axis=0)[0] / np.maximum(joint.sum(axis=0), _TINY)
+    return float(np.dot(weights, 1.0 - q_of_annotation) / max(weights.sum(), _TINY))
 
 
 def summarize_round(scores_by_case: dict[str, dict]) -> dict:

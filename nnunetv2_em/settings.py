@@ -9,6 +9,7 @@ from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.estep import MAX_IGNORED_SHARE, RefinementThresholds
 
 PLANS_KEY = "em"
+NOISE_MODELS = ("global", "per_case")
 SETTINGS_VERSION = 1
 
 
@@ -31,10 +32,17 @@ class EMSettings:
     fit_sample_voxels: int = 100_000  # voxels sampled over all cases to fit the noise model: bounds memory
     mirroring: bool = True  # test-time mirroring in the E-step's sliding-window prediction
     seed: int = 0
+    noise_model: str = "global"  # "global": one T for the dataset; "per_case": each case's T shrunk toward it
+    case_prior_strength: float = 100.0  # per_case: Dirichlet prior strength (voxels) toward the dataset's T
 
     @property
     def thresholds(self) -> RefinementThresholds:
         return RefinementThresholds(self.change_threshold, self.keep_threshold)
+
+    @property
+    def case_prior(self) -> float | None:
+        """``estep.refine_case``'s ``case_prior_strength``: None for the dataset-wide model."""
+        return self.case_prior_strength if self.noise_model == "per_case" else None
 
     @property
     def total_epochs(self) -> int:
@@ -89,6 +97,10 @@ class EMSettings:
             problems.append(("fit_iterations", "must be at least 1"))
         if self.fit_sample_voxels < 100:
             problems.append(("fit_sample_voxels", "must be at least 100"))
+        if self.noise_model not in NOISE_MODELS:
+            problems.append(("noise_model", f"must be one of {', '.join(NOISE_MODELS)}"))
+        if not self.case_prior_strength >= 0:
+            problems.append(("case_prior_strength", "must be >= 0"))
         if problems:
             key, reason = problems[0]
             origin = origins.get(key, default_origin)
@@ -99,6 +111,8 @@ class EMSettings:
 def _checked_type(key, value, expected, origin):
     if expected is bool:
         ok = isinstance(value, bool)
+    elif expected is str:
+        ok = isinstance(value, str)
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:  # float: accept ints too

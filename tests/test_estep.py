@@ -266,3 +266,62 @@ def test_the_stored_noise_model_keeps_full_precision():
     stored = NoiseModel(transition, 1.3).to_dict()
     assert stored["transition"][0][1] == 3e-10
     np.testing.assert_array_equal(np.asarray(stored["transition"]), transition)
+
+
+def test_per_case_transitions_recover_planted_cases_and_shrink_toward_the_dataset():
+    # two cases annotated by different annotators: one drops 30 % of the foreground, one is clean
+    planted = {"under": np.array([[0.98, 0.02], [0.3, 0.7]]), "clean": np.array([[0.98, 0.02], [0.02, 0.98]])}
+    cases = {name: _synthetic_annotator(t, n=100_000, seed=i) for i, (name, t) in enumerate(planted.items())}
+    logits = np.concatenate([c[0] for c in cases.values()], axis=1)
+    annotations = np.concatenate([c[1] for c in cases.values()])
+    dataset = estep.fit_noise_model(logits, annotations, calibrate_temperature=False, max_iterations=300,
+                                    tolerance=1e-10)
+    assert 0.1 < dataset.transition[1, 0] < 0.22  # the dataset's model averages the two annotators
+    for name, (case_logits, case_annotations, _) in cases.items():
+        case = estep.fit_case_transition(case_logits, case_annotations, dataset, strength=100.0, max_iterations=300,
+                                         tolerance=1e-12)
+        np.testing.assert_allclose(case.transition, planted[name], atol=0.03)
+        assert np.all(np.diff(case.trace) >= -1e-12)  # MAP-EM: the penalised objective never decreases
+        assert case.temperature == dataset.temperature
+        # a strong prior keeps the dataset's matrix; none gives the case's own maximum-likelihood fit
+        strong = estep.fit_case_transition(case_logits, case_annotations, dataset, strength=1e9)
+        np.testing.assert_allclose(strong.transition, dataset.transition, atol=1e-3)
+        free = estep.fit_case_transition(case_logits, case_annotations, dataset, strength=0.0, max_iterations=300,
+                                         tolerance=1e-12)
+        own = estep.fit_noise_model(case_logits, case_annotations, initial=dataset, calibrate_temperature=False,
+                                    max_iterations=300, tolerance=1e-12)
+        np.testing.assert_allclose(free.transition, own.transition, atol=2e-3)
+    with pytest.raises(ValueError, match="strength"):
+        estep.fit_case_transition(logits, annotations, dataset, strength=-1.0)
+
+
+def test_a_per_case_model_corrects_a_corrupted_case_that_the_dataset_model_only_ignores():
+    rng = np.random.default_rng(7)
+    shape = (20, 20, 20)
+    truth = np.zeros(shape, np.int64)
+    truth[5:15, 5:15, 5:15] = 1
+    # a mostly right network: logit +-4, and 3 % of voxels wrong with less confidence (logit -+1.5)
+    network_wrong = rng.random(shape) < 0.03
+    network = np.where(truth == 1, 4.0, -4.0) * np.where(network_wrong, -1.5 / 4.0, 1.0)
+    logits = np.stack([np.zeros(shape), network])
+    eroded = truth.copy()
+    eroded[5:15, 5:15, 5:8] = 0  # under-segmented: 30 % of the foreground annotated as background
+    dataset = NoiseModel(np.array([[0.97, 0.03], [0.15, 0.85]]), 1.0)  # what a mixed dataset would fit
+    outcome = {}
+    for name, annotation in (("eroded", eroded), ("clean", truth)):
+        for strength in (None, 100.0):
+            refined, scores = estep.refine_case(logits, annotation, dataset, thresholds=RefinementThresholds(),
+                                                ignore_label=2, case_prior_strength=strength, seed=0)
+            changed = refined != annotation
+            outcome[name, strength] = {"right": np.count_nonzero(changed & (refined == truth)),
+                                       "wrong": np.count_nonzero(changed & (refined != truth) & (refined != 2)),
+                                       "ignored": scores["voxels_ignored"],
+                                       "flip_rate": scores.get("case_flip_rate")}
+    mislabelled = np.count_nonzero(eroded != truth)
+    # the dataset's T is too mild for this case: nothing corrected; the case's own T corrects nearly all of it
+    assert outcome["eroded", None]["right"] == 0
+    assert outcome["eroded", 100.0]["right"] >= 0.9 * mislabelled
+    assert outcome["eroded", 100.0]["wrong"] == outcome["clean", 100.0]["wrong"] == 0
+    # the clean case: its own T is cleaner than the dataset's, and nothing is changed or ignored
+    assert outcome["clean", 100.0] | {"flip_rate": None} == {"right": 0, "wrong": 0, "ignored": 0, "flip_rate": None}
+    assert outcome["eroded", 100.0]["flip_rate"] > 2 * outcome["clean", 100.0]["flip_rate"]

@@ -29,6 +29,9 @@ def test_plans_block_then_trainer_overrides():
     ({"rounds": 2.5}, "rounds"),
     ({"mirroring": 1}, "mirroring"),
     ({"roundz": 3}, "roundz"),
+    ({"noise_model": "per_voxel"}, "noise_model"),
+    ({"noise_model": 1}, "noise_model"),
+    ({"case_prior_strength": -5}, "case_prior_strength"),
 ])
 def test_impossible_values_name_the_file_the_key_and_the_fix(block, key):
     with pytest.raises(EMInputError) as error:
@@ -50,3 +53,9 @@ def test_a_wrong_type_in_the_plans_is_reported_even_where_a_variant_overrides_th
     assert "/data/plans.json" in str(error.value) and "em.rounds" in str(error.value)
     with pytest.raises(EMInputError, match="max_ignored_share"):
         EMSettings.resolve({"max_ignored_share": 0.0}, source="plans.json")
+
+
+def test_the_noise_model_setting_selects_the_per_case_prior():
+    assert EMSettings().case_prior is None  # the dataset-wide model by default
+    settings = EMSettings.resolve({"noise_model": "per_case", "case_prior_strength": 30}, source="plans.json")
+    assert settings.case_prior == 30.0

@@ -204,7 +204,8 @@ class EMTrainer(nnUNetTrainer):
             previous = self._training_labels.read_current_seg(case)[0]
             refined, scores[case] = estep.refine_case(logits, original, fit.model, thresholds=settings.thresholds,
                                                       ignore_label=ignore_label, previous=previous,
-                                                      apply=fit.refine)
+                                                      apply=fit.refine, case_prior_strength=settings.case_prior,
+                                                      seed=estep.case_seed(settings.seed, round_index, case))
             properties = load_pickle(self._training_labels.original_properties_path(case))
             properties["class_locations"] = nnunet_data.class_locations(refined[None], self.label_manager)
             self._training_labels.write_case(case, refined[None], properties, self.configuration_manager.patch_size)
