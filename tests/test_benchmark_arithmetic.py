@@ -66,6 +66,8 @@ def test_ranking_scores():
     scores = metrics.ranking_scores(long, {"c0", "c3", "c39"})
     assert scores["precision_at_5pct"] == pytest.approx(1 / 2)  # top 2: c0, c1
     assert scores["precision_at_10pct"] == pytest.approx(2 / 4)  # top 4: c0..c3
+    nothing = metrics.ranking_scores(long, set())
+    assert math.isnan(nothing["average_precision"]) and math.isnan(nothing["precision_at_5pct"])
 
 
 def test_label_scores_leave_ignored_voxels_out_or_keep_the_annotation():

@@ -75,7 +75,7 @@ def ranking_scores(ranked: list[dict], corrupted: set[str]) -> dict:
     """Quality of the ranked case list (rows with ``case`` and ``review_score``, best first) against the truly
     corrupted cases: precision / recall of the flagged cases (review score > ``FLAG_FACTOR`` x median), precision
     at k = number of corrupted cases and at each review budget (``ceil(share x cases)`` reviewed), and the average
-    precision of the whole ranking (0 without corrupted cases)."""
+    precision of the whole ranking (NaN without corrupted cases)."""
     cases = [row["case"] for row in ranked]
     scores = np.array([row["review_score"] for row in ranked], dtype=float)
     flagged = {case for case, score in zip(cases, scores, strict=True) if score > FLAG_FACTOR * np.median(scores)}
@@ -88,6 +88,8 @@ def ranking_scores(ranked: list[dict], corrupted: set[str]) -> dict:
     for share in REVIEW_BUDGETS:
         reviewed = max(1, math.ceil(share * len(cases)))
         result[f"precision_at_{round(share * 100)}pct"] = sum(hits[:reviewed]) / reviewed
+    if not corrupted:  # nothing to find: a ranking cannot be scored
+        result.update({key: float("nan") for key in result if key.startswith(("precision_at", "average_precision"))})
     return result
 
 

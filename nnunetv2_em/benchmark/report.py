@@ -66,6 +66,10 @@ def markdown(summary: dict) -> str:
               "voxel F1: cleanlab | voxel precision / recall: EM | cleanlab |", "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in summary["settings"].items():
         ranking, em, peer = entry["ranking"], entry["voxels"]["em"], entry["voxels"]["cleanlab"]
+        if not entry["corrupted_cases"]:
+            lines.append(f"| {name} | 0 of {entry['train_cases']} | nothing to find: EM flagged "
+                         f"{em['flagged']:.0f} voxels, cleanlab {peer['flagged']:.0f} (all false alarms) |||||||")
+            continue
         lines.append(f"| {name} | {entry['corrupted_cases']} of {entry['train_cases']} | "
                      f"{_f(ranking.get('average_precision'), 2)} | {_f(ranking.get('precision_at_5pct'), 2)} | "
                      f"{_f(ranking.get('precision_at_10pct'), 2)} | {_f(em['f1'])} | {_f(peer['f1'])} | "

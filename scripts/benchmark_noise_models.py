@@ -1,0 +1,132 @@
+"""E-step noise models side by side on the same out-of-fold probabilities: no training, seconds per replicate.
+
+Every replicate of a ``nnunetv2_em benchmark`` suite keeps its EM run's round-1 out-of-fold logits. This script
+re-runs the one per-case E-step (``estep.refine_case``) on them with each noise model — the dataset-wide ``T``
+(what the run did) and per-case ``T`` shrunk toward it at several prior strengths — once with the run's quality gate
+and once with the gate forced open, and scores the labels exactly as the benchmark does (raw geometry, Dice with
+ignored voxels kept at the annotation and left out, HD95, surface Dice, corrupted and untouched cases apart, voxel
+detection F1, case ranking). cleanlab's row is the benchmark's peer on the same probabilities.
+
+    python scripts/benchmark_noise_models.py --suite bench_out/suite_lq \\
+        --dataset ../shared/data/Dataset004_Hippocampus --profile cpu-long --out scripts/results/noise_models.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_em import estep, nnunet_data
+from nnunetv2_em.benchmark import metrics, suite
+from nnunetv2_em.benchmark.harness import Benchmark, _read_label
+from nnunetv2_em.settings import EMSettings
+
+MODELS = {"global": None, "per_case 30": 30.0, "per_case 100": 100.0, "per_case 1000": 1000.0}
+
+
+def evaluate(benchmark: Benchmark, *, strength, gate_open: bool) -> dict:
+    with open(os.path.join(benchmark.workspace.out, "split.json")) as handle:
+        split = json.load(handle)
+    with open(os.path.join(benchmark.workspace.out, "corruption", "records.json")) as handle:
+        corrupted = set(json.load(handle)["corrupted_cases"])
+    layout = benchmark.workspace.em_run(benchmark.profile)
+    versions = benchmark.workspace.em_versions(benchmark.profile, benchmark.ending)
+    plans = PlansManager(os.path.join(benchmark.workspace.preprocessed("em"), "nnUNetPlans.json"))
+    configuration = plans.get_configuration(benchmark.profile.configuration)
+    settings = EMSettings.resolve(plans.plans.get("em"), source="plans")
+    with open(layout.round_file(1, "fit.json")) as handle:
+        fit = json.load(handle)
+    model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
+    per_case, scores, truths, flags = {}, {}, [], []
+    for case in split["train"]:
+        logits = np.load(layout.logits_file(1, case)).astype(np.float32)
+        noisy = versions.read_segmentation(0, case)[0]
+        refined, scores[case] = estep.refine_case(logits, noisy, model, thresholds=settings.thresholds,
+                                                  ignore_label=benchmark.ignore_label,
+                                                  apply=gate_open or fit["refine"], case_prior_strength=strength,
+                                                  seed=estep.case_seed(settings.seed, 1, case))
+        noisy_raw = _read_label(versions.label_path(0, case))
+        refined_raw = nnunet_data.refined_raw_label(noisy_raw, noisy, refined,
+                                                    load_pickle(versions.original_properties_path(case)), plans,
+                                                    configuration)
+        clean = _read_label(benchmark.cases[case]["label"])
+        per_case[case] = metrics.label_scores(clean, refined_raw, classes=benchmark.classes,
+                                              ignore_label=benchmark.ignore_label, annotation=noisy_raw,
+                                              surfaces=True)
+        truths.append((clean != noisy_raw).ravel())
+        flags.append((refined_raw != noisy_raw).ravel())
+    groups = {"all": list(per_case), "corrupted": [c for c in per_case if c in corrupted],
+              "untouched": [c for c in per_case if c not in corrupted]}
+    result = {group: benchmark._summarize_cases([per_case[c] for c in members]) for group, members in groups.items()}
+    result["voxels"] = metrics.detection_scores(np.concatenate(truths), np.concatenate(flags))
+    result["ranking"] = metrics.ranking_scores(estep.rank_cases(scores), corrupted)
+    if strength is not None:
+        by_flip = [{"case": c, "review_score": s["case_flip_rate"]} for c, s in
+                   sorted(scores.items(), key=lambda item: -item[1].get("case_flip_rate", 0.0))]
+        result["ranking_by_case_flip_rate"] = metrics.ranking_scores(by_flip, corrupted)
+    result["gate_as_run"] = bool(fit["refine"])
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", required=True, help="output folder of a benchmark suite")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--profile", default="cpu-long")
+    parser.add_argument("--corruption-seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="markdown summary to write (a JSON beside it)")
+    args = parser.parse_args()
+    rows = []
+    for (setting, seed), results in sorted(suite.load_replicates(args.suite).items()):
+        benchmark = Benchmark(args.dataset, setting, seed=args.corruption_seed, profile=args.profile,
+                              out=suite.replicate_folder(args.suite, setting, seed), training_seed=seed,
+                              label_quality_only=True)
+        peer = results["label_quality"]["versions"]["cleanlab"]
+        rows.append({"setting": setting, "seed": seed, "model": "noisy input",
+                     **results["label_quality"]["versions"]["noisy"]})
+        rows.append({"setting": setting, "seed": seed, "model": "cleanlab (peer)", **peer,
+                     "voxels": results["detection"]["voxels"]["cleanlab"]})
+        for name, strength in MODELS.items():
+            for gate_open in (False, True):
+                result = evaluate(benchmark, strength=strength, gate_open=gate_open)
+                label = f"{name}, gate {'forced open' if gate_open else 'as run'}"
+                rows.append({"setting": setting, "seed": seed, "model": label, **result})
+                print(f"{setting} seed {seed} {label}: Dice kept {result['all']['dice_kept']:.4f}", flush=True)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as handle:
+        json.dump(rows, handle, indent=1)
+    with open(args.out, "w") as handle:
+        handle.write(markdown(rows, args))
+
+
+def _f(value, digits=4):
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown(rows, args) -> str:
+    lines = ["# E-step noise models on the same out-of-fold probabilities", "",
+             f"`python scripts/benchmark_noise_models.py --suite {args.suite} --dataset {args.dataset} --profile "
+             f"{args.profile} --out {args.out}`", "",
+             "Training labels against the clean ones (mean over training cases). Dice kept: ignored voxels scored as "
+             "the annotation (honest); left out: ignored voxels dropped (flattering). HD95 in voxels.", "",
+             "| setting | seed | labels | Dice kept | left out | ignored | HD95 | surface Dice | corrupted: kept | "
+             "untouched: kept | voxel F1 | AP (review score) | AP (case flip rate) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        voxels = row.get("voxels", {})
+        lines.append(
+            f"| {row['setting']} | {row['seed']} | {row['model']} | {_f(row['all']['dice_kept'])} | "
+            f"{_f(row['all']['dice'])} | {row['all']['fraction_ignored']:.2%} | {_f(row['all']['hd95'], 2)} | "
+            f"{_f(row['all']['surface_dice'], 3)} | {_f(row['corrupted'].get('dice_kept'))} | "
+            f"{_f(row['untouched'].get('dice_kept'))} | {_f(voxels.get('f1'), 3)} | "
+            f"{_f(row.get('ranking', {}).get('average_precision'), 2)} | "
+            f"{_f(row.get('ranking_by_case_flip_rate', {}).get('average_precision'), 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
