@@ -282,3 +282,32 @@ def check_preprocessed_segmentations(folder: str, cases, allowed_values: set[int
             raise EMInputError(f"{path}: label values {unexpected} are not in dataset.json (allowed "
                                f"{sorted(allowed_values)}). Fix: correct the raw label of {case} and rerun "
                                f"nnUNetv2_plan_and_preprocess.")
+
+
+VERIFIED_CASES_FILE = "em_verified_cases.json"  # beside dataset.json: cases whose labels a person checked
+
+
+def load_verified_cases(raw_folder: str, labelled) -> list[str]:
+    """Case ids from ``<raw>/em_verified_cases.json`` (a JSON list, or ``{"cases": [...]}``); ``[]`` without it.
+
+    Verified labels are never changed by an E-step, and they are what the precision gate estimates false changes
+    from. Every id must be a labelled case of the dataset.
+    """
+    path = os.path.join(raw_folder, VERIFIED_CASES_FILE)
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise EMInputError(f"{path}: not valid JSON ({error}). Fix: write a list of case ids, e.g. "
+                           f'["hippocampus_001", "hippocampus_004"], or delete the file.') from None
+    cases = content.get("cases") if isinstance(content, dict) else content
+    if not isinstance(cases, list) or not all(isinstance(c, str) for c in cases):
+        raise EMInputError(f"{path}: expected a list of case ids (or {{\"cases\": [...]}}). Fix: e.g. "
+                           f'["hippocampus_001", "hippocampus_004"].')
+    unknown = sorted(set(cases) - set(labelled))
+    if unknown:
+        raise EMInputError(f"{path}: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} not labelled cases "
+                           f"of this dataset. Fix: list only case ids that have a file in labelsTr.")
+    return sorted(set(cases))

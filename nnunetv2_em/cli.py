@@ -96,7 +96,8 @@ def _benchmark(args):
 
     command = " ".join(["nnunetv2_em", "benchmark", "--dataset", args.dataset, "--noise", *args.noise, "--seeds",
                         *map(str, args.seeds), "--seed", str(args.seed), "--profile", args.profile, "--out", args.out,
-                        *(["--label-quality-only"] if args.label_quality_only else [])])
+                        *(["--label-quality-only"] if args.label_quality_only else []),
+                        *(["--verified", str(args.verified)] if args.verified else [])])
     if args.report_only:
         summary = suite.report_finished(args.out, args.noise, seeds=args.seeds, profile=args.profile,
                                         corruption_seed=args.seed, label_quality_only=args.label_quality_only,
@@ -104,7 +105,7 @@ def _benchmark(args):
     else:
         summary = suite.run_suite(args.dataset, args.noise, seeds=args.seeds, corruption_seed=args.seed,
                                   profile=args.profile, out=args.out, label_quality_only=args.label_quality_only,
-                                  command=command)
+                                  verified_cases=args.verified, command=command)
     print(markdown(summary))
 
 
@@ -174,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="; ".join(f"{k}: {v.description}" for k, v in PROFILES.items()).replace("%", "%%"))
     bench.add_argument("--label-quality-only", action="store_true",
                        help="only the EM run and cleanlab's filtering: training-label quality, no final trainings")
+    bench.add_argument("--verified", type=int, default=0, metavar="N",
+                       help="tell the EM arm that N training cases the noise left untouched were checked "
+                            "(em_verified_cases.json): they are never changed and gate each round by the estimated "
+                            "precision of its changes. Default: 0 (the model-Dice gate)")
     bench.add_argument("--report-only", action="store_true",
                        help="write the report from the replicates already finished (nothing is trained)")
     bench.add_argument("--out", required=True, help="output folder (rerunning continues where it stopped)")

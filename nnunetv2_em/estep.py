@@ -527,6 +527,62 @@ def summarize_round(scores_by_case: dict[str, dict]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class PrecisionEstimate:
+    """How many of the E-step's changes on unchecked cases are likely right, judged from checked (verified) cases."""
+
+    precision: float  # estimated share of right changes among the changes on unverified cases (NaN: no changes)
+    lower_bound: float  # one-sided bootstrap lower bound over verified cases (false changes come in clumps)
+    false_change_rate: float  # changes per annotated voxel on verified cases: every one of them is false
+    verified_cases: int
+    changes: int  # changes on unverified cases
+
+    def to_dict(self) -> dict:
+        return {key: (float(v) if isinstance(v, float) else v) for key, v in self.__dict__.items()}
+
+
+def change_precision(verified, unverified, *, level: float = 0.95, samples: int = 2000,
+                     seed: int = 0) -> PrecisionEstimate:
+    """Estimated precision of the changes an E-step makes, from cases whose labels were checked.
+
+    A verified case's annotation is right, so every change the E-step makes there is false; the rate of such
+    changes per annotated voxel, applied to the unverified cases' annotated voxels, estimates how many of their
+    changes are false: ``precision = 1 - rate · annotated_unverified / changes_unverified`` (clipped to [0, 1]).
+    The lower bound resamples the verified cases (a case-level bootstrap), since false changes come in clumps.
+    It assumes the verified cases are like the others for the network (checked at random, not chosen as easy).
+
+    Args:
+        verified: ``(V, 2)``: ``(changed voxels, annotated voxels)`` per verified case, ``V >= 1``.
+        unverified: ``(U, 2)``: the same per unverified case.
+    """
+    verified = np.asarray(verified, dtype=np.float64).reshape(-1, 2)
+    unverified = np.asarray(unverified, dtype=np.float64).reshape(-1, 2)
+    if verified.shape[0] == 0 or verified[:, 1].sum() <= 0:
+        raise ValueError("need at least one verified case with annotated voxels")
+    changes, annotated = unverified[:, 0].sum(), unverified[:, 1].sum()
+
+    def precision_at(rate):
+        return float(np.clip(1.0 - rate * annotated / changes, 0.0, 1.0)) if changes > 0 else float("nan")
+
+    rate = verified[:, 0].sum() / verified[:, 1].sum()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, verified.shape[0], (samples, verified.shape[0]))
+    rates = verified[picks, 0].sum(axis=1) / np.maximum(verified[picks, 1].sum(axis=1), _TINY)
+    lower = float(np.percentile([precision_at(r) for r in rates], (1 - level) * 100)) if changes > 0 else float("nan")
+    return PrecisionEstimate(precision_at(rate), lower, float(rate), int(verified.shape[0]), int(changes))
+
+
+def precision_gate(counts: dict[str, tuple[int, int]], verified, *, min_precision: float,
+                   seed: int = 0) -> tuple[bool, PrecisionEstimate]:
+    """Whether to apply a round's refinements: the lower bound of their estimated precision (``change_precision``)
+    reaches ``min_precision``. ``counts``: ``{case: (changed voxels, annotated voxels)}`` of the refinement with the
+    gate open; ``verified``: the checked cases among them (at least one)."""
+    verified = [case for case in verified if case in counts]
+    estimate = change_precision([counts[c] for c in verified], [n for c, n in counts.items() if c not in verified],
+                                seed=seed)
+    return bool(estimate.lower_bound >= min_precision), estimate  # NaN (nothing to change): closed
+
+
 # ------------------------------------------------------------------------------------- one E-step over many cases
 @dataclass(frozen=True)
 class CaseSample:

@@ -25,7 +25,8 @@ class EMSettings:
     change_threshold: float = 0.9  # posterior needed to overwrite an annotation
     keep_threshold: float = 0.5  # posterior of the annotation below which (and no change) a voxel is ignored
     tolerance: float = 0.001  # stop when less than this fraction of annotated voxels changed since last round
-    min_model_dice: float = 0.5  # labels are only refined once the network agrees this well with the annotation
+    min_model_dice: float = 0.5  # without verified cases: refine once the network agrees this well with the annotation
+    min_change_precision: float = 0.8  # with verified cases: refine once the changes' precision bound reaches this
     max_ignored_share: float = MAX_IGNORED_SHARE  # a fit that would ignore more annotated voxels is not applied
     calibrate_temperature: bool = True
     fit_iterations: int = 30  # max (temperature, transition) update pairs per E-step
@@ -89,6 +90,8 @@ class EMSettings:
             problems.append(("keep_threshold", "must be in [0, 1]"))
         if not 0.0 <= self.min_model_dice <= 1.0:
             problems.append(("min_model_dice", "must be in [0, 1]"))
+        if not 0.0 <= self.min_change_precision <= 1.0:
+            problems.append(("min_change_precision", "must be in [0, 1]"))
         if not 0.0 < self.max_ignored_share <= 1.0:
             problems.append(("max_ignored_share", "must be in (0, 1]"))
         if not 0.0 <= self.tolerance < 1.0:

@@ -1,11 +1,13 @@
 """E-step noise models side by side on the same out-of-fold probabilities: no training, seconds per replicate.
 
 Every replicate of a ``nnunetv2_em benchmark`` suite keeps its EM run's round-1 out-of-fold logits. This script
-re-runs the one per-case E-step (``estep.refine_case``) on them with each noise model — the dataset-wide ``T``
-(what the run did) and per-case ``T`` shrunk toward it at several prior strengths — once with the run's quality gate
-and once with the gate forced open, and scores the labels exactly as the benchmark does (raw geometry, Dice with
-ignored voxels kept at the annotation and left out, HD95, surface Dice, corrupted and untouched cases apart, voxel
-detection F1, case ranking). cleanlab's row is the benchmark's peer on the same probabilities.
+re-runs the one per-case E-step (``estep.refine_case``) on them with each noise model (the dataset-wide ``T``, what
+the run did, and per-case ``T`` shrunk toward it at several prior strengths) and each gate (the run's: model Dice
+against the annotation; forced open; a precision gate estimated from 4 verified cases with
+``estep.change_precision``, untouched cases standing in for reviewed ones), and scores the labels exactly as the
+benchmark does (raw geometry, Dice with ignored voxels kept at the annotation and left out, HD95, surface Dice,
+corrupted and untouched cases apart, voxel detection F1, case ranking). cleanlab's row is the benchmark's peer on
+the same probabilities.
 
     python scripts/benchmark_noise_models.py --suite bench_out/suite_lq \\
         --dataset ../shared/data/Dataset004_Hippocampus --profile cpu-long --out scripts/results/noise_models.md
@@ -29,7 +31,20 @@ from nnunetv2_em.settings import EMSettings
 MODELS = {"global": None, "per_case 30": 30.0, "per_case 100": 100.0, "per_case 1000": 1000.0}
 
 
-def evaluate(benchmark: Benchmark, *, strength, gate_open: bool) -> dict:
+VERIFIED_CASES = 4  # untouched training cases treated as checked by a reviewer (for the precision gate)
+MIN_CHANGE_PRECISION = 0.8
+
+
+def verified_cases(split: dict, corrupted: set[str], *, seed: int) -> list[str]:
+    """``VERIFIED_CASES`` training cases the noise left untouched, drawn reproducibly: what a reviewer checked."""
+    untouched = sorted(c for c in split["train"] if c not in corrupted)
+    return sorted(np.random.default_rng(seed).choice(untouched, size=VERIFIED_CASES, replace=False).tolist())
+
+
+def evaluate(benchmark: Benchmark, *, strength, gate: str) -> dict:
+    """Label quality after the E-step with one noise model and one gate: ``as run`` (the run's Dice gate),
+    ``open``, or ``precision`` (verified cases kept as they are; the rest refined only if the estimated precision's
+    lower bound reaches ``MIN_CHANGE_PRECISION``)."""
     with open(os.path.join(benchmark.workspace.out, "split.json")) as handle:
         split = json.load(handle)
     with open(os.path.join(benchmark.workspace.out, "corruption", "records.json")) as handle:
@@ -42,16 +57,27 @@ def evaluate(benchmark: Benchmark, *, strength, gate_open: bool) -> dict:
     with open(layout.round_file(1, "fit.json")) as handle:
         fit = json.load(handle)
     model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
-    per_case, scores, truths, flags = {}, {}, [], []
+    verified = verified_cases(split, corrupted, seed=benchmark.seed) if gate == "precision" else []
+    refined, scores, noisy = {}, {}, {}
     for case in split["train"]:
-        logits = np.load(layout.logits_file(1, case)).astype(np.float32)
-        noisy = versions.read_segmentation(0, case)[0]
-        refined, scores[case] = estep.refine_case(logits, noisy, model, thresholds=settings.thresholds,
-                                                  ignore_label=benchmark.ignore_label,
-                                                  apply=gate_open or fit["refine"], case_prior_strength=strength,
-                                                  seed=estep.case_seed(settings.seed, 1, case))
+        noisy[case] = versions.read_segmentation(0, case)[0]
+        refined[case], scores[case] = estep.refine_case(
+            np.load(layout.logits_file(1, case)).astype(np.float32), noisy[case], model,
+            thresholds=settings.thresholds, ignore_label=benchmark.ignore_label,
+            apply=gate != "as run" or fit["refine"], case_prior_strength=strength,
+            seed=estep.case_seed(settings.seed, 1, case))
+    result = {"gate_as_run": bool(fit["refine"])}
+    if gate == "precision":
+        counts = {c: (scores[c]["voxels_changed"], scores[c]["voxels_annotated"]) for c in split["train"]}
+        opened, estimate = estep.precision_gate(counts, verified, min_precision=MIN_CHANGE_PRECISION)
+        result["precision_gate"] = {**estimate.to_dict(), "opened": opened, "verified": verified}
+        for case in split["train"]:
+            if case in verified or not opened:
+                refined[case] = noisy[case]
+    per_case, truths, flags = {}, [], []
+    for case in split["train"]:
         noisy_raw = _read_label(versions.label_path(0, case))
-        refined_raw = nnunet_data.refined_raw_label(noisy_raw, noisy, refined,
+        refined_raw = nnunet_data.refined_raw_label(noisy_raw, noisy[case], refined[case],
                                                     load_pickle(versions.original_properties_path(case)), plans,
                                                     configuration)
         clean = _read_label(benchmark.cases[case]["label"])
@@ -62,14 +88,14 @@ def evaluate(benchmark: Benchmark, *, strength, gate_open: bool) -> dict:
         flags.append((refined_raw != noisy_raw).ravel())
     groups = {"all": list(per_case), "corrupted": [c for c in per_case if c in corrupted],
               "untouched": [c for c in per_case if c not in corrupted]}
-    result = {group: benchmark._summarize_cases([per_case[c] for c in members]) for group, members in groups.items()}
+    result.update({group: benchmark._summarize_cases([per_case[c] for c in members])
+                   for group, members in groups.items()})
     result["voxels"] = metrics.detection_scores(np.concatenate(truths), np.concatenate(flags))
     result["ranking"] = metrics.ranking_scores(estep.rank_cases(scores), corrupted)
     if strength is not None:
         by_flip = [{"case": c, "review_score": s["case_flip_rate"]} for c, s in
                    sorted(scores.items(), key=lambda item: -item[1].get("case_flip_rate", 0.0))]
         result["ranking_by_case_flip_rate"] = metrics.ranking_scores(by_flip, corrupted)
-    result["gate_as_run"] = bool(fit["refine"])
     return result
 
 
@@ -92,9 +118,12 @@ def main():
         rows.append({"setting": setting, "seed": seed, "model": "cleanlab (peer)", **peer,
                      "voxels": results["detection"]["voxels"]["cleanlab"]})
         for name, strength in MODELS.items():
-            for gate_open in (False, True):
-                result = evaluate(benchmark, strength=strength, gate_open=gate_open)
-                label = f"{name}, gate {'forced open' if gate_open else 'as run'}"
+            for gate in ("as run", "open", "precision"):
+                result = evaluate(benchmark, strength=strength, gate=gate)
+                label = f"{name}, gate {gate}"
+                if gate == "precision":
+                    label += f" ({'opened' if result['precision_gate']['opened'] else 'closed'}, lower bound " \
+                             f"{result['precision_gate']['lower_bound']:.2f})"
                 rows.append({"setting": setting, "seed": seed, "model": label, **result})
                 print(f"{setting} seed {seed} {label}: Dice kept {result['all']['dice_kept']:.4f}", flush=True)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as handle:

@@ -223,6 +223,20 @@ def _bad_unwritable_versions(folder, extra):
     return path, "not writable"
 
 
+def _bad_verified_case(folder, extra):
+    path = os.path.join(folder, "em_verified_cases.json")
+    with open(path, "w") as handle:
+        json.dump([CASES[0], "hippocampus_999"], handle)
+    return path, "hippocampus_999 not labelled cases"
+
+
+def _bad_verified_json(folder, extra):
+    path = os.path.join(folder, "em_verified_cases.json")
+    with open(path, "w") as handle:
+        handle.write('["hippocampus_001",')
+    return path, "not valid JSON"
+
+
 CATALOGUE = [  # (what is wrong, how to make it, command, arguments)
     ("truncated label .nii.gz", _bad_truncated_label, "plan", []),
     ("float label values (1.5)", _bad_float_label, "plan", []),
@@ -235,6 +249,8 @@ CATALOGUE = [  # (what is wrong, how to make it, command, arguments)
     ("2D image in --unlabeled", _bad_2d_unlabeled_image, "run", ["--folds", "0", "1"]),
     ("wrong channel count in --unlabeled", _bad_unlabeled_channels, "run", ["--folds", "0", "1"]),
     ("em_labels not writable", _bad_unwritable_versions, "run", ["--folds", "0", "1"]),
+    ("unknown case in em_verified_cases.json", _bad_verified_case, "run", ["--folds", "0", "1"]),
+    ("em_verified_cases.json not JSON", _bad_verified_json, "run", ["--folds", "0", "1"]),
 ]
 
 

@@ -27,6 +27,7 @@ DATASET_ID = 908
 DATASET = "Dataset908_Hippo"
 ALL = demo_cases(15)
 LABELLED, IN_DATASET_UNLABELED, EXTRA_UNLABELED = ALL[:12], ALL[12:14], ALL[14:]
+VERIFIED = LABELLED[:2]
 RUN_NAME = "em_run__VanillaTrainer_tiny__nnUNetPlans__2d"
 RUN = ["nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1", "--rounds", "2", "--trainer",
        "VanillaTrainer_tiny", "--device", "cpu", "--no-validation", "--keep-logits"]
@@ -59,6 +60,8 @@ def finished_run(tmp_path_factory):
     for case in EXTRA_UNLABELED:
         shutil.copy(os.path.join(DEMO_DATA, "imagesTr", f"{case}_0000.nii.gz"), extra)
     originals = {case: _sha(os.path.join(folder, "labelsTr", f"{case}.nii.gz")) for case in LABELLED}
+    with open(os.path.join(folder, "em_verified_cases.json"), "w") as handle:
+        json.dump({"cases": VERIFIED}, handle)  # checked by a person: never changed, and the precision gate's data
     raw_before = tree_snapshot(folder)
 
     workspace.run("nnunetv2_em", "plan", "-d", str(DATASET_ID), "-c", "2d")
@@ -66,7 +69,8 @@ def finished_run(tmp_path_factory):
     with open(plans_file) as handle:
         plans = json.load(handle)
     # the tiny model must still refine
-    plans["em"].update({"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0})
+    plans["em"].update({"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0,
+                        "calibrate_temperature": False, "min_change_precision": 0.0})
     with open(plans_file, "w") as handle:
         json.dump(plans, handle)
 
@@ -241,3 +245,22 @@ def test_status_and_restore_to_the_originals_and_back(finished_run):
     assert "checksums match" in workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     verify_dataset_integrity(folder, num_processes=1)
+
+
+def test_verified_cases_are_never_changed_and_gate_the_round_by_estimated_precision(finished_run):
+    versions = os.path.join(finished_run["folder"], "em_labels")
+    for round_index in (1, 2):
+        round_folder = os.path.join(finished_run["run_folder"], f"round_{round_index:02d}")
+        with open(os.path.join(round_folder, "fit.json")) as handle:
+            fit = json.load(handle)
+        assert fit["verified"] == VERIFIED and fit["gate"]["kind"] == "precision"
+        assert fit["gate"]["verified_cases"] == len(VERIFIED)
+        assert 0.0 <= fit["gate"]["lower_bound"] <= fit["gate"]["precision"] <= 1.0
+        assert fit["refine"]  # min_change_precision 0: open whenever something would change
+        labels = os.path.join(versions, RUN_NAME, f"round_{round_index:02d}", "labelsTr")
+        with open(os.path.join(versions, RUN_NAME, f"round_{round_index:02d}", "manifest.json")) as handle:
+            manifest = json.load(handle)["cases"]
+        for case in VERIFIED:
+            assert _sha(os.path.join(labels, f"{case}.nii.gz")) == finished_run["originals"][case]
+            assert manifest[case]["voxels_changed"] == manifest[case]["voxels_ignored"] == 0
+        assert sum(manifest[c]["voxels_changed"] + manifest[c]["voxels_ignored"] for c in LABELLED) > 0

@@ -325,3 +325,27 @@ def test_a_per_case_model_corrects_a_corrupted_case_that_the_dataset_model_only_
     # the clean case: its own T is cleaner than the dataset's, and nothing is changed or ignored
     assert outcome["clean", 100.0] | {"flip_rate": None} == {"right": 0, "wrong": 0, "ignored": 0, "flip_rate": None}
     assert outcome["eroded", 100.0]["flip_rate"] > 2 * outcome["clean", 100.0]["flip_rate"]
+
+
+def test_change_precision_from_verified_cases():
+    # verified cases: 10 false changes in 100,000 annotated voxels -> 1e-4 per voxel
+    verified = [(4, 50_000), (6, 50_000)]
+    # unverified: 200 changes in 1,000,000 voxels -> 100 expected false -> precision 0.5
+    estimate = estep.change_precision(verified, [(150, 500_000), (50, 500_000)], seed=0)
+    assert estimate.false_change_rate == pytest.approx(1e-4)
+    assert estimate.precision == pytest.approx(0.5)
+    assert estimate.lower_bound <= estimate.precision
+    assert (estimate.verified_cases, estimate.changes) == (2, 200)
+    # clean data: changes everywhere at the verified rate -> precision 0, the gate must stay closed
+    clean = estep.change_precision(verified, [(100, 1_000_000)])
+    assert clean.precision == 0.0 and clean.lower_bound == 0.0
+    # corrupted data with changes concentrated where the noise is -> high precision
+    noisy = estep.change_precision(verified, [(5_000, 500_000), (10, 500_000)])
+    assert noisy.precision > 0.98 and noisy.lower_bound > 0.95
+    # one clumpy verified case widens the interval: a lower bound well below the point estimate
+    clumpy = estep.change_precision([(0, 50_000), (0, 50_000), (0, 50_000), (40, 50_000)], [(500, 1_000_000)])
+    assert clumpy.precision == pytest.approx(0.6) and clumpy.lower_bound < 0.3
+    nothing = estep.change_precision(verified, [(0, 1_000_000)])
+    assert np.isnan(nothing.precision) and np.isnan(nothing.lower_bound)
+    with pytest.raises(ValueError, match="verified"):
+        estep.change_precision([], [(1, 10)])

@@ -163,7 +163,7 @@ class Benchmark:
     """One replicate: one noise setting, one training seed, in its own folder; every step skipped once done."""
 
     def __init__(self, dataset_path: str, noise_name: str, *, seed: int, profile: str, out: str,
-                 training_seed: int | None = None, label_quality_only: bool = False):
+                 training_seed: int | None = None, label_quality_only: bool = False, verified_cases: int = 0):
         if noise_name not in noise.SETTINGS:
             raise EMInputError(f"--noise {noise_name}: unknown. Fix: pick one of {sorted(noise.SETTINGS)}.")
         if profile not in PROFILES:
@@ -177,6 +177,7 @@ class Benchmark:
         self.seed = seed
         self.training_seed = training_seed  # every training of every arm (nnunetv2_em.seeding); None: unseeded
         self.label_quality_only = label_quality_only
+        self.verified_cases = verified_cases  # untouched training cases the EM arm is told were checked
         self.profile = PROFILES[profile]
         self.profile_name = profile
         self.workspace = Workspace(os.path.abspath(out))
@@ -215,6 +216,14 @@ class Benchmark:
                                 "corrupted_cases": corrupted, "records": records})
         for arm in ("noisy", "em"):
             self._write_dataset(arm, split["train"], noisy)
+        if self.verified_cases:  # a reviewer checked a few cases: the EM arm's precision gate learns from them
+            untouched = sorted(case for case in split["train"] if case not in corrupted)
+            if self.verified_cases > len(untouched):
+                raise EMInputError(f"--verified {self.verified_cases}: only {len(untouched)} training cases are "
+                                   f"untouched by the noise. Fix: ask for fewer.")
+            chosen = np.random.default_rng(self.seed).choice(untouched, size=self.verified_cases, replace=False)
+            label_store.write_json(os.path.join(self.workspace.raw("em"), checks.VERIFIED_CASES_FILE),
+                                   sorted(str(case) for case in chosen))
         test = os.path.join(self.workspace.out, "test")
         for sub in ("images", "labels"):
             os.makedirs(os.path.join(test, sub), exist_ok=True)
@@ -497,6 +506,7 @@ class Benchmark:
         results = {
             "dataset": self.source, "noise": dataclasses.asdict(self.setting), "seed": self.seed,
             "training_seed": self.training_seed, "label_quality_only": self.label_quality_only,
+            "verified_cases": self.verified_cases,
             "profile": self.profile_name, "profile_settings": dataclasses.asdict(self.profile),
             "train_cases": len(split["train"]), "test_cases": len(split["test"]), "test_case_ids": split["test"],
             "label_quality": self.label_quality(split), "em_rounds": self.em_rounds(),

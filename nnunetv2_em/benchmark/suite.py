@@ -44,7 +44,7 @@ def check_suite(settings, seeds, profile: str) -> tuple[list[str], list[int]]:
 
 
 def run_suite(dataset: str, settings, *, seeds, corruption_seed: int = 0, profile: str = "cpu", out: str,
-              label_quality_only: bool = False, command: str | None = None) -> dict:
+              label_quality_only: bool = False, verified_cases: int = 0, command: str | None = None) -> dict:
     """Run (or continue) every replicate, seed by seed, then write the suite's figures and report."""
     settings, seeds = check_suite(settings, seeds, profile)
     if not label_quality_only and CONTROL not in settings:
@@ -55,12 +55,12 @@ def run_suite(dataset: str, settings, *, seeds, corruption_seed: int = 0, profil
             started = time.time()
             benchmark = Benchmark(dataset, setting, seed=corruption_seed, profile=profile,
                                   out=replicate_folder(out, setting, seed), training_seed=seed,
-                                  label_quality_only=label_quality_only)
+                                  label_quality_only=label_quality_only, verified_cases=verified_cases)
             replicates[(setting, seed)] = benchmark.run()
             print(f"{setting}, training seed {seed}: done ({(time.time() - started) / 60:.1f} min)", flush=True)
     summary = summarize(replicates, settings=settings, seeds=seeds)
     summary.update({"dataset": os.path.abspath(dataset), "profile": profile, "corruption_seed": corruption_seed,
-                    "label_quality_only": label_quality_only, "command": command})
+                    "label_quality_only": label_quality_only, "verified_cases": verified_cases, "command": command})
     from nnunetv2_em.benchmark import report
 
     report.write(out, summary)

@@ -128,7 +128,8 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
         original = versions.read_original_segmentation(case)[0]
         previous = versions.read_segmentation(round_index - 1, case)[0]
         refined, scores = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
-                                            ignore_label=ignore_label, previous=previous, apply=fit["refine"],
+                                            ignore_label=ignore_label, previous=previous,
+                                            apply=fit["refine"] and case not in fit.get("verified", ()),
                                             case_prior_strength=settings.case_prior,
                                             seed=estep.case_seed(settings.seed, round_index, case))
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
