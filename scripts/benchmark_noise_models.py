@@ -28,7 +28,7 @@ from nnunetv2_em.benchmark import metrics, suite
 from nnunetv2_em.benchmark.harness import Benchmark, _read_label
 from nnunetv2_em.settings import EMSettings
 
-MODELS = {"global": None, "per_case 30": 30.0, "per_case 100": 100.0, "per_case 1000": 1000.0}
+MODELS = {"global": None, "per_case 100": 100.0, "per_case 1000": 1000.0}
 
 
 VERIFIED_CASES = 4  # untouched training cases treated as checked by a reviewer (for the precision gate)

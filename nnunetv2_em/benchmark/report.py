@@ -108,8 +108,17 @@ def reading(summary: dict) -> list[str]:
                        f"({losses} of {seeds} seeds lower) — the do-no-harm control "
                        f"{'failed' if losses else 'held'}")
         else:
+            labels = entry["labels"]
+            split = {group: labels["em"][group].get("dice_kept", float("nan")) -
+                     labels["noisy"][group].get("dice_kept", float("nan")) for group in ("corrupted", "untouched")}
             verdict = (f"EM's label Dice (kept) change {np.mean(per_seed):+.4f} on average; higher in {gains}, "
-                       f"lower in {losses} of {seeds} seeds")
+                       f"lower in {losses} of {seeds} seeds; corrupted cases {split['corrupted']:+.4f}, untouched "
+                       f"cases {split['untouched']:+.4f}"
+                       f"{' (EM damaged good labels)' if split['untouched'] < 0 else ''}. With ignored voxels left "
+                       f"out (the flattering figure): EM {labels['em']['all']['dice']:.4f}, cleanlab "
+                       f"{labels['cleanlab']['all']['dice']:.4f}, input {labels['noisy']['all']['dice']:.4f}")
+            if seeds < 3:
+                verdict += "; fewer than 3 seeds: the spread between trainings is not measured"
         out.append(f"- `{name}`: {verdict}.")
         for pair, row in entry.get("paired", {}).items():
             if pair == "em - noisy":
