@@ -94,12 +94,31 @@ def test_em_planner_plans_exactly_like_the_default_planner_and_other_plans_still
     # the default planner's plans: no em block, no ignore label in dataset.json -> EMTrainer uses its defaults
     with open(os.path.join(base, "dataset.json")) as handle:
         assert "ignore" not in json.load(handle)["labels"]
+    # two cases a person checked: EMTrainer never changes them and gates each round by estimated precision
+    verified = CASES[:2]
+    with open(os.path.join(workspace.raw, "Dataset906_Other", "em_verified_cases.json"), "w") as handle:
+        json.dump(verified, handle)
     workspace.run("nnUNetv2_train", "906", "3d_fullres", "0", "-tr", "EMTrainer_tiny", "-p", "DefaultPlans",
                   "-device", "cpu")
     fold = os.path.join(workspace.results, "Dataset906_Other", "EMTrainer_tiny__DefaultPlans__3d_fullres", "fold_0")
     with open(os.path.join(fold, "em", "state.json")) as handle:
         assert len(json.load(handle)["rounds"]) == 2
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
+    with open(os.path.join(base, "splits_final.json")) as handle:
+        training = set(json.load(handle)[0]["train"])
+    in_training = [case for case in verified if case in training]
+    for round_index in (1, 2):
+        with open(os.path.join(fold, "em", f"round_{round_index:02d}", "summary.json")) as handle:
+            summary = json.load(handle)
+        assert summary["verified"] == in_training
+        if in_training:
+            assert summary["gate"]["kind"] == "precision"
+            assert summary["gate"]["min_change_precision"] == 0.8
+            assert summary["refinement_applied"] == (summary["gate"]["lower_bound"] >= 0.8)
+        with open(os.path.join(fold, "em", f"round_{round_index:02d}", "cases.json")) as handle:
+            rows = {row["case"]: row for row in json.load(handle)}
+        for case in in_training:
+            assert rows[case]["voxels_changed"] == rows[case]["voxels_ignored"] == 0
 
 
 def test_training_runs_every_round_and_writes_its_outputs(trained):

@@ -67,6 +67,8 @@ class EMTrainer(nnUNetTrainer):
         dataset_json = checks.with_ignore_label(dataset_json)
         checks.check_preprocessed_segmentations(data_folder, cases,
                                                 set(classes) | {int(dataset_json["labels"]["ignore"])})
+        raw_folder = join(os.environ.get("nnUNet_raw", ""), plans["dataset_name"])
+        self._verified_cases = checks.load_verified_cases(raw_folder, cases) if os.environ.get("nnUNet_raw") else []
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.em_settings.total_epochs
         self.em_folder = join(self.output_folder, "em")
@@ -195,6 +197,11 @@ class EMTrainer(nnUNetTrainer):
         if fit.refused:
             self.print_to_log_file(f"EM round {round_index}: labels kept as they are: {fit.refused}")
         del samples
+        refine = fit.refine
+        gate = {"kind": "model_dice", "model_dice": fit.model_dice, "min_model_dice": settings.min_model_dice}
+        verified = [case for case in self._verified_cases if case in cases]
+        if verified:  # the precision gate replaces the Dice gate; verified cases keep their labels
+            refine, gate = self._precision_gate(cases, verified, fit, logits_cache, round_index, ignore_label)
         fit_done = time.time()
 
         scores = {}
@@ -204,7 +211,8 @@ class EMTrainer(nnUNetTrainer):
             previous = self._training_labels.read_current_seg(case)[0]
             refined, scores[case] = estep.refine_case(logits, original, fit.model, thresholds=settings.thresholds,
                                                       ignore_label=ignore_label, previous=previous,
-                                                      apply=fit.refine, case_prior_strength=settings.case_prior,
+                                                      apply=refine and case not in verified,
+                                                      case_prior_strength=settings.case_prior,
                                                       seed=estep.case_seed(settings.seed, round_index, case))
             properties = load_pickle(self._training_labels.original_properties_path(case))
             properties["class_locations"] = nnunet_data.class_locations(refined[None], self.label_manager)
@@ -217,8 +225,10 @@ class EMTrainer(nnUNetTrainer):
             "epochs_trained": self.current_epoch,
             "noise_model": fit.model.to_dict(),
             "model_dice": fit.model_dice,
-            "refinement_applied": fit.refine,
+            "refinement_applied": refine,
             "refinement_refused": fit.refused,
+            "gate": gate,
+            "verified": verified,
             **estep.summarize_round(scores),
             "seconds_prediction": round(prediction_seconds, 2),
             "seconds_fit": round(fit_done - started - prediction_seconds, 2),
@@ -227,11 +237,31 @@ class EMTrainer(nnUNetTrainer):
             "seconds_total": round(time.time() - started, 2),
         }
         reports.write_round_reports(round_folder, summary, estep.rank_cases(scores))
-        converged = fit.refine and summary["fraction_changed_since_previous"] < settings.tolerance
+        converged = refine and summary["fraction_changed_since_previous"] < settings.tolerance
         self._em_state.complete_round(summary, converged=converged)
         self._log_round(summary, converged)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
         self.network.train()
+
+    def _precision_gate(self, cases, verified, fit, logits_cache, round_index, ignore_label) -> tuple[bool, dict]:
+        """As ``nnunetv2_em run``: refine only if the lower bound of the changes' estimated precision, from the
+        verified cases' (false) changes, reaches ``min_change_precision``. In-sample here: the network trained on
+        every case it judges, verified ones included."""
+        settings = self.em_settings
+        counts = {}
+        for case in cases:
+            _, case_scores = estep.refine_case(np.load(join(logits_cache, f"{case}.npy")).astype(np.float32),
+                                               self._training_labels.read_original_seg(case)[0], fit.model,
+                                               thresholds=settings.thresholds, ignore_label=ignore_label,
+                                               case_prior_strength=settings.case_prior,
+                                               seed=estep.case_seed(settings.seed, round_index, case))
+            counts[case] = (case_scores["voxels_changed"], case_scores["voxels_annotated"])
+        opened, estimate = estep.precision_gate(counts, verified, min_precision=settings.min_change_precision,
+                                                seed=settings.seed)
+        self.print_to_log_file(f"EM round {round_index}: estimated precision of the changes {estimate.precision:.3f} "
+                               f"(lower bound {estimate.lower_bound:.3f}, {len(verified)} verified cases)")
+        return opened and fit.refused is None, {"kind": "precision", **estimate.to_dict(),
+                                                "min_change_precision": settings.min_change_precision}
 
     def _estep_predictor(self) -> nnUNetPredictor:
         self.set_deep_supervision_enabled(False)
