@@ -707,3 +707,30 @@ def score_pseudo_label(logits, labels, model: NoiseModel, *, ignore_label: int) 
         "expected_errors": expected_errors,
         "review_score": expected_errors / max(foreground_extent, 1),
     }
+
+
+def gate_round(fit: RoundFit, cases, verified, case_arrays, *, thresholds: RefinementThresholds, ignore_label: int,
+               case_prior_strength: float | None, min_change_precision: float, min_model_dice: float, seed: int,
+               round_index: int) -> tuple[bool, dict]:
+    """Whether the round's refinements are applied, and the gate's record. The one gate every driver calls.
+
+    Without verified cases among ``cases``: the fit's own decision (model Dice against ``min_model_dice``, and never a
+    degenerate fit). With them: every case is refined with the gate open (as ``refine_case`` would, same seeds), and
+    ``precision_gate`` decides from the verified cases' changes, all of which are false; a degenerate fit stays
+    refused. ``case_arrays(case)`` returns that case's ``(logits (C, *spatial), original annotation (*spatial))``.
+
+    Returns:
+        ``(refine, gate)`` with ``gate["kind"]`` ``"model_dice"`` or ``"precision"`` (the estimate's fields).
+    """
+    verified = [case for case in verified if case in cases]
+    if not verified:
+        return fit.refine, {"kind": "model_dice", "model_dice": fit.model_dice, "min_model_dice": min_model_dice}
+    counts = {}
+    for case in cases:
+        logits, annotations = case_arrays(case)
+        _, scores = refine_case(logits, annotations, fit.model, thresholds=thresholds, ignore_label=ignore_label,
+                                case_prior_strength=case_prior_strength, seed=case_seed(seed, round_index, case))
+        counts[case] = (scores["voxels_changed"], scores["voxels_annotated"])
+    opened, estimate = precision_gate(counts, verified, min_precision=min_change_precision, seed=seed)
+    return opened and fit.refused is None, {"kind": "precision", **estimate.to_dict(),
+                                            "min_change_precision": min_change_precision}

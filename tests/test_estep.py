@@ -349,3 +349,25 @@ def test_change_precision_from_verified_cases():
     assert np.isnan(nothing.precision) and np.isnan(nothing.lower_bound)
     with pytest.raises(ValueError, match="verified"):
         estep.change_precision([], [(1, 10)])
+
+
+def test_gate_round_keeps_the_fits_decision_without_verified_cases_and_asks_them_otherwise():
+    rng = np.random.default_rng(3)
+    truth = np.zeros((12, 12, 12), np.int64)
+    truth[3:9, 3:9, 3:9] = 1
+    logits = np.stack([np.zeros(truth.shape), np.where(truth == 1, 4.0, -4.0) + rng.normal(0, 0.1, truth.shape)])
+    eroded = truth.copy()
+    eroded[3:9, 3:9, 3:5] = 0
+    arrays = {"clean_a": (logits, truth), "clean_b": (logits, truth), "eroded": (logits, eroded)}
+    fit = estep.RoundFit(NoiseModel(np.array([[0.9, 0.1], [0.3, 0.7]]), 1.0), model_dice=0.4, refine=False)
+    options = dict(thresholds=RefinementThresholds(), ignore_label=2, case_prior_strength=None,
+                   min_change_precision=0.8, min_model_dice=0.5, seed=0, round_index=1)
+    refine, gate = estep.gate_round(fit, list(arrays), [], arrays.__getitem__, **options)
+    assert (refine, gate) == (False, {"kind": "model_dice", "model_dice": 0.4, "min_model_dice": 0.5})
+    # the verified clean cases change nothing: every change on the eroded case counts as right -> open
+    refine, gate = estep.gate_round(fit, list(arrays), ["clean_a", "clean_b", "not_in_round"], arrays.__getitem__,
+                                    **options)
+    assert refine and gate["kind"] == "precision" and gate["verified_cases"] == 2 and gate["lower_bound"] == 1.0
+    # a degenerate fit stays refused whatever the verified cases say
+    refused = estep.RoundFit(fit.model, model_dice=0.9, refine=False, refused="temperature at its bound")
+    assert estep.gate_round(refused, list(arrays), ["clean_a"], arrays.__getitem__, **options)[0] is False

@@ -319,39 +319,23 @@ class CrossFoldRun:
                               thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share)
         if fit.refused:
             print(f"round {round_index}: labels kept as they are: {fit.refused}", flush=True)
-        refine = fit.refine
-        gate = {"kind": "model_dice", "model_dice": fit.model_dice, "min_model_dice": settings.min_model_dice}
-        verified = [case for case in self.verified if case in cases]
-        if verified:  # the precision gate replaces the Dice gate
-            refine, gate = self._precision_gate(context, round_index, cases, verified, fit)
+        verified = [case for case in self.verified if case in cases]  # with them, the precision gate decides
+        ignore_label = int(dataset_json["labels"]["ignore"])  # managers() adds it
+        refine, gate = estep.gate_round(
+            fit, cases, verified,
+            lambda case: (load_logits(context, round_index, case), versions.read_original_segmentation(case)[0]),
+            thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
+            min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
+            seed=settings.seed, round_index=round_index)
+        if verified:
+            print(f"round {round_index}: estimated precision of the changes {gate['precision']:.3f} (lower bound "
+                  f"{gate['lower_bound']:.3f}, {len(verified)} verified cases): labels "
+                  f"{'refined' if refine else 'kept as they are'}", flush=True)
         result = {"noise_model": fit.model.to_dict(), "model_dice": fit.model_dice, "refine": refine,
                   "refused": fit.refused, "gate": gate, "verified": verified,
                   "cases": len(cases), "seconds": round(time.time() - started, 2)}
         label_store.write_json(path, result)
         return result
-
-    def _precision_gate(self, context: RunContext, round_index: int, cases: list[str], verified: list[str],
-                        fit: estep.RoundFit) -> tuple[bool, dict]:
-        """Refine the round only if the changes' estimated precision (from the verified cases, whose every change
-        would be false) has a lower bound of at least ``min_change_precision``; a degenerate fit stays refused."""
-        settings = context.em
-        versions = context.versions()
-        ignore_label = int(managers(context)[2]["labels"]["ignore"])
-        counts = {}
-        for case in cases:
-            _, scores = estep.refine_case(load_logits(context, round_index, case),
-                                          versions.read_original_segmentation(case)[0], fit.model,
-                                          thresholds=settings.thresholds, ignore_label=ignore_label,
-                                          case_prior_strength=settings.case_prior,
-                                          seed=estep.case_seed(settings.seed, round_index, case))
-            counts[case] = (scores["voxels_changed"], scores["voxels_annotated"])
-        opened, estimate = estep.precision_gate(counts, verified, min_precision=settings.min_change_precision,
-                                                seed=settings.seed)
-        print(f"round {round_index}: estimated precision of the changes {estimate.precision:.3f} (lower bound "
-              f"{estimate.lower_bound:.3f}, {len(verified)} verified cases): labels "
-              f"{'refined' if opened and fit.refused is None else 'kept as they are'}", flush=True)
-        return opened and fit.refused is None, {"kind": "precision", **estimate.to_dict(),
-                                                "min_change_precision": settings.min_change_precision}
 
     def _finish_round(self, context, round_index, fit, kinds, split, unlabeled, timings) -> dict:
         versions = context.versions()

@@ -197,11 +197,18 @@ class EMTrainer(nnUNetTrainer):
         if fit.refused:
             self.print_to_log_file(f"EM round {round_index}: labels kept as they are: {fit.refused}")
         del samples
-        refine = fit.refine
-        gate = {"kind": "model_dice", "model_dice": fit.model_dice, "min_model_dice": settings.min_model_dice}
-        verified = [case for case in self._verified_cases if case in cases]
-        if verified:  # the precision gate replaces the Dice gate; verified cases keep their labels
-            refine, gate = self._precision_gate(cases, verified, fit, logits_cache, round_index, ignore_label)
+        verified = [case for case in self._verified_cases if case in cases]  # kept as annotated, and the gate
+        refine, gate = estep.gate_round(
+            fit, cases, verified,
+            lambda case: (np.load(join(logits_cache, f"{case}.npy")).astype(np.float32),
+                          self._training_labels.read_original_seg(case)[0]),
+            thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
+            min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
+            seed=settings.seed, round_index=round_index)
+        if verified:  # in-sample here: the network trained on every case it judges, verified ones included
+            self.print_to_log_file(f"EM round {round_index}: estimated precision of the changes "
+                                   f"{gate['precision']:.3f} (lower bound {gate['lower_bound']:.3f}, "
+                                   f"{len(verified)} verified cases)")
         fit_done = time.time()
 
         scores = {}
@@ -242,26 +249,6 @@ class EMTrainer(nnUNetTrainer):
         self._log_round(summary, converged)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
         self.network.train()
-
-    def _precision_gate(self, cases, verified, fit, logits_cache, round_index, ignore_label) -> tuple[bool, dict]:
-        """As ``nnunetv2_em run``: refine only if the lower bound of the changes' estimated precision, from the
-        verified cases' (false) changes, reaches ``min_change_precision``. In-sample here: the network trained on
-        every case it judges, verified ones included."""
-        settings = self.em_settings
-        counts = {}
-        for case in cases:
-            _, case_scores = estep.refine_case(np.load(join(logits_cache, f"{case}.npy")).astype(np.float32),
-                                               self._training_labels.read_original_seg(case)[0], fit.model,
-                                               thresholds=settings.thresholds, ignore_label=ignore_label,
-                                               case_prior_strength=settings.case_prior,
-                                               seed=estep.case_seed(settings.seed, round_index, case))
-            counts[case] = (case_scores["voxels_changed"], case_scores["voxels_annotated"])
-        opened, estimate = estep.precision_gate(counts, verified, min_precision=settings.min_change_precision,
-                                                seed=settings.seed)
-        self.print_to_log_file(f"EM round {round_index}: estimated precision of the changes {estimate.precision:.3f} "
-                               f"(lower bound {estimate.lower_bound:.3f}, {len(verified)} verified cases)")
-        return opened and fit.refused is None, {"kind": "precision", **estimate.to_dict(),
-                                                "min_change_precision": settings.min_change_precision}
 
     def _estep_predictor(self) -> nnUNetPredictor:
         self.set_deep_supervision_enabled(False)
