@@ -86,10 +86,7 @@ def evaluate(benchmark: Benchmark, *, strength, gate: str) -> dict:
                                               surfaces=True)
         truths.append((clean != noisy_raw).ravel())
         flags.append((refined_raw != noisy_raw).ravel())
-    groups = {"all": list(per_case), "corrupted": [c for c in per_case if c in corrupted],
-              "untouched": [c for c in per_case if c not in corrupted]}
-    result.update({group: benchmark._summarize_cases([per_case[c] for c in members])
-                   for group, members in groups.items()})
+    result.update(benchmark.summarize_groups(per_case, corrupted))
     result["voxels"] = metrics.detection_scores(np.concatenate(truths), np.concatenate(flags))
     result["ranking"] = metrics.ranking_scores(estep.rank_cases(scores), corrupted)
     if strength is not None:

@@ -445,12 +445,15 @@ class Benchmark:
                                                    ignore_label=self.ignore_label, annotation=noisy[case],
                                                    surfaces=True)
                         for case in split["train"]}
-            groups = {"all": list(per_case), "corrupted": [c for c in per_case if c in corrupted],
-                      "untouched": [c for c in per_case if c not in corrupted]}
-            result["versions"][name] = {group: self._summarize_cases([per_case[c] for c in members])
-                                        for group, members in groups.items()}
+            result["versions"][name] = self.summarize_groups(per_case, corrupted)
             result["per_case"][name] = per_case
         return result
+
+    def summarize_groups(self, per_case: dict[str, dict], corrupted: set[str]) -> dict:
+        """``_summarize_cases`` over all cases, the corrupted ones and the untouched ones."""
+        groups = {"all": list(per_case), "corrupted": [c for c in per_case if c in corrupted],
+                  "untouched": [c for c in per_case if c not in corrupted]}
+        return {group: self._summarize_cases([per_case[c] for c in members]) for group, members in groups.items()}
 
     def _summarize_cases(self, rows: list[dict]) -> dict:
         if not rows:
