@@ -176,3 +176,36 @@ def test_suite_rejects_unknown_settings_and_bad_seeds():
     with pytest.raises(Exception, match="distinct"):
         suite.check_suite(["mix"], [0, 0], "cpu")
     assert suite.check_suite(["mix", "mix", "clean"], [2, 1], "cpu") == (["mix", "clean"], [2, 1])
+
+
+def test_a_label_quality_replicate_rerun_in_full_adds_only_the_final_trainings(tmp_path, monkeypatch):
+    from conftest import demo_cases, make_raw_dataset
+
+    from nnunetv2_em.benchmark.harness import Benchmark
+
+    source = make_raw_dataset(str(tmp_path / "raw"), 4, demo_cases(11))
+    calls = []
+    for step in ("_plan", "_train_final", "_predict_test"):
+        monkeypatch.setattr(Benchmark, step, lambda self, arm, step=step: calls.append((step, arm)) or {})
+    monkeypatch.setattr(Benchmark, "_run_em", lambda self: calls.append(("_run_em", "em")) or {})
+    monkeypatch.setattr(Benchmark, "filter_with_cleanlab", lambda self, split: {})
+    monkeypatch.setattr(Benchmark, "_write_dataset", lambda self, arm, cases, label_files=None: None)
+
+    def replicate(label_quality_only):
+        return Benchmark(source, "mix", seed=0, profile="smoke", out=str(tmp_path / "rep"), training_seed=0,
+                         label_quality_only=label_quality_only)
+
+    replicate(True).run_arms({"train": [], "test": []})
+    assert calls == [("_plan", "em"), ("_run_em", "em")]
+    calls.clear()
+    replicate(True).run_arms({"train": [], "test": []})
+    assert calls == []  # finished label-quality-only: nothing reruns
+    timings = replicate(False).run_arms({"train": [], "test": []})
+    steps = [step for step, _ in calls]
+    assert ("_train_final", "em") in calls and ("_predict_test", "em") in calls
+    assert {arm for _, arm in calls} == {"noisy", "em", "cleanlab"}
+    assert steps.count("_train_final") == 3
+    assert all(timings[arm]["final_training"] for arm in ("noisy", "em", "cleanlab"))
+    calls.clear()
+    replicate(False).run_arms({"train": [], "test": []})
+    assert calls == []

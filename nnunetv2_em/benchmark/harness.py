@@ -378,8 +378,8 @@ class Benchmark:
             with open(timings_file) as handle:
                 timings = json.load(handle)
         for arm in ("noisy", "em", "cleanlab"):  # cleanlab's labels need the EM run's probabilities
-            if arm in timings:
-                continue
+            if arm in timings and (self.label_quality_only or timings[arm].get("final_training", False)):
+                continue  # a label-quality-only arm rerun in full still gets its final training (steps skip if done)
             steps = []
             started = time.time()
             if arm == "cleanlab":
@@ -398,8 +398,11 @@ class Benchmark:
             if not self.label_quality_only:
                 steps.append(self._train_final(arm))
                 steps.append(self._predict_test(arm))
-            timings[arm] = {"wall_minutes": (time.time() - started) / 60,
-                            "peak_rss_mib": max((s.get("peak_rss_mib", 0.0) for s in steps), default=0.0)}
+            earlier = timings.get(arm, {})
+            timings[arm] = {"wall_minutes": earlier.get("wall_minutes", 0.0) + (time.time() - started) / 60,
+                            "peak_rss_mib": max([s.get("peak_rss_mib", 0.0) for s in steps]
+                                                + [earlier.get("peak_rss_mib", 0.0)]),
+                            "final_training": not self.label_quality_only}
             label_store.write_json(timings_file, timings)
         if "em" in timings:
             self.filter_with_cleanlab(split)
