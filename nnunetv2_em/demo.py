@@ -71,7 +71,8 @@ def report(fold_folder: str, top: int = 5) -> dict:
         state = json.load(handle)
     with open(os.path.join(fold_folder, "validation", "summary.json")) as handle:
         validation = json.load(handle)
-    print("\nround | log-lik/voxel | temperature | changed % | ignored % | differs from previous round %")
+    print("\nround | log-lik/voxel | temperature | changed % | ignored % | differs from previous round %  "
+          "(of the judged cases' annotated voxels)")
     for summary in state["rounds"]:
         noise = summary["noise_model"]
         print(f"{summary['round']:5d} | {noise['log_likelihood']:13.5f} | {noise['temperature']:11.3f} | "
@@ -80,7 +81,8 @@ def report(fold_folder: str, top: int = 5) -> dict:
     last = os.path.join(fold_folder, "em", f"round_{state['rounds'][-1]['round']:02d}")
     with open(os.path.join(last, "cases.json")) as handle:
         ranked = json.load(handle)
-    print(f"\ncases most in need of review (of {len(ranked)}; all in {os.path.join(last, 'cases.csv')}):")
+    print(f"\ncases most in need of review (of the {len(ranked)} validation cases this fold judged: a network "
+          f"never judges the cases it trained on; all in {os.path.join(last, 'cases.csv')}):")
     for row in ranked[:top]:
         print(f"  {row['rank']:2d}. {row['case']}  review score {row['review_score']:.4f}, "
               f"{row['voxels_changed']} voxels changed, {row['voxels_ignored']} ignored")

@@ -8,6 +8,8 @@ Layout for a training run (``EMTrainer``), next to nnU-Net's own folders, which 
             <case>.b2nd          -> symlink to nnU-Net's image (images are never re-preprocessed)
             <case>_seg.b2nd      -> symlink to the original, or the refined segmentation of the last E-step
             <case>.pkl           -> symlink to the original, or a copy with recomputed class_locations
+        em_training_labels/<Trainer>__<Plans>__<configuration>/exchange/fold_<f>/round_<r>/
+            <case>_seg.b2nd, <case>.json   fold f's out-of-fold refinement of its validation case (FoldExchange)
     nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>/fold_<f>/em/
         state.json               resumable state of the loop
         originals.json           SHA-256 of every original label file the run reads
@@ -211,6 +213,73 @@ class TrainingLabelFolder:
 
     def read_current_seg(self, case: str) -> np.ndarray:
         return read_seg_b2nd(self.seg_path(case))
+
+class FoldExchange:
+    """Out-of-fold refinements that the folds of one ``EMTrainer`` configuration hand each other.
+
+    A network never judges a case it trained on: fold f's E-step refines only fold f's validation cases and
+    publishes them here (``fold_<f>/round_<r>/<case>_seg.b2nd`` plus ``<case>.json``, written last, so a record
+    exists only for a complete segmentation). Every fold trains on the latest refinement another fold published for
+    each of its training cases. A record carries the checksum of the original segmentation it refined; a refinement
+    of different originals is never handed on.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(folder)
+
+    def _round_folder(self, fold, round_index: int) -> str:
+        return os.path.join(self.folder, f"fold_{fold}", f"round_{round_index:02d}")
+
+    def publish(self, fold, round_index: int, case: str, seg: np.ndarray, *, original_seg_path: str,
+                patch_size, record: dict | None = None) -> None:
+        """Store fold ``fold``'s round ``round_index`` refinement ``seg`` ``(1, *spatial)`` of ``case``."""
+        folder = self._round_folder(fold, round_index)
+        write_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"), seg, patch_size)
+        write_json(os.path.join(folder, f"{case}.json"),
+                   {"case": case, "fold": fold, "round": round_index, "original_sha256": sha256(original_seg_path),
+                    **(record or {})})
+
+    def records(self, case: str) -> list[dict]:
+        """Every complete record of ``case``, any fold, oldest round first (ties: by fold)."""
+        found = []
+        if not os.path.isdir(self.folder):
+            return found
+        for fold_name in sorted(os.listdir(self.folder)):
+            fold_folder = os.path.join(self.folder, fold_name)
+            if not fold_name.startswith("fold_") or not os.path.isdir(fold_folder):
+                continue
+            for round_name in sorted(os.listdir(fold_folder)):
+                path = os.path.join(fold_folder, round_name, f"{case}.json")
+                if os.path.isfile(path):
+                    record = _read_json(path)
+                    record["seg_path"] = os.path.join(fold_folder, round_name, f"{case}_seg.b2nd")
+                    found.append(record)
+        return sorted(found, key=lambda r: (int(r["round"]), str(r["fold"])))
+
+    def latest(self, case: str, *, original_seg_path: str, exclude_fold=None, up_to_round: int | None = None
+               ) -> dict | None:
+        """The newest record of ``case`` from a fold other than ``exclude_fold`` that refined the current
+        original (``original_seg_path``'s checksum); None when there is none."""
+        checksum = None
+        for record in reversed(self.records(case)):
+            if str(record["fold"]) == str(exclude_fold):
+                continue
+            if up_to_round is not None and int(record["round"]) > up_to_round:
+                continue
+            checksum = checksum or sha256(original_seg_path)
+            if record.get("original_sha256") == checksum:
+                return record
+        return None
+
+    def clear_fold(self, fold) -> None:
+        """Forget everything fold ``fold`` published (its fresh start): renamed away first, so a kill leaves all
+        of it or none of it."""
+        folder = os.path.join(self.folder, f"fold_{fold}")
+        if os.path.isdir(folder):
+            doomed = os.path.join(self.folder, f".removing_fold_{fold}_{os.getpid()}")
+            os.replace(folder, doomed)
+            shutil.rmtree(doomed)
+
 
 def write_round_labels(labels_folder: str, cases: Iterable[str], *, file_ending: str,
                        original_label_path: Callable[[str], str],

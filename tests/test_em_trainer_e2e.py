@@ -94,8 +94,11 @@ def test_em_planner_plans_exactly_like_the_default_planner_and_other_plans_still
     # the default planner's plans: no em block, no ignore label in dataset.json -> EMTrainer uses its defaults
     with open(os.path.join(base, "dataset.json")) as handle:
         assert "ignore" not in json.load(handle)["labels"]
-    # two cases a person checked: EMTrainer never changes them and gates each round by estimated precision
-    verified = CASES[:2]
+    # two cases a person checked: EMTrainer never changes them and gates each round by estimated precision; only
+    # the held-out one counts (a network never judges the cases it trained on, verified or not)
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    first_fold = generate_crossval_split(sorted(CASES), seed=12345, n_splits=5)[0]
+    verified = [sorted(first_fold["val"])[0], sorted(first_fold["train"])[0]]
     with open(os.path.join(workspace.raw, "Dataset906_Other", "em_verified_cases.json"), "w") as handle:
         json.dump(verified, handle)
     workspace.run("nnUNetv2_train", "906", "3d_fullres", "0", "-tr", "EMTrainer_tiny", "-p", "DefaultPlans",
@@ -105,20 +108,18 @@ def test_em_planner_plans_exactly_like_the_default_planner_and_other_plans_still
         assert len(json.load(handle)["rounds"]) == 2
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
     with open(os.path.join(base, "splits_final.json")) as handle:
-        training = set(json.load(handle)[0]["train"])
-    in_training = [case for case in verified if case in training]
+        assert json.load(handle)[0] == first_fold
     for round_index in (1, 2):
         with open(os.path.join(fold, "em", f"round_{round_index:02d}", "summary.json")) as handle:
             summary = json.load(handle)
-        assert summary["verified"] == in_training
-        if in_training:
-            assert summary["gate"]["kind"] == "precision"
-            assert summary["gate"]["min_change_precision"] == 0.8
-            assert summary["refinement_applied"] == (summary["gate"]["lower_bound"] >= 0.8)
+        assert summary["verified"] == verified[:1]
+        assert summary["gate"]["kind"] == "precision"
+        assert summary["gate"]["min_change_precision"] == 0.8
+        assert summary["refinement_applied"] == (summary["gate"]["lower_bound"] >= 0.8)
         with open(os.path.join(fold, "em", f"round_{round_index:02d}", "cases.json")) as handle:
             rows = {row["case"]: row for row in json.load(handle)}
-        for case in in_training:
-            assert rows[case]["voxels_changed"] == rows[case]["voxels_ignored"] == 0
+        assert rows[verified[0]]["voxels_changed"] == rows[verified[0]]["voxels_ignored"] == 0
+        assert verified[1] not in rows
 
 
 def test_training_runs_every_round_and_writes_its_outputs(trained):
@@ -135,19 +136,23 @@ def test_training_runs_every_round_and_writes_its_outputs(trained):
             summary = json.load(handle)
         trace = summary["noise_model"]["trace"]
         assert np.all(np.diff(trace) >= -1e-9), "the marginal likelihood decreased during the fit"
-        assert summary["cases"] == len(split["train"])
+        # judged: the validation cases only, never a case the network trained on
+        assert summary["judged_cases"] == sorted(split["val"]) and summary["cases"] == len(split["val"])
+        assert not set(summary["judged_cases"]) & set(split["train"])
         transition = np.asarray(summary["noise_model"]["transition"])
         np.testing.assert_allclose(transition.sum(axis=1), 1.0, atol=1e-6)
-        # a complete labelsTr: every case of the dataset, validation cases byte-identical to the originals
+        # a complete labelsTr: every case of the dataset; the first fold trained has no other fold's refinements,
+        # so its training cases are byte-identical to the originals
+        assert summary["exchanged_cases"] == {}
         labels = os.path.join(round_folder, "labelsTr")
         assert sorted(os.listdir(labels)) == sorted(f"{c}.nii.gz" for c in CASES)
-        for case in split["val"]:
+        for case in split["train"]:
             with open(os.path.join(labels, f"{case}.nii.gz"), "rb") as a, \
                     open(os.path.join(trained.raw, DATASET, "labelsTr", f"{case}.nii.gz"), "rb") as b:
                 assert a.read() == b.read()
         with open(os.path.join(round_folder, "cases.csv")) as handle:
             rows = list(csv.DictReader(handle))
-        assert sorted(r["case"] for r in rows) == sorted(split["train"])
+        assert sorted(r["case"] for r in rows) == sorted(split["val"])
         scores = [float(r["review_score"]) for r in rows]
         assert scores == sorted(scores, reverse=True)
         assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
@@ -161,40 +166,45 @@ def test_training_runs_every_round_and_writes_its_outputs(trained):
     assert "EM round 1: log-likelihood" in log and "EM round 2: log-likelihood" in log
 
 
-def test_refined_labels_replace_the_training_segmentations_and_the_originals_stay(trained):
+def _split(workspace, fold):
+    with open(os.path.join(workspace.preprocessed, DATASET, "splits_final.json")) as handle:
+        return json.load(handle)[fold]
+
+
+def _exchange_folder(workspace, fold, round_index):
+    return os.path.join(workspace.preprocessed, DATASET, "em_training_labels", TRAINER_DIR, "exchange",
+                        f"fold_{fold}", f"round_{round_index:02d}")
+
+
+def _original_seg(workspace, case):
+    return blosc2.open(os.path.join(workspace.preprocessed, DATASET, "nnUNetPlans_3d_fullres", f"{case}_seg.b2nd"))[:]
+
+
+def test_refinements_of_held_out_cases_go_to_the_exchange_and_the_originals_stay(trained):
     fold = _fold_folder(trained)
     work = os.path.join(trained.preprocessed, DATASET, "em_training_labels", TRAINER_DIR, "fold_0")
-    with open(os.path.join(trained.preprocessed, DATASET, "splits_final.json")) as handle:
-        split = json.load(handle)[0]
+    split = _split(trained, 0)
     with open(os.path.join(fold, "em", "round_02", "summary.json")) as handle:
         summary = json.load(handle)
     assert summary["voxels_changed"] + summary["voxels_ignored"] > 0, "the tiny run should refine something"
+    for round_index in (1, 2):
+        published = sorted(name.removesuffix(".json") for name in os.listdir(_exchange_folder(trained, 0, round_index))
+                           if name.endswith(".json"))
+        assert published == sorted(split["val"])
     changed_cases = 0
-    for case in split["train"]:
-        seg_path = os.path.join(work, f"{case}_seg.b2nd")
-        assert not os.path.islink(seg_path)
-        refined = blosc2.open(seg_path)[:]
-        original = blosc2.open(os.path.join(trained.preprocessed, DATASET, "nnUNetPlans_3d_fullres",
-                                            f"{case}_seg.b2nd"))[:]
+    for case in split["val"]:
+        refined = blosc2.open(os.path.join(_exchange_folder(trained, 0, 2), f"{case}_seg.b2nd"))[:]
+        original = _original_seg(trained, case)
         assert refined.shape == original.shape
         np.testing.assert_array_equal(refined == -1, original == -1)  # outside-mask voxels are never touched
         assert set(np.unique(refined)) <= {-1, 0, 1, 2, 3}
         changed_cases += int(np.any(refined != original))
-        properties = np.load(os.path.join(work, f"{case}.pkl"), allow_pickle=True)
-        from nnunetv2_em.nnunet_data import class_locations  # recomputed for the refined labels
-        assert set(properties["class_locations"]) == {1, 2, (-1, 0, 1, 2)}
-        for key, locations in properties["class_locations"].items():
-            if len(locations):
-                values = refined[tuple(np.asarray(locations).T)]
-                wanted = set(key) if isinstance(key, tuple) else {key}
-                assert set(np.unique(values)) <= wanted
-        del class_locations
         # the raw-space export carries the same refinement (no resampling for Hippocampus)
         exported = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(fold, "em", "round_02", "labelsTr",
                                                                       f"{case}.nii.gz")))
         assert np.count_nonzero(exported == 3) == np.count_nonzero(refined == 3)
     assert changed_cases > 0
-    for case in split["val"]:
+    for case in split["train"]:  # no other fold has refined them yet
         assert os.path.islink(os.path.join(work, f"{case}_seg.b2nd"))
     # nothing nnU-Net owns was written: raw data, preprocessed originals, validation reference
     assert tree_snapshot(os.path.join(trained.raw, DATASET)) == trained.raw_before
@@ -202,6 +212,42 @@ def test_refined_labels_replace_the_training_segmentations_and_the_originals_sta
     from nnunetv2_em import label_store
     with open(os.path.join(fold, "em", "originals.json")) as handle:
         assert label_store.changed_files(json.load(handle)) == []
+
+
+def test_a_second_fold_trains_on_the_first_folds_out_of_fold_refinements(trained):
+    trained.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    first, second = _split(trained, 0), _split(trained, 1)
+    work = os.path.join(trained.preprocessed, DATASET, "em_training_labels", TRAINER_DIR, "fold_1")
+    fold = _fold_folder(trained).replace("fold_0", "fold_1")
+    taken = sorted(set(first["val"]) & set(second["train"]))
+    assert taken == sorted(first["val"])
+    for round_index in (1, 2):
+        with open(os.path.join(fold, "em", f"round_{round_index:02d}", "summary.json")) as handle:
+            summary = json.load(handle)
+        assert summary["judged_cases"] == sorted(second["val"])
+        assert not set(summary["judged_cases"]) & set(second["train"])
+        assert summary["exchanged_cases"] == {case: {"fold": 0, "round": 2} for case in taken}
+    for case in second["train"]:
+        seg_path = os.path.join(work, f"{case}_seg.b2nd")
+        if case not in taken:
+            assert os.path.islink(seg_path)
+            continue
+        assert not os.path.islink(seg_path)
+        trained_on = blosc2.open(seg_path)[:]
+        np.testing.assert_array_equal(trained_on,
+                                      blosc2.open(os.path.join(_exchange_folder(trained, 0, 2), f"{case}_seg.b2nd"))[:])
+        properties = np.load(os.path.join(work, f"{case}.pkl"), allow_pickle=True)  # recomputed for the refinement
+        assert set(properties["class_locations"]) == {1, 2, (-1, 0, 1, 2)}
+        for key, locations in properties["class_locations"].items():
+            if len(locations):
+                values = trained_on[tuple(np.asarray(locations).T)]
+                wanted = set(key) if isinstance(key, tuple) else {key}
+                assert set(np.unique(values)) <= wanted
+    published = sorted(name.removesuffix(".json") for name in os.listdir(_exchange_folder(trained, 1, 2))
+                       if name.endswith(".json"))
+    assert published == sorted(second["val"])
+    assert tree_snapshot(os.path.join(trained.raw, DATASET)) == trained.raw_before
+    assert _original_preprocessed_snapshot(trained) == trained.preprocessed_before
 
 
 def test_stock_predict_uses_the_em_trainer(trained, tmp_path):

@@ -95,3 +95,30 @@ def test_round_labels_are_complete_refined_or_copied(tmp_path):
     assert sorted(os.listdir(labels)) == ["a.txt", "b.txt"]
     assert (labels / "a.txt").read_text() == "refined 3 a"
     assert (labels / "b.txt").read_text() == "original b"
+
+
+def test_fold_exchange_hands_on_the_newest_refinement_of_the_same_originals(tmp_path):
+    original = tmp_path / "case_seg.b2nd"
+    label_store.write_seg_b2nd(str(original), np.zeros((1, 2, 4, 4), np.int16), (2, 4, 4))
+    exchange = label_store.FoldExchange(str(tmp_path / "exchange"))
+    assert exchange.latest("case", original_seg_path=str(original)) is None
+    for round_index, value in ((1, 1), (2, 2)):
+        exchange.publish(0, round_index, "case", np.full((1, 2, 4, 4), value), original_seg_path=str(original),
+                         patch_size=(2, 4, 4))
+    newest = exchange.latest("case", original_seg_path=str(original))
+    assert (newest["fold"], newest["round"]) == (0, 2)
+    assert np.all(label_store.read_seg_b2nd(newest["seg_path"]) == 2)
+    assert exchange.latest("case", original_seg_path=str(original), up_to_round=1)["round"] == 1
+    assert exchange.latest("case", original_seg_path=str(original), exclude_fold=0) is None  # never its own
+    # a record exists only once its segmentation is complete: a segmentation without one is not handed on
+    label_store.write_seg_b2nd(str(tmp_path / "exchange" / "fold_0" / "round_03" / "case_seg.b2nd"),
+                               np.full((1, 2, 4, 4), 3), (2, 4, 4))
+    assert exchange.latest("case", original_seg_path=str(original))["round"] == 2
+    # a refinement of other originals is never handed on
+    label_store.write_seg_b2nd(str(original), np.ones((1, 2, 4, 4), np.int16), (2, 4, 4))
+    assert exchange.latest("case", original_seg_path=str(original)) is None
+    exchange.publish(1, 1, "case", np.full((1, 2, 4, 4), 5), original_seg_path=str(original), patch_size=(2, 4, 4))
+    assert exchange.latest("case", original_seg_path=str(original), exclude_fold=0)["fold"] == 1
+    exchange.clear_fold(1)
+    assert exchange.latest("case", original_seg_path=str(original)) is None
+    assert sorted(os.listdir(tmp_path / "exchange")) == ["fold_0"]

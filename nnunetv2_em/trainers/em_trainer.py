@@ -85,6 +85,9 @@ class EMTrainer(nnUNetTrainer):
                 join(self.preprocessed_dataset_folder_base, "em_training_labels",
                      os.path.basename(self.output_folder_base), f"fold_{self.fold}"))
             self._training_labels.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
+            self._exchange = label_store.FoldExchange(
+                join(self.preprocessed_dataset_folder_base, "em_training_labels",
+                     os.path.basename(self.output_folder_base), "exchange"))
             self.preprocessed_dataset_folder = self._training_labels.folder
         super().initialize()
 
@@ -130,7 +133,12 @@ class EMTrainer(nnUNetTrainer):
             if os.path.isdir(self.em_folder):
                 shutil.rmtree(self.em_folder)
             self._training_labels.reset(all_cases)
+            self._exchange.clear_fold(self.fold)
             self._complete_class_locations(all_cases)
+            taken = self._take_exchanged_labels(training_cases)
+            if taken:
+                self.print_to_log_file(f"EM: training on other folds' out-of-fold refinements of {len(taken)} "
+                                       f"case(s) from the start", also_print_to_console=True)
             os.makedirs(self.em_folder)
             label_store.write_json(join(self.em_folder, "originals.json"), self._originals_manifest(all_cases))
             self._em_state = TrainerRunState.new(state_file, self.em_settings, training_cases)
@@ -167,13 +175,35 @@ class EMTrainer(nnUNetTrainer):
             sys.stdout = old_stdout
         self.dataloader_train = self.dataloader_val = None
 
+    def held_out_cases(self) -> list[str]:
+        """The cases this fold's E-step may judge: its validation cases, never a case its network trained on
+        (``fold all`` has none: it only trains on what the other folds refined)."""
+        training_cases, validation_cases = self.do_split()
+        return sorted(set(validation_cases) - set(training_cases))
+
     def _run_estep(self, round_index: int):
         started = time.time()
         settings = self.em_settings
-        cases = self._em_state.training_cases
+        cases = self.held_out_cases()
+        round_folder = join(self.em_folder, f"round_{round_index:02d}")
+        if not cases:
+            taken = self._take_exchanged_labels(self._em_state.training_cases)
+            summary = {"round": round_index, "epochs_trained": self.current_epoch, "judged_cases": [],
+                       "refinement_applied": False, "exchanged_cases": taken,
+                       "refinement_refused": f"fold {self.fold} has no validation cases, and a network never judges "
+                                             f"cases it trained on; it trains on the other folds' refinements "
+                                             f"({len(taken)} case(s) so far)",
+                       "seconds_total": round(time.time() - started, 2)}
+            self._export_round_labels(round_folder, {})
+            reports.write_round_reports(round_folder, summary, [])
+            self._em_state.complete_round(summary, converged=False)
+            self.print_to_log_file(f"EM round {round_index}: {summary['refinement_refused']}",
+                                   also_print_to_console=True)
+            self.set_deep_supervision_enabled(self.enable_deep_supervision)
+            self.network.train()
+            return
         num_classes = self.label_manager.num_segmentation_heads
         ignore_label = int(self.label_manager.ignore_label)
-        round_folder = join(self.em_folder, f"round_{round_index:02d}")
         logits_cache = join(self.em_folder, "logits_cache")
         os.makedirs(logits_cache, exist_ok=True)
 
@@ -205,31 +235,39 @@ class EMTrainer(nnUNetTrainer):
             thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
             min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
             seed=settings.seed, round_index=round_index)
-        if verified:  # in-sample here: the network trained on every case it judges, verified ones included
+        if verified:
             self.print_to_log_file(f"EM round {round_index}: estimated precision of the changes "
                                    f"{gate['precision']:.3f} (lower bound {gate['lower_bound']:.3f}, "
                                    f"{len(verified)} verified cases)")
         fit_done = time.time()
 
-        scores = {}
+        scores, refined_cases = {}, {}
         for case in cases:
             logits = np.load(join(logits_cache, f"{case}.npy")).astype(np.float32)
             original = self._training_labels.read_original_seg(case)[0]
-            previous = self._training_labels.read_current_seg(case)[0]
+            mine = self._exchange.latest(case, original_seg_path=self._training_labels.original_seg_path(case),
+                                         up_to_round=round_index - 1)
+            previous = label_store.read_seg_b2nd(mine["seg_path"])[0] if mine else original
             refined, scores[case] = estep.refine_case(logits, original, fit.model, thresholds=settings.thresholds,
                                                       ignore_label=ignore_label, previous=previous,
                                                       apply=refine and case not in verified,
                                                       case_prior_strength=settings.case_prior,
                                                       seed=estep.case_seed(settings.seed, round_index, case))
-            properties = load_pickle(self._training_labels.original_properties_path(case))
-            properties["class_locations"] = nnunet_data.class_locations(refined[None], self.label_manager)
-            self._training_labels.write_case(case, refined[None], properties, self.configuration_manager.patch_size)
+            self._exchange.publish(self.fold, round_index, case, refined[None],
+                                   original_seg_path=self._training_labels.original_seg_path(case),
+                                   patch_size=self.configuration_manager.patch_size,
+                                   record={"refined": bool(refine and case not in verified)})
+            refined_cases[case] = self._exchange.latest(
+                case, original_seg_path=self._training_labels.original_seg_path(case))
         shutil.rmtree(logits_cache)
+        taken = self._take_exchanged_labels(self._em_state.training_cases)
         refine_done = time.time()
-        self._export_round_labels(round_folder, set(cases))
+        self._export_round_labels(round_folder, {**refined_cases, **taken})
         summary = {
             "round": round_index,
             "epochs_trained": self.current_epoch,
+            "judged_cases": cases,
+            "exchanged_cases": {case: {"fold": r["fold"], "round": r["round"]} for case, r in taken.items()},
             "noise_model": fit.model.to_dict(),
             "model_dice": fit.model_dice,
             "refinement_applied": refine,
@@ -249,6 +287,22 @@ class EMTrainer(nnUNetTrainer):
         self._log_round(summary, converged)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
         self.network.train()
+
+    def _take_exchanged_labels(self, training_cases) -> dict[str, dict]:
+        """Train on the newest out-of-fold refinement another fold published for each training case (the others
+        keep their current labels); returns the records taken."""
+        taken = {}
+        for case in training_cases:
+            record = self._exchange.latest(case, original_seg_path=self._training_labels.original_seg_path(case),
+                                           exclude_fold=self.fold)
+            if record is None:
+                continue
+            refined = label_store.read_seg_b2nd(record["seg_path"])
+            properties = load_pickle(self._training_labels.original_properties_path(case))
+            properties["class_locations"] = nnunet_data.class_locations(refined, self.label_manager)
+            self._training_labels.write_case(case, refined, properties, self.configuration_manager.patch_size)
+            taken[case] = record
+        return taken
 
     def _estep_predictor(self) -> nnUNetPredictor:
         self.set_deep_supervision_enabled(False)
@@ -278,17 +332,18 @@ class EMTrainer(nnUNetTrainer):
     def _gt_path(self, case: str) -> str:
         return join(self.preprocessed_dataset_folder_base, "gt_segmentations", case + self.dataset_json["file_ending"])
 
-    def _export_round_labels(self, round_folder: str, refined_cases: set[str]):
-        """The round's labels in raw geometry: refined for this fold's training cases, originals for the rest."""
+    def _export_round_labels(self, round_folder: str, records: dict[str, dict]):
+        """The round's labels in raw geometry: the exchange refinement in ``records`` (this fold's judged cases and
+        the training cases taken from other folds), the originals for every other case."""
         reader_writer = self.plans_manager.image_reader_writer_class()
 
         def refined_label(case):
-            if case not in refined_cases:
+            if case not in records:
                 return None
-            properties = load_pickle(self._training_labels.properties_path(case))
+            properties = load_pickle(self._training_labels.original_properties_path(case))
             original_raw = np.asarray(reader_writer.read_seg(self._gt_path(case))[0][0]).astype(np.int32)
             raw = nnunet_data.refined_raw_label(original_raw, self._training_labels.read_original_seg(case),
-                                                self._training_labels.read_current_seg(case), properties,
+                                                label_store.read_seg_b2nd(records[case]["seg_path"]), properties,
                                                 self.plans_manager, self.configuration_manager)
             return raw, properties
 
