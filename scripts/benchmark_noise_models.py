@@ -41,10 +41,11 @@ def verified_cases(split: dict, corrupted: set[str], *, seed: int) -> list[str]:
     return sorted(np.random.default_rng(seed).choice(untouched, size=VERIFIED_CASES, replace=False).tolist())
 
 
-def evaluate(benchmark: Benchmark, *, strength, gate: str) -> dict:
+def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: dict | None = None) -> dict:
     """Label quality after the E-step with one noise model and one gate: ``as run`` (the run's Dice gate),
     ``open``, or ``precision`` (verified cases kept as they are; the rest refined only if the estimated precision's
-    lower bound reaches ``MIN_CHANGE_PRECISION``)."""
+    lower bound reaches ``MIN_CHANGE_PRECISION``). ``logits_of(case)`` and ``fit`` (``fit.json``'s content) default
+    to the run's round-1 out-of-fold logits and fit."""
     with open(os.path.join(benchmark.workspace.out, "split.json")) as handle:
         split = json.load(handle)
     with open(os.path.join(benchmark.workspace.out, "corruption", "records.json")) as handle:
@@ -54,15 +55,19 @@ def evaluate(benchmark: Benchmark, *, strength, gate: str) -> dict:
     plans = PlansManager(os.path.join(benchmark.workspace.preprocessed("em"), "nnUNetPlans.json"))
     configuration = plans.get_configuration(benchmark.profile.configuration)
     settings = EMSettings.resolve(plans.plans.get("em"), source="plans")
-    with open(layout.round_file(1, "fit.json")) as handle:
-        fit = json.load(handle)
+    if fit is None:
+        with open(layout.round_file(1, "fit.json")) as handle:
+            fit = json.load(handle)
+    if logits_of is None:
+        def logits_of(case):
+            return np.load(layout.logits_file(1, case)).astype(np.float32)
     model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
     verified = verified_cases(split, corrupted, seed=benchmark.seed) if gate == "precision" else []
     refined, scores, noisy = {}, {}, {}
     for case in split["train"]:
         noisy[case] = versions.read_segmentation(0, case)[0]
         refined[case], scores[case] = estep.refine_case(
-            np.load(layout.logits_file(1, case)).astype(np.float32), noisy[case], model,
+            logits_of(case), noisy[case], model,
             thresholds=settings.thresholds, ignore_label=benchmark.ignore_label,
             apply=gate != "as run" or fit["refine"], case_prior_strength=strength,
             seed=estep.case_seed(settings.seed, 1, case))
