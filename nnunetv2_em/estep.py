@@ -20,6 +20,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 
@@ -39,15 +40,31 @@ class NoiseModel:
     temperature: float = 1.0
     log_likelihood: float = float("nan")  # mean per annotated voxel, at these parameters
     trace: tuple[float, ...] = field(default_factory=tuple)  # mean log-likelihood after each fitting step
+    # boundary-aware model: one T[true, annotated] per band of distance to the annotated boundary (boundary_bands),
+    # (NUM_BANDS, C, C); None: ``transition`` for every voxel
+    band_transitions: np.ndarray | None = None
+    band_width: float | None = None  # voxels; the bands' edge
 
     def to_dict(self) -> dict:
-        return {
+        result = {
             # full precision: rounding made exact zeros that the update can never leave again
             "transition": np.asarray(self.transition, dtype=np.float64).tolist(),
             "temperature": float(self.temperature),
             "log_likelihood": float(self.log_likelihood),
             "trace": [float(v) for v in self.trace],
         }
+        if self.band_transitions is not None:
+            result["band_transitions"] = np.asarray(self.band_transitions, dtype=np.float64).tolist()
+            result["band_width"] = float(self.band_width)
+        return result
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NoiseModel:
+        """The model ``to_dict`` wrote (a round's ``fit.json`` / summary)."""
+        bands = data.get("band_transitions")
+        return cls(np.asarray(data["transition"], dtype=np.float64), float(data["temperature"]),
+                   float(data.get("log_likelihood", float("nan"))), tuple(data.get("trace", ())),
+                   None if bands is None else np.asarray(bands, dtype=np.float64), data.get("band_width"))
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,54 @@ def annotated_mask(annotations: np.ndarray, num_classes: int) -> np.ndarray:
     return (annotations >= 0) & (annotations < num_classes)
 
 
+NUM_BANDS = 3
+BAND_NAMES = ("at the boundary (1 voxel)", "near the boundary (up to the band width)", "far from the boundary")
+
+
+def boundary_bands(annotations, *, num_classes: int, width: float, spacing=None) -> np.ndarray:
+    """Band of every annotated voxel by its distance to the nearest voxel annotated with another class.
+
+    A covariate of the noise model, not part of the observation, and on both sides of the boundary alike: a band
+    defined by the side would fix the annotated class within it, and ``T[true, annotated]`` would carry no
+    information there. With both sides in one band, over-segmentation raises the band's ``T[background, class]``
+    and under-segmentation its ``T[class, background]``, both near the boundary, while errors far from any boundary
+    (a missed or invented structure) fall in the far band; one ``T`` for all voxels averages them away.
+
+    Args:
+        annotations: ``(*spatial)`` int; values outside ``0..num_classes-1`` are not annotated.
+        width: distance (in ``spacing`` units, voxels by default) up to which a voxel is "near" the boundary.
+        spacing: per-axis voxel spacing for the distance, or None.
+
+    Returns:
+        ``(*spatial)`` int8: 0 within 1 voxel of the boundary, 1 within ``width``, 2 farther (``BAND_NAMES``);
+        -1 not annotated. A class with no other annotated class in the case is "far".
+    """
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    annotations = np.asarray(annotations)
+    bands = np.full(annotations.shape, -1, np.int8)
+    annotated = annotated_mask(annotations, num_classes)
+    for annotated_class in range(num_classes):
+        region = annotations == annotated_class
+        if not region.any():
+            continue
+        others = annotated & ~region
+        if not others.any():
+            bands[region] = 2
+            continue
+        distance = ndimage.distance_transform_edt(~others, sampling=spacing)[region]
+        bands[region] = np.where(distance <= 1.0, 0, np.where(distance <= width, 1, 2))
+    return bands
+
+
+def _check_bands(bands, annotations) -> np.ndarray:
+    bands = np.asarray(bands)
+    if bands.shape != np.shape(annotations) or np.any((bands < 0) | (bands >= NUM_BANDS)):
+        raise ValueError(f"bands must have the annotations' shape {np.shape(annotations)} with values in "
+                         f"0..{NUM_BANDS - 1}")
+    return bands.astype(np.int64)
+
+
 def _check_samples(logits, annotations, weights):
     logits = np.asarray(logits)
     annotations = np.asarray(annotations)
@@ -125,6 +190,20 @@ def _mean_log_likelihood(logits, annotations, transition, temperature, weights) 
     marginal = np.take_along_axis(transition.T @ softmax(logits, temperature), annotations[None], axis=0)[0]
     per_sample = np.log(np.maximum(marginal, _TINY))
     return float(np.dot(weights, per_sample) / max(weights.sum(), _TINY))
+
+
+def _transition_columns(model: NoiseModel, annotations: np.ndarray, bands) -> np.ndarray:
+    """``T[:, a_n]`` per sample as ``(C, N)``, from the sample's band's ``T`` when the model has bands."""
+    if model.band_transitions is None:
+        return np.asarray(model.transition, dtype=np.float64)[:, annotations]
+    if bands is None:
+        raise ValueError("a boundary-aware model needs the samples' bands")
+    return np.asarray(model.band_transitions, dtype=np.float64)[bands, :, annotations].T
+
+
+def _model_mean_log_likelihood(logits, annotations, model: NoiseModel, weights, bands=None) -> float:
+    marginal = np.sum(softmax(logits, model.temperature) * _transition_columns(model, annotations, bands), axis=0)
+    return float(np.dot(weights, np.log(np.maximum(marginal, _TINY))) / max(weights.sum(), _TINY))
 
 
 def update_transition(probs, annotations, transition, *, weights=None) -> np.ndarray:
@@ -269,6 +348,70 @@ def fit_case_transition(logits, annotations, model: NoiseModel, *, strength: flo
                       _mean_log_likelihood(logits, annotations, transition, model.temperature, weights), tuple(trace))
 
 
+def fit_band_transitions(logits, annotations, bands, model: NoiseModel, *, strength: float, width: float,
+                         weights=None) -> NoiseModel:
+    """One ``T`` per boundary band (``boundary_bands``), each MAP-estimated under a Dirichlet prior centred on
+    ``model``'s (its band's ``T`` when ``model`` has bands, else its single ``T``), at ``model``'s temperature.
+
+    Each band is an independent ``fit_case_transition`` on its own voxels. Starting at the prior's mode, every
+    band's penalised likelihood rises while its log-prior can only fall, so the likelihood of the banded model is
+    never below the prior model's: ``trace`` is ``(before, after)`` in mean log-likelihood per annotated voxel.
+    A band without samples keeps its prior. Used on the whole dataset's sample (the round's model) and on one case
+    (the case's model, shrunk toward the dataset's bands).
+
+    Args:
+        logits: ``(C, N)``. annotations: ``(N,)`` in ``0..C-1``. bands: ``(N,)`` in ``0..NUM_BANDS-1``.
+        strength: prior strength in voxels per row of each band's ``T``. width: the bands' edge (recorded).
+        weights: ``(N,)`` sampling weights or None.
+
+    Returns:
+        A ``NoiseModel`` with ``band_transitions`` ``(NUM_BANDS, C, C)``, ``band_width`` and ``model``'s single
+        ``transition`` and temperature.
+    """
+    logits, annotations, weights = _check_samples(logits, annotations, weights)
+    bands = _check_bands(bands, annotations)
+    num_classes = logits.shape[0]
+    if model.band_transitions is not None:
+        priors = np.asarray(model.band_transitions, dtype=np.float64)
+    else:
+        priors = np.repeat(np.asarray(model.transition, dtype=np.float64)[None], NUM_BANDS, axis=0)
+    if priors.shape != (NUM_BANDS, num_classes, num_classes):
+        raise ValueError(f"model transitions do not match {num_classes} classes")
+    fitted = []
+    for band in range(NUM_BANDS):
+        chosen = bands == band
+        if not np.any(weights[chosen] > 0):
+            fitted.append(priors[band])
+            continue
+        fitted.append(fit_case_transition(logits[:, chosen], annotations[chosen],
+                                          NoiseModel(priors[band], model.temperature), strength=strength,
+                                          weights=weights[chosen]).transition)
+    before = NoiseModel(model.transition, model.temperature, band_transitions=priors, band_width=width)
+    after = NoiseModel(model.transition, model.temperature, band_transitions=np.stack(fitted), band_width=width)
+    start = _model_mean_log_likelihood(logits, annotations, before, weights, bands)
+    end = _model_mean_log_likelihood(logits, annotations, after, weights, bands)
+    return dataclasses.replace(after, log_likelihood=end, trace=(start, end))
+
+
+def _sample_indices(flat_annotations: np.ndarray, num_classes: int, max_voxels_per_class: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of a stratified sample (up to ``max_voxels_per_class`` per annotated class) and their weights."""
+    indices, weights = [], []
+    for annotated_class in range(num_classes):
+        candidates = np.flatnonzero(flat_annotations == annotated_class)
+        if candidates.size == 0:
+            continue
+        if candidates.size > max_voxels_per_class:
+            chosen = np.sort(rng.choice(candidates, size=max_voxels_per_class, replace=False))
+        else:
+            chosen = candidates
+        indices.append(chosen)
+        weights.append(np.full(chosen.size, candidates.size / chosen.size))
+    if not indices:
+        return np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(indices), np.concatenate(weights)
+
+
 def sample_voxels(logits, annotations, *, max_voxels_per_class: int, rng: np.random.Generator):
     """Stratified voxel sample for fitting the noise model, with weights that keep the estimates unbiased.
 
@@ -290,29 +433,17 @@ def sample_voxels(logits, annotations, *, max_voxels_per_class: int, rng: np.ran
         raise ValueError("max_voxels_per_class must be >= 1")
     num_classes = logits.shape[0]
     flat_annotations = annotations.reshape(-1)
-    flat_logits = logits.reshape(num_classes, -1)
-    indices, weights = [], []
-    for annotated_class in range(num_classes):
-        candidates = np.flatnonzero(flat_annotations == annotated_class)
-        if candidates.size == 0:
-            continue
-        if candidates.size > max_voxels_per_class:
-            chosen = np.sort(rng.choice(candidates, size=max_voxels_per_class, replace=False))
-        else:
-            chosen = candidates
-        indices.append(chosen)
-        weights.append(np.full(chosen.size, candidates.size / chosen.size))
-    if not indices:
-        return (np.zeros((num_classes, 0), np.float32), np.zeros(0, np.int64), np.zeros(0))
-    indices = np.concatenate(indices)
-    return (flat_logits[:, indices].astype(np.float32), flat_annotations[indices].astype(np.int64),
-            np.concatenate(weights))
+    indices, weights = _sample_indices(flat_annotations, num_classes, max_voxels_per_class, rng)
+    return (logits.reshape(num_classes, -1)[:, indices].astype(np.float32),
+            flat_annotations[indices].astype(np.int64), weights)
 
 
-def posterior(logits, annotations, model: NoiseModel) -> np.ndarray:
+def posterior(logits, annotations, model: NoiseModel, *, bands=None) -> np.ndarray:
     """Posterior over the true class per voxel, ``(C, *spatial)`` float32.
 
-    Annotated voxels: ``∝ softmax(z/tau) · T[:, a]``. Voxels without an annotation get the calibrated prior.
+    Annotated voxels: ``∝ softmax(z/tau) · T[:, a]`` (``T`` of the voxel's boundary band for a boundary-aware
+    model; ``bands`` ``(*spatial)`` as ``boundary_bands`` gives them, computed from ``annotations`` when None).
+    Voxels without an annotation get the calibrated prior.
     Computed in log space (float32 keeps memory per voxel small): a product of a tiny probability and a tiny
     transition entry underflows to zero in float32 for every class at once, which left such voxels all-zero.
     """
@@ -323,10 +454,20 @@ def posterior(logits, annotations, model: NoiseModel) -> np.ndarray:
         raise ValueError(f"logits {logits.shape} do not match annotations {annotations.shape}")
     log_probs = np.array(logits, dtype=np.float32) * np.float32(1.0 / float(model.temperature))
     mask = annotated_mask(annotations, num_classes)
-    with np.errstate(divide="ignore"):  # log(0) = -inf: an impossible (true, annotated) pair
-        log_transition = np.log(np.asarray(model.transition, dtype=np.float64)).astype(np.float32)
+    if model.band_transitions is not None and bands is None:
+        bands = boundary_bands(annotations, num_classes=num_classes, width=model.band_width)
+    with np.errstate(divide="ignore"):  # log(0) = -inf: an impossible (true, annotated) pair; float32 tables
+        if model.band_transitions is None:  # keep the (C, N) gather at 4 bytes per entry
+            log_table = np.log(np.asarray(model.transition, dtype=np.float64)).astype(np.float32)
+            log_columns = log_table[:, annotations[mask]]
+        else:
+            log_table = np.log(np.asarray(model.band_transitions, dtype=np.float64)).astype(np.float32)
+            if np.shape(bands) != annotations.shape:
+                raise ValueError(f"bands {np.shape(bands)} do not match annotations {annotations.shape}")
+            log_columns = log_table[_check_bands(np.asarray(bands)[mask], annotations[mask]), :,
+                                    annotations[mask]].T
     prior = log_probs[:, mask].copy()
-    log_probs[:, mask] += log_transition[:, annotations[mask]]
+    log_probs[:, mask] += log_columns
     highest = log_probs.max(axis=0, keepdims=True)
     impossible = ~np.isfinite(highest[0])  # an annotated class no true class produces (T column all zero)
     if impossible.any():  # nothing to learn from such an annotation: the network's prior
@@ -484,13 +625,28 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
         ``case_flip_rate``, the share of the case's annotated voxels its ``T`` expects to be mislabelled.
     """
     case_flip_rate = None
+    logits = np.asarray(logits)
+    annotations = np.asarray(annotations)
+    num_classes = logits.shape[0]
+    bands = None
+    if model.band_transitions is not None:
+        bands = boundary_bands(annotations, num_classes=num_classes, width=model.band_width)
     if case_prior_strength is not None:
-        sampled = sample_voxels(logits, annotations, max_voxels_per_class=CASE_FIT_VOXELS_PER_CLASS,
-                                rng=np.random.default_rng(seed))
-        if sampled[1].size:
-            model = fit_case_transition(*sampled[:2], model, strength=case_prior_strength, weights=sampled[2])
-            case_flip_rate = _expected_flip_rate(sampled[0], sampled[1], sampled[2], model)
-    probabilities = posterior(logits, annotations, model)
+        flat_annotations = annotations.reshape(-1)
+        indices, weights = _sample_indices(flat_annotations, num_classes, CASE_FIT_VOXELS_PER_CLASS,
+                                           np.random.default_rng(seed))
+        if indices.size:
+            sampled_logits = logits.reshape(num_classes, -1)[:, indices].astype(np.float32)
+            sampled_annotations = flat_annotations[indices].astype(np.int64)
+            sampled_bands = None if bands is None else bands.reshape(-1)[indices].astype(np.int64)
+            if bands is None:
+                model = fit_case_transition(sampled_logits, sampled_annotations, model, strength=case_prior_strength,
+                                            weights=weights)
+            else:
+                model = fit_band_transitions(sampled_logits, sampled_annotations, sampled_bands, model,
+                                             strength=case_prior_strength, width=model.band_width, weights=weights)
+            case_flip_rate = _expected_flip_rate(sampled_logits, sampled_annotations, weights, model, sampled_bands)
+    probabilities = posterior(logits, annotations, model, bands=bands)
     if apply:
         refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label)
     else:
@@ -503,9 +659,9 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
     return refined, scores
 
 
-def _expected_flip_rate(logits, annotations, weights, model: NoiseModel) -> float:
+def _expected_flip_rate(logits, annotations, weights, model: NoiseModel, bands=None) -> float:
     """Weighted share of sampled voxels whose posterior puts the true class elsewhere than the annotation."""
-    joint = _annotation_likelihoods(softmax(logits, model.temperature), annotations, model.transition)
+    joint = softmax(logits, model.temperature) * _transition_columns(model, annotations, bands)
     q_of_annotation = np.take_along_axis(joint, annotations[None], axis=0)[0] / np.maximum(joint.sum(axis=0), _TINY)
     return float(np.dot(weights, 1.0 - q_of_annotation) / max(weights.sum(), _TINY))
 
@@ -592,6 +748,7 @@ class CaseSample:
     annotations: np.ndarray  # (N,)
     weights: np.ndarray  # (N,)
     dice: tuple[float, ...]  # annotation vs. network argmax, per foreground class
+    bands: np.ndarray | None = None  # (N,) boundary bands of the sampled voxels (boundary-aware models)
 
 
 @dataclass(frozen=True)
@@ -614,16 +771,29 @@ def voxels_per_class(total_voxels: int, *, num_cases: int, num_classes: int) -> 
     return max(1, total_voxels // max(1, num_cases * num_classes))
 
 
-def sample_case(logits, annotations, *, max_voxels_per_class: int, seed) -> CaseSample:
+def sample_case(logits, annotations, *, max_voxels_per_class: int, seed, band_width: float | None = None
+                ) -> CaseSample:
     """Stratified fitting sample of one case and its annotation-vs-prediction Dice.
 
     Args:
         logits: ``(C, *spatial)``. annotations: ``(*spatial)``. seed: anything ``numpy.random.default_rng`` takes.
+        band_width: also record each sampled voxel's ``boundary_bands`` band at this width (boundary-aware fit).
     """
-    sampled = sample_voxels(logits, annotations, max_voxels_per_class=max_voxels_per_class,
-                            rng=np.random.default_rng(seed))
-    dice_values = foreground_dice(annotations, np.asarray(logits).argmax(axis=0), num_classes=np.shape(logits)[0])
-    return CaseSample(*sampled, tuple(dice_values))
+    logits = np.asarray(logits)
+    annotations = np.asarray(annotations)
+    if logits.shape[1:] != annotations.shape:
+        raise ValueError(f"logits {logits.shape} do not match annotations {annotations.shape}")
+    num_classes = logits.shape[0]
+    flat_annotations = annotations.reshape(-1)
+    indices, weights = _sample_indices(flat_annotations, num_classes, max_voxels_per_class,
+                                       np.random.default_rng(seed))
+    bands = None
+    if band_width is not None:
+        bands = boundary_bands(annotations, num_classes=num_classes, width=band_width).reshape(-1)[indices]
+        bands = bands.astype(np.int64)
+    dice_values = foreground_dice(annotations, logits.argmax(axis=0), num_classes=num_classes)
+    return CaseSample(logits.reshape(num_classes, -1)[:, indices].astype(np.float32),
+                      flat_annotations[indices].astype(np.int64), weights, tuple(dice_values), bands)
 
 
 def degenerate_fit(samples: list[CaseSample], model: NoiseModel, *, thresholds: RefinementThresholds,
@@ -635,11 +805,9 @@ def degenerate_fit(samples: list[CaseSample], model: NoiseModel, *, thresholds: 
     if not low * 1.01 < model.temperature < high / 1.01:
         return (f"temperature {model.temperature:.3g} at the bound of its search {TEMPERATURE_BOUNDS}: the network "
                 f"does not explain the annotation")
-    logits = np.concatenate([s.logits for s in samples], axis=1)
-    annotations = np.concatenate([s.annotations for s in samples])
-    weights = np.concatenate([s.weights for s in samples])
+    logits, annotations, weights, bands = _pooled(samples)
     num_classes = logits.shape[0]
-    refined = refine_labels(posterior(logits, annotations, model), annotations, thresholds=thresholds,
+    refined = refine_labels(posterior(logits, annotations, model, bands=bands), annotations, thresholds=thresholds,
                             ignore_label=num_classes)
     ignored_share = float(np.sum(weights * (refined == num_classes)) / max(np.sum(weights), _TINY))
     if ignored_share > max_ignored_share:
@@ -648,21 +816,37 @@ def degenerate_fit(samples: list[CaseSample], model: NoiseModel, *, thresholds: 
     return None
 
 
+def _pooled(samples: list[CaseSample]):
+    """All cases' samples as one ``(logits (C, N), annotations (N,), weights (N,), bands (N,) or None)``."""
+    bands = None if any(s.bands is None for s in samples) else np.concatenate([s.bands for s in samples])
+    return (np.concatenate([s.logits for s in samples], axis=1), np.concatenate([s.annotations for s in samples]),
+            np.concatenate([s.weights for s in samples]), bands)
+
+
 def fit_round(samples: list[CaseSample], *, calibrate_temperature: bool, max_iterations: int,
               min_model_dice: float, thresholds: RefinementThresholds | None = None,
-              max_ignored_share: float = MAX_IGNORED_SHARE) -> RoundFit:
+              max_ignored_share: float = MAX_IGNORED_SHARE, band_width: float | None = None,
+              band_prior_strength: float = 100.0) -> RoundFit:
     """Fit the round's noise model on all cases' samples and decide whether the network is good enough to refine.
 
-    An untrained network would "explain" the annotation away as noise, so labels are only refined once the mean
-    foreground Dice between the network and the annotation reaches ``min_model_dice``, and never with a degenerate
-    fit (``degenerate_fit``; checked when ``thresholds`` are given).
+    The temperature and one ``T`` come from ``fit_noise_model``; with ``band_width`` (samples drawn with the same
+    ``band_width``) each boundary band then gets its own ``T`` shrunk toward it (``fit_band_transitions``,
+    ``band_prior_strength`` voxels), which can only raise the likelihood (the trace goes on). An untrained network
+    would "explain" the annotation away as noise, so labels are only refined once the mean foreground Dice between
+    the network and the annotation reaches ``min_model_dice``, and never with a degenerate fit
+    (``degenerate_fit``; checked when ``thresholds`` are given).
     """
     if not samples:
         raise ValueError("no cases to fit the noise model on")
-    model = fit_noise_model(np.concatenate([s.logits for s in samples], axis=1),
-                            np.concatenate([s.annotations for s in samples]),
-                            weights=np.concatenate([s.weights for s in samples]),
-                            calibrate_temperature=calibrate_temperature, max_iterations=max_iterations)
+    logits, annotations, weights, bands = _pooled(samples)
+    model = fit_noise_model(logits, annotations, weights=weights, calibrate_temperature=calibrate_temperature,
+                            max_iterations=max_iterations)
+    if band_width is not None:
+        if bands is None:
+            raise ValueError("a boundary-aware fit needs samples drawn with band_width (sample_case)")
+        banded = fit_band_transitions(logits, annotations, bands, model, strength=band_prior_strength,
+                                      width=band_width, weights=weights)
+        model = dataclasses.replace(banded, trace=(*model.trace, banded.log_likelihood))
     dice_values = [d for s in samples for d in s.dice if not np.isnan(d)]
     model_dice = float(np.mean(dice_values)) if dice_values else 0.0
     refine = model_dice >= min_model_dice

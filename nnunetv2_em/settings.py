@@ -9,7 +9,7 @@ from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.estep import MAX_IGNORED_SHARE, RefinementThresholds
 
 PLANS_KEY = "em"
-NOISE_MODELS = ("global", "per_case")
+NOISE_MODELS = ("global", "per_case", "boundary", "boundary_per_case")
 SETTINGS_VERSION = 1
 
 
@@ -33,8 +33,11 @@ class EMSettings:
     fit_sample_voxels: int = 100_000  # voxels sampled over all cases to fit the noise model: bounds memory
     mirroring: bool = True  # test-time mirroring in the E-step's sliding-window prediction
     seed: int = 0
-    noise_model: str = "global"  # "global": one T for the dataset; "per_case": each case's T shrunk toward it
-    case_prior_strength: float = 100.0  # per_case: Dirichlet prior strength (voxels) toward the dataset's T
+    # "global": one T for the dataset; "per_case": each case's T shrunk toward it; "boundary": one T per band of
+    # distance to the annotated boundary; "boundary_per_case": each case's band Ts shrunk toward the dataset's
+    noise_model: str = "global"
+    case_prior_strength: float = 100.0  # Dirichlet prior strength (voxels) toward the dataset's T (and band Ts)
+    boundary_band_width: float = 2.0  # boundary models: voxels from the annotated boundary that count as "near"
 
     @property
     def thresholds(self) -> RefinementThresholds:
@@ -43,7 +46,12 @@ class EMSettings:
     @property
     def case_prior(self) -> float | None:
         """``estep.refine_case``'s ``case_prior_strength``: None for the dataset-wide model."""
-        return self.case_prior_strength if self.noise_model == "per_case" else None
+        return self.case_prior_strength if self.noise_model in ("per_case", "boundary_per_case") else None
+
+    @property
+    def band_width(self) -> float | None:
+        """``estep.sample_case``'s and ``estep.fit_round``'s ``band_width``: None without boundary bands."""
+        return self.boundary_band_width if self.noise_model.startswith("boundary") else None
 
     @property
     def total_epochs(self) -> int:
@@ -104,6 +112,8 @@ class EMSettings:
             problems.append(("noise_model", f"must be one of {', '.join(NOISE_MODELS)}"))
         if not self.case_prior_strength >= 0:
             problems.append(("case_prior_strength", "must be >= 0"))
+        if not self.boundary_band_width > 0:
+            problems.append(("boundary_band_width", "must be > 0"))
         if problems:
             key, reason = problems[0]
             origin = origins.get(key, default_origin)

@@ -371,3 +371,108 @@ def test_gate_round_keeps_the_fits_decision_without_verified_cases_and_asks_them
     # a degenerate fit stays refused whatever the verified cases say
     refused = estep.RoundFit(fit.model, model_dice=0.9, refine=False, refused="temperature at its bound")
     assert estep.gate_round(refused, list(arrays), ["clean_a"], arrays.__getitem__, **options)[0] is False
+
+
+# ------------------------------------------------------------------------------------ boundary-aware noise model
+def test_boundary_bands_measure_the_distance_to_another_annotated_class_on_both_sides():
+    annotations = np.zeros((7, 7), np.int64)
+    annotations[2:5, 2:5] = 1
+    annotations[6, 6] = 3  # ignore label: not annotated, not a boundary
+    bands = estep.boundary_bands(annotations, num_classes=2, width=2.0)
+    assert bands[6, 6] == -1
+    assert bands[2, 2] == bands[1, 3] == bands[3, 1] == 0  # touching the boundary, inside and outside
+    assert bands[3, 3] == 1 and bands[0, 3] == 1  # 2 voxels from it, inside and outside
+    assert bands[0, 0] == 2  # sqrt(8) from the square
+    assert set(np.unique(estep.boundary_bands(np.ones((3, 3), np.int64), num_classes=2, width=2.0))) == {2}
+    with pytest.raises(ValueError, match="width"):
+        estep.boundary_bands(annotations, num_classes=2, width=0.0)
+
+
+def test_band_transitions_recover_planted_boundary_noise_that_one_matrix_averages_away():
+    rng = np.random.default_rng(3)
+    n = 300_000
+    bands = rng.integers(0, estep.NUM_BANDS, n)
+    planted = np.array([[[0.7, 0.3], [0.25, 0.75]],  # at the boundary: over- and under-segmentation
+                        [[0.9, 0.1], [0.05, 0.95]],
+                        [[0.99, 0.01], [0.01, 0.99]]])  # far from it: nearly clean
+    score = rng.normal(0.0, 3.0, n)
+    true = (rng.random(n) < 1.0 / (1.0 + np.exp(-score))).astype(np.int64)
+    annotations = (rng.random(n) < planted[bands, true, 1]).astype(np.int64)
+    logits = np.stack([np.zeros(n), score])
+    single = estep.fit_noise_model(logits, annotations, calibrate_temperature=False, max_iterations=300,
+                                   tolerance=1e-10)
+    banded = estep.fit_band_transitions(logits, annotations, bands, single, strength=0.0, width=2.0)
+    np.testing.assert_allclose(banded.band_transitions, planted, atol=0.03)
+    assert banded.trace[1] >= banded.trace[0] == pytest.approx(single.log_likelihood)
+    assert banded.log_likelihood > single.log_likelihood + 0.01
+    assert banded.temperature == single.temperature and banded.band_width == 2.0
+    # a strong prior keeps every band at the single matrix
+    strong = estep.fit_band_transitions(logits, annotations, bands, single, strength=1e9, width=2.0)
+    np.testing.assert_allclose(strong.band_transitions, np.repeat(single.transition[None], 3, 0), atol=1e-3)
+    restored = NoiseModel.from_dict(banded.to_dict())
+    np.testing.assert_array_equal(restored.band_transitions, banded.band_transitions)
+    assert restored.band_width == 2.0 and restored.temperature == banded.temperature
+    with pytest.raises(ValueError, match="bands"):
+        estep.fit_band_transitions(logits, annotations, bands + 5, single, strength=0.0, width=2.0)
+
+
+def test_the_posterior_reads_the_transition_of_the_voxels_band():
+    annotations = np.zeros((9, 9), np.int64)
+    annotations[2:7, 2:7] = 1
+    logits = np.stack([np.zeros((9, 9)), np.full((9, 9), np.log(0.3 / 0.7))])  # the network: 30 % foreground
+    bands = estep.boundary_bands(annotations, num_classes=2, width=2.0)
+    over_at_boundary = np.array([[[0.5, 0.5], [0.02, 0.98]],  # band 0: background often annotated foreground
+                                 [[0.98, 0.02], [0.02, 0.98]], [[0.98, 0.02], [0.02, 0.98]]])
+    model = NoiseModel(np.array([[0.98, 0.02], [0.02, 0.98]]), 1.0, band_transitions=over_at_boundary,
+                       band_width=2.0)
+    q = estep.posterior(logits, annotations, model)
+    expected_rim = 0.7 * 0.5 / (0.7 * 0.5 + 0.3 * 0.98)
+    expected_core = 0.7 * 0.02 / (0.7 * 0.02 + 0.3 * 0.98)
+    np.testing.assert_allclose(q[0][(annotations == 1) & (bands == 0)], expected_rim, rtol=1e-5)
+    np.testing.assert_allclose(q[0][(annotations == 1) & (bands == 1)], expected_core, rtol=1e-5)
+    np.testing.assert_allclose(q, estep.posterior(logits, annotations, model, bands=bands))
+
+
+def _dilated_ball_cases(seed=0):
+    """3D balls, a mostly right network, and annotations: half of the cases dilated by 2 voxels."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    grid = np.indices((24, 24, 24)) - 11.5
+    cases = {}
+    for index in range(6):
+        radius = 5.0 + rng.random() * 2
+        truth = (np.sqrt((grid ** 2).sum(0)) <= radius).astype(np.int64)
+        boundary_blur = ndimage.gaussian_filter(truth.astype(float), 1.0)  # the network is unsure at the boundary
+        network = 8.0 * (boundary_blur - 0.5) + rng.normal(0.0, 0.5, truth.shape)
+        logits = np.stack([np.zeros(truth.shape), network])
+        annotation = truth.copy()
+        if index % 2 == 0:
+            annotation = ndimage.binary_dilation(truth, iterations=2).astype(np.int64)
+        cases[f"case_{index}"] = (logits, annotation, truth)
+    return cases
+
+
+@pytest.mark.parametrize("boundary", [False, True])
+def test_boundary_per_case_model_corrects_dilation_that_the_single_matrix_leaves(boundary):
+    cases = _dilated_ball_cases()
+    width = 2.0 if boundary else None
+    samples = [estep.sample_case(logits, annotation, max_voxels_per_class=5000, seed=[0, 1, i], band_width=width)
+               for i, (logits, annotation, _) in enumerate(cases.values())]
+    fit = estep.fit_round(samples, calibrate_temperature=True, max_iterations=30, min_model_dice=0.0,
+                          thresholds=RefinementThresholds(), band_width=width)
+    assert np.all(np.diff(fit.model.trace) >= -1e-9)
+    assert (fit.model.band_transitions is not None) == boundary
+    right = wrong = mislabelled = 0
+    for logits, annotation, truth in cases.values():
+        refined, _ = estep.refine_case(logits, annotation, fit.model, thresholds=RefinementThresholds(),
+                                       ignore_label=2, case_prior_strength=100.0, seed=0)
+        changed = (refined != annotation) & (refined != 2)
+        right += np.count_nonzero(changed & (refined == truth))
+        wrong += np.count_nonzero(changed & (refined != truth))
+        mislabelled += np.count_nonzero(annotation != truth)
+    assert wrong == 0  # no false change, in dilated or clean cases
+    if boundary:  # measured: 37 % corrected, 44 % more ignored
+        assert right >= 0.3 * mislabelled
+    else:  # one matrix: a 2-voxel dilation is a small share of all background; measured: nothing corrected
+        assert right < 0.05 * mislabelled

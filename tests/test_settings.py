@@ -32,6 +32,7 @@ def test_plans_block_then_trainer_overrides():
     ({"noise_model": "per_voxel"}, "noise_model"),
     ({"noise_model": 1}, "noise_model"),
     ({"case_prior_strength": -5}, "case_prior_strength"),
+    ({"boundary_band_width": 0}, "boundary_band_width"),
 ])
 def test_impossible_values_name_the_file_the_key_and_the_fix(block, key):
     with pytest.raises(EMInputError) as error:
@@ -59,3 +60,11 @@ def test_the_noise_model_setting_selects_the_per_case_prior():
     assert EMSettings().case_prior is None  # the dataset-wide model by default
     settings = EMSettings.resolve({"noise_model": "per_case", "case_prior_strength": 30}, source="plans.json")
     assert settings.case_prior == 30.0
+
+
+def test_the_boundary_noise_models_select_bands_and_the_per_case_prior():
+    assert EMSettings().band_width is None
+    boundary = EMSettings.resolve({"noise_model": "boundary", "boundary_band_width": 3}, source="plans.json")
+    assert (boundary.band_width, boundary.case_prior) == (3.0, None)
+    both = EMSettings.resolve({"noise_model": "boundary_per_case"}, source="plans.json")
+    assert (both.band_width, both.case_prior) == (2.0, 100.0)

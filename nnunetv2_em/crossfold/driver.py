@@ -313,10 +313,12 @@ class CrossFoldRun:
         started = time.time()
         samples = [estep.sample_case(load_logits(context, round_index, case),
                                      versions.read_original_segmentation(case)[0], max_voxels_per_class=cap,
+                                     band_width=settings.band_width,
                                      seed=estep.case_seed(settings.seed, round_index, case)) for case in cases]
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
                               max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
-                              thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share)
+                              thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share,
+                              band_width=settings.band_width, band_prior_strength=settings.case_prior_strength)
         if fit.refused:
             print(f"round {round_index}: labels kept as they are: {fit.refused}", flush=True)
         verified = [case for case in self.verified if case in cases]  # with them, the precision gate decides

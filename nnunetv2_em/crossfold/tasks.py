@@ -111,7 +111,7 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     ignore_label = int(label_manager.ignore_label)
     with open(context.layout.round_file(round_index, "fit.json")) as handle:
         fit = json.load(handle)
-    model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
+    model = estep.NoiseModel.from_dict(fit["noise_model"])
     settings = context.em
     logits = load_logits(context, round_index, case)
     reader_writer = plans_manager.image_reader_writer_class()

@@ -218,12 +218,13 @@ class EMTrainer(nnUNetTrainer):
             np.save(join(logits_cache, f"{case}.npy"), logits)
             samples.append(estep.sample_case(logits.astype(np.float32),
                                              self._training_labels.read_original_seg(case)[0],
-                                             max_voxels_per_class=cap,
+                                             max_voxels_per_class=cap, band_width=settings.band_width,
                                              seed=estep.case_seed(settings.seed, round_index, case)))
         prediction_seconds = time.time() - started
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
                               max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
-                              thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share)
+                              thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share,
+                              band_width=settings.band_width, band_prior_strength=settings.case_prior_strength)
         if fit.refused:
             self.print_to_log_file(f"EM round {round_index}: labels kept as they are: {fit.refused}")
         del samples
