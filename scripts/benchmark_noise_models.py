@@ -1,8 +1,9 @@
-"""E-step noise models side by side on the same out-of-fold probabilities: no training, seconds per replicate.
+"""E-step noise models side by side on the same out-of-fold probabilities: no training, minutes per replicate.
 
 Every replicate of a ``nnunetv2_em benchmark`` suite keeps its EM run's round-1 out-of-fold logits. This script
 re-runs the one per-case E-step (``estep.refine_case``) on them with each noise model (the dataset-wide ``T``, what
-the run did, and per-case ``T`` shrunk toward it at several prior strengths) and each gate (the run's: model Dice
+the run did; per-case ``T`` shrunk toward it at several prior strengths; one ``T`` per boundary band, refitted as a
+run with ``noise_model: boundary`` would fit it, alone and per case) and each gate (the run's: model Dice
 against the annotation; forced open; a precision gate estimated from 4 verified cases with
 ``estep.change_precision``, untouched cases standing in for reviewed ones), and scores the labels exactly as the
 benchmark does (raw geometry, Dice with ignored voxels kept at the annotation and left out, HD95, surface Dice,
@@ -28,7 +29,27 @@ from nnunetv2_em.benchmark import metrics, suite
 from nnunetv2_em.benchmark.harness import Benchmark, _read_label
 from nnunetv2_em.settings import EMSettings
 
-MODELS = {"global": None, "per_case 100": 100.0, "per_case 1000": 1000.0}
+# name: (per-case prior strength or None, boundary band width or None)
+MODELS = {"global": (None, None), "per_case 100": (100.0, None), "per_case 1000": (1000.0, None),
+          "boundary": (None, 2.0), "boundary_per_case 100": (100.0, 2.0)}
+
+
+def fit_like_a_run(benchmark: Benchmark, cases: list[str], logits_of, *, band_width: float | None = None) -> dict:
+    """The run's round fit (``estep.fit_round`` with the plans' settings, samples drawn as a run draws them) on
+    ``logits_of(case)``, optionally boundary-aware, as ``fit.json`` holds it."""
+    plans = PlansManager(os.path.join(benchmark.workspace.preprocessed("em"), "nnUNetPlans.json"))
+    settings = EMSettings.resolve(plans.plans.get("em"), source="plans")
+    versions = benchmark.workspace.em_versions(benchmark.profile, benchmark.ending)
+    cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases),
+                                 num_classes=len(benchmark.classes) + 1)
+    samples = [estep.sample_case(logits_of(case), versions.read_segmentation(0, case)[0], max_voxels_per_class=cap,
+                                 band_width=band_width, seed=estep.case_seed(settings.seed, 1, case))
+               for case in cases]
+    fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
+                          max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
+                          thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share,
+                          band_width=band_width, band_prior_strength=settings.case_prior_strength)
+    return {"noise_model": fit.model.to_dict(), "refine": bool(fit.refine), "model_dice": fit.model_dice}
 
 
 VERIFIED_CASES = 4  # untouched training cases treated as checked by a reviewer (for the precision gate)
@@ -61,7 +82,7 @@ def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: 
     if logits_of is None:
         def logits_of(case):
             return np.load(layout.logits_file(1, case)).astype(np.float32)
-    model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
+    model = estep.NoiseModel.from_dict(fit["noise_model"])
     verified = verified_cases(split, corrupted, seed=benchmark.seed) if gate == "precision" else []
     refined, scores, noisy = {}, {}, {}
     for case in split["train"]:
@@ -108,9 +129,13 @@ def main():
     parser.add_argument("--profile", default="cpu-long")
     parser.add_argument("--corruption-seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="markdown summary to write (a JSON beside it)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--settings", nargs="+", default=None, help="noise settings to include (default: all)")
     args = parser.parse_args()
     rows = []
     for (setting, seed), results in sorted(suite.load_replicates(args.suite).items()):
+        if args.settings and setting not in args.settings:
+            continue
         benchmark = Benchmark(args.dataset, setting, seed=args.corruption_seed, profile=args.profile,
                               out=suite.replicate_folder(args.suite, setting, seed), training_seed=seed,
                               label_quality_only=True)
@@ -119,9 +144,17 @@ def main():
                      **results["label_quality"]["versions"]["noisy"]})
         rows.append({"setting": setting, "seed": seed, "model": "cleanlab (peer)", **peer,
                      "voxels": results["detection"]["voxels"]["cleanlab"]})
-        for name, strength in MODELS.items():
+        with open(os.path.join(suite.replicate_folder(args.suite, setting, seed), "split.json")) as handle:
+            cases = json.load(handle)["train"]
+        layout = benchmark.workspace.em_run(benchmark.profile)
+        for name in args.models:
+            strength, band_width = MODELS[name]
+            fit = None
+            if band_width is not None:
+                fit = fit_like_a_run(benchmark, cases, lambda case, lay=layout: np.load(
+                    lay.logits_file(1, case)).astype(np.float32), band_width=band_width)
             for gate in ("as run", "open", "precision"):
-                result = evaluate(benchmark, strength=strength, gate=gate)
+                result = evaluate(benchmark, strength=strength, gate=gate, fit=fit)
                 label = f"{name}, gate {gate}"
                 if gate == "precision":
                     label += f" ({'opened' if result['precision_gate']['opened'] else 'closed'}, lower bound " \

@@ -19,15 +19,13 @@ import os
 import sys
 
 import numpy as np
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_noise_models import _f, evaluate  # noqa: E402
+from benchmark_noise_models import _f, evaluate, fit_like_a_run  # noqa: E402
 
-from nnunetv2_em import estep, oof  # noqa: E402
+from nnunetv2_em import oof  # noqa: E402
 from nnunetv2_em.benchmark import suite  # noqa: E402
 from nnunetv2_em.benchmark.harness import Benchmark  # noqa: E402
-from nnunetv2_em.settings import EMSettings  # noqa: E402
 
 
 def in_sample_logits(benchmark: Benchmark, cache: str) -> str:
@@ -41,21 +39,6 @@ def in_sample_logits(benchmark: Benchmark, cache: str) -> str:
         trained_on = {case: images for case, held_out in held_out_by.items() if held_out != fold}
         oof.predict_cases(layout.model_folder(1), [fold], trained_on, cache, mirroring=False, device="cpu")
     return cache
-
-
-def fit_like_a_run(benchmark: Benchmark, cases: list[str], logits_of) -> dict:
-    """The run's round fit (``estep.fit_round`` with the plans' settings) on other logits, as ``fit.json`` holds it."""
-    plans = PlansManager(os.path.join(benchmark.workspace.preprocessed("em"), "nnUNetPlans.json"))
-    settings = EMSettings.resolve(plans.plans.get("em"), source="plans")
-    versions = benchmark.workspace.em_versions(benchmark.profile, benchmark.ending)
-    cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases),
-                                 num_classes=len(benchmark.classes) + 1)
-    samples = [estep.sample_case(logits_of(case), versions.read_segmentation(0, case)[0], max_voxels_per_class=cap,
-                                 seed=estep.case_seed(settings.seed, 1, case)) for case in cases]
-    fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
-                          max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
-                          thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share)
-    return {"noise_model": fit.model.to_dict(), "refine": bool(fit.refine), "model_dice": fit.model_dice}
 
 
 def main():
