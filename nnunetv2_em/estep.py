@@ -479,11 +479,13 @@ def posterior(logits, annotations, model: NoiseModel, *, bands=None) -> np.ndarr
     return log_probs
 
 
-def refine_labels(posterior_probs, annotations, *, thresholds: RefinementThresholds, ignore_label: int) -> np.ndarray:
+def refine_labels(posterior_probs, annotations, *, thresholds: RefinementThresholds, ignore_label: int,
+                  allow_changes: bool = True) -> np.ndarray:
     """Refined label map: confident disagreements corrected, uncertain voxels ignored, the rest kept.
 
     For an annotated voxel with posterior ``q`` and annotation ``a``:
-    * changed to ``argmax q`` when that differs from ``a`` and ``max q >= change_threshold``;
+    * changed to ``argmax q`` when that differs from ``a`` and ``max q >= change_threshold`` (set to
+      ``ignore_label`` instead when ``allow_changes`` is False: no class is ever written that the annotator did not);
     * kept as ``a`` when ``q[a] >= keep_threshold``;
     * otherwise set to ``ignore_label`` (the next M-step does not learn from it).
     Voxels without an annotation keep their value.
@@ -507,7 +509,7 @@ def refine_labels(posterior_probs, annotations, *, thresholds: RefinementThresho
     change = mask & (best != annotations) & (best_probability >= thresholds.change_threshold)
     keep = mask & ~change & (annotation_probability >= thresholds.keep_threshold)
     refined = annotations.copy()
-    refined[change] = best[change]
+    refined[change] = best[change] if allow_changes else ignore_label
     refined[mask & ~change & ~keep] = ignore_label
     return refined
 
@@ -608,8 +610,8 @@ CASE_FIT_VOXELS_PER_CLASS = 50_000  # per-case fits sample at most this many vox
 
 
 def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
-                previous=None, apply: bool = True, case_prior_strength: float | None = None,
-                seed=0) -> tuple[np.ndarray, dict]:
+                previous=None, apply: bool = True, allow_changes: bool = True,
+                case_prior_strength: float | None = None, seed=0) -> tuple[np.ndarray, dict]:
     """Posterior, refined labels and scores of one case.
 
     Args:
@@ -617,6 +619,8 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
             conditions on what the annotator wrote, not on an earlier round's refinement).
         previous: ``(*spatial)`` labels of the previous round, for the convergence count (default: annotations).
         apply: False keeps the annotation unchanged (the model is not trusted yet) but still scores the case.
+        allow_changes: False turns every change into the ignore label (``refine_labels``): the precision of
+            changes is not established (``gate_round``).
         case_prior_strength: None uses the dataset's ``model`` for every voxel; a number fits this case's own
             transition matrix shrunk toward it (``fit_case_transition``, on a stratified sample drawn with ``seed``).
 
@@ -648,7 +652,8 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
             case_flip_rate = _expected_flip_rate(sampled_logits, sampled_annotations, weights, model, sampled_bands)
     probabilities = posterior(logits, annotations, model, bands=bands)
     if apply:
-        refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label)
+        refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label,
+                                allow_changes=allow_changes)
     else:
         refined = np.asarray(annotations).copy()
     prediction = np.asarray(logits).argmax(axis=0)
@@ -895,20 +900,26 @@ def score_pseudo_label(logits, labels, model: NoiseModel, *, ignore_label: int) 
 
 def gate_round(fit: RoundFit, cases, verified, case_arrays, *, thresholds: RefinementThresholds, ignore_label: int,
                case_prior_strength: float | None, min_change_precision: float, min_model_dice: float, seed: int,
-               round_index: int) -> tuple[bool, dict]:
-    """Whether the round's refinements are applied, and the gate's record. The one gate every driver calls.
+               round_index: int, changes_without_verified_cases: bool = False) -> tuple[bool, dict]:
+    """Whether the round refines at all, and whether it may change classes. The one gate every driver calls.
 
-    Without verified cases among ``cases``: the fit's own decision (model Dice against ``min_model_dice``, and never a
-    degenerate fit). With them: every case is refined with the gate open (as ``refine_case`` would, same seeds), and
-    ``precision_gate`` decides from the verified cases' changes, all of which are false; a degenerate fit stays
-    refused. ``case_arrays(case)`` returns that case's ``(logits (C, *spatial), original annotation (*spatial))``.
+    The round refines when the fit is usable: the network's Dice with the annotation reaches ``min_model_dice`` (a
+    floor against an untrained network, not evidence that changes are right) and the fit is not degenerate. It
+    may **change** annotated classes only when their precision is established: with verified cases among
+    ``cases``, every case is refined with the gate open (as ``refine_case`` would, same seeds) and
+    ``precision_gate`` decides from the verified cases' changes, all of which are false. Without verified cases
+    nothing can establish it: changes become the ignore label (``allow_changes=False``), so clean labels are never
+    overwritten, unless ``changes_without_verified_cases`` restores the model-Dice gate for changes.
+    ``case_arrays(case)`` returns that case's ``(logits (C, *spatial), original annotation (*spatial))``.
 
     Returns:
-        ``(refine, gate)`` with ``gate["kind"]`` ``"model_dice"`` or ``"precision"`` (the estimate's fields).
+        ``(refine, gate)``: ``gate["kind"]`` is ``"model_dice"`` or ``"precision"`` (the estimate's fields), and
+        ``gate["changes_allowed"]`` what drivers pass to ``refine_case(allow_changes=...)``.
     """
     verified = [case for case in verified if case in cases]
     if not verified:
-        return fit.refine, {"kind": "model_dice", "model_dice": fit.model_dice, "min_model_dice": min_model_dice}
+        return fit.refine, {"kind": "model_dice", "model_dice": fit.model_dice, "min_model_dice": min_model_dice,
+                            "changes_allowed": bool(changes_without_verified_cases)}
     counts = {}
     for case in cases:
         logits, annotations = case_arrays(case)
@@ -916,5 +927,6 @@ def gate_round(fit: RoundFit, cases, verified, case_arrays, *, thresholds: Refin
                                 case_prior_strength=case_prior_strength, seed=case_seed(seed, round_index, case))
         counts[case] = (scores["voxels_changed"], scores["voxels_annotated"])
     opened, estimate = precision_gate(counts, verified, min_precision=min_change_precision, seed=seed)
-    return opened and fit.refused is None, {"kind": "precision", **estimate.to_dict(),
-                                            "min_change_precision": min_change_precision}
+    return fit.refine, {"kind": "precision", **estimate.to_dict(), "min_change_precision": min_change_precision,
+                        "model_dice": fit.model_dice, "min_model_dice": min_model_dice,
+                        "changes_allowed": bool(opened)}

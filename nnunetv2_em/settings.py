@@ -27,6 +27,8 @@ class EMSettings:
     tolerance: float = 0.001  # stop when less than this fraction of annotated voxels changed since last round
     min_model_dice: float = 0.5  # without verified cases: refine once the network agrees this well with the annotation
     min_change_precision: float = 0.8  # with verified cases: refine once the changes' precision bound reaches this
+    # without verified cases nothing establishes that changes are right: they become ignore unless this is true
+    changes_without_verified_cases: bool = False
     max_ignored_share: float = MAX_IGNORED_SHARE  # a fit that would ignore more annotated voxels is not applied
     calibrate_temperature: bool = True
     fit_iterations: int = 30  # max (temperature, transition) update pairs per E-step

@@ -63,10 +63,12 @@ def verified_cases(split: dict, corrupted: set[str], *, seed: int) -> list[str]:
 
 
 def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: dict | None = None) -> dict:
-    """Label quality after the E-step with one noise model and one gate: ``as run`` (the run's Dice gate),
-    ``open``, or ``precision`` (verified cases kept as they are; the rest refined only if the estimated precision's
-    lower bound reaches ``MIN_CHANGE_PRECISION``). ``logits_of(case)`` and ``fit`` (``fit.json``'s content) default
-    to the run's round-1 out-of-fold logits and fit."""
+    """Label quality after the E-step with one noise model and one gate: ``as run`` (the run's Dice gate, changes
+    allowed), ``open``, ``ignore only`` (no verified cases, the default since: every change becomes the ignore
+    label), or ``precision`` (verified cases kept as they are; the rest changed only if the estimated precision's
+    lower bound reaches ``MIN_CHANGE_PRECISION``, else their changes become ignore, as ``estep.gate_round`` decides).
+    ``logits_of(case)`` and ``fit`` (``fit.json``'s content) default to the run's round-1 out-of-fold logits and
+    fit."""
     with open(os.path.join(benchmark.workspace.out, "split.json")) as handle:
         split = json.load(handle)
     with open(os.path.join(benchmark.workspace.out, "corruption", "records.json")) as handle:
@@ -98,8 +100,13 @@ def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: 
         opened, estimate = estep.precision_gate(counts, verified, min_precision=MIN_CHANGE_PRECISION)
         result["precision_gate"] = {**estimate.to_dict(), "opened": opened, "verified": verified}
         for case in split["train"]:
-            if case in verified or not opened:
+            if case in verified:
                 refined[case] = noisy[case]
+            elif not opened:  # changes become ignore
+                refined[case] = np.where(refined[case] != noisy[case], benchmark.ignore_label, noisy[case])
+    if gate == "ignore only":
+        for case in split["train"]:
+            refined[case] = np.where(refined[case] != noisy[case], benchmark.ignore_label, noisy[case])
     per_case, truths, flags = {}, [], []
     for case in split["train"]:
         noisy_raw = _read_label(versions.label_path(0, case))
@@ -153,7 +160,7 @@ def main():
             if band_width is not None:
                 fit = fit_like_a_run(benchmark, cases, lambda case, lay=layout: np.load(
                     lay.logits_file(1, case)).astype(np.float32), band_width=band_width)
-            for gate in ("as run", "open", "precision"):
+            for gate in ("as run", "open", "ignore only", "precision"):
                 result = evaluate(benchmark, strength=strength, gate=gate, fit=fit)
                 label = f"{name}, gate {gate}"
                 if gate == "precision":

@@ -363,14 +363,42 @@ def test_gate_round_keeps_the_fits_decision_without_verified_cases_and_asks_them
     options = dict(thresholds=RefinementThresholds(), ignore_label=2, case_prior_strength=None,
                    min_change_precision=0.8, min_model_dice=0.5, seed=0, round_index=1)
     refine, gate = estep.gate_round(fit, list(arrays), [], arrays.__getitem__, **options)
-    assert (refine, gate) == (False, {"kind": "model_dice", "model_dice": 0.4, "min_model_dice": 0.5})
-    # the verified clean cases change nothing: every change on the eroded case counts as right -> open
-    refine, gate = estep.gate_round(fit, list(arrays), ["clean_a", "clean_b", "not_in_round"], arrays.__getitem__,
-                                    **options)
-    assert refine and gate["kind"] == "precision" and gate["verified_cases"] == 2 and gate["lower_bound"] == 1.0
+    assert (refine, gate) == (False, {"kind": "model_dice", "model_dice": 0.4, "min_model_dice": 0.5,
+                                      "changes_allowed": False})
+    usable = estep.RoundFit(fit.model, model_dice=0.9, refine=True)
+    # without verified cases a usable fit refines, but nothing establishes that changes are right: ignore only
+    refine, gate = estep.gate_round(usable, list(arrays), [], arrays.__getitem__, **options)
+    assert refine and not gate["changes_allowed"]
+    assert estep.gate_round(usable, list(arrays), [], arrays.__getitem__, **options,
+                            changes_without_verified_cases=True)[1]["changes_allowed"]
+    # the verified clean cases change nothing: every change on the eroded case counts as right -> changes allowed
+    refine, gate = estep.gate_round(usable, list(arrays), ["clean_a", "clean_b", "not_in_round"],
+                                    arrays.__getitem__, **options)
+    assert refine and gate["changes_allowed"]
+    assert gate["kind"] == "precision" and gate["verified_cases"] == 2 and gate["lower_bound"] == 1.0
+    # a verified case the refinement would change: the precision is not established, changes become ignore
+    twins = {**arrays, "eroded_b": (logits, eroded)}
+    refine, gate = estep.gate_round(usable, list(twins), ["eroded"], twins.__getitem__, **options)
+    assert refine and not gate["changes_allowed"] and gate["lower_bound"] < 0.8
     # a degenerate fit stays refused whatever the verified cases say
     refused = estep.RoundFit(fit.model, model_dice=0.9, refine=False, refused="temperature at its bound")
     assert estep.gate_round(refused, list(arrays), ["clean_a"], arrays.__getitem__, **options)[0] is False
+
+
+def test_without_allowed_changes_no_class_is_written_that_the_annotator_did_not():
+    rng = np.random.default_rng(5)
+    annotations = rng.integers(0, 3, (6, 6, 6))
+    annotations[0, 0, 0] = -1
+    posterior_probs = rng.dirichlet(np.full(3, 0.3), size=annotations.shape).transpose(3, 0, 1, 2)
+    thresholds = RefinementThresholds(change_threshold=0.6, keep_threshold=0.5)
+    corrected = estep.refine_labels(posterior_probs, annotations, thresholds=thresholds, ignore_label=3)
+    cautious = estep.refine_labels(posterior_probs, annotations, thresholds=thresholds, ignore_label=3,
+                                   allow_changes=False)
+    changed = (corrected != annotations) & (corrected != 3)
+    assert changed.any()
+    assert np.all(cautious[changed] == 3)  # each change became ignore
+    np.testing.assert_array_equal(cautious[~changed], corrected[~changed])
+    assert np.all((cautious == annotations) | (cautious == 3))
 
 
 # ------------------------------------------------------------------------------------ boundary-aware noise model

@@ -328,11 +328,14 @@ class CrossFoldRun:
             lambda case: (load_logits(context, round_index, case), versions.read_original_segmentation(case)[0]),
             thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
             min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
-            seed=settings.seed, round_index=round_index)
+            seed=settings.seed, round_index=round_index,
+            changes_without_verified_cases=settings.changes_without_verified_cases)
         if verified:
             print(f"round {round_index}: estimated precision of the changes {gate['precision']:.3f} (lower bound "
-                  f"{gate['lower_bound']:.3f}, {len(verified)} verified cases): labels "
-                  f"{'refined' if refine else 'kept as they are'}", flush=True)
+                  f"{gate['lower_bound']:.3f}, {len(verified)} verified cases)", flush=True)
+        if refine and not gate["changes_allowed"]:
+            print(f"round {round_index}: changes become the ignore label: their precision is not established "
+                  f"({'below em.min_change_precision' if verified else 'no verified cases'})", flush=True)
         result = {"noise_model": fit.model.to_dict(), "model_dice": fit.model_dice, "refine": refine,
                   "refused": fit.refused, "gate": gate, "verified": verified,
                   "cases": len(cases), "seconds": round(time.time() - started, 2)}

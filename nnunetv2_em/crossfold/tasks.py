@@ -130,6 +130,7 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
         refined, scores = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
                                             ignore_label=ignore_label, previous=previous,
                                             apply=fit["refine"] and case not in fit.get("verified", ()),
+                                            allow_changes=fit["gate"].get("changes_allowed", True),
                                             case_prior_strength=settings.case_prior,
                                             seed=estep.case_seed(settings.seed, round_index, case))
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)

@@ -235,11 +235,16 @@ class EMTrainer(nnUNetTrainer):
                           self._training_labels.read_original_seg(case)[0]),
             thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
             min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
-            seed=settings.seed, round_index=round_index)
+            seed=settings.seed, round_index=round_index,
+            changes_without_verified_cases=settings.changes_without_verified_cases)
         if verified:
             self.print_to_log_file(f"EM round {round_index}: estimated precision of the changes "
                                    f"{gate['precision']:.3f} (lower bound {gate['lower_bound']:.3f}, "
                                    f"{len(verified)} verified cases)")
+        if refine and not gate["changes_allowed"]:
+            why = "below em.min_change_precision" if verified else "no verified cases"
+            self.print_to_log_file(f"EM round {round_index}: changes become the ignore label: their precision is "
+                                   f"not established ({why})")
         fit_done = time.time()
 
         scores, refined_cases = {}, {}
@@ -252,6 +257,7 @@ class EMTrainer(nnUNetTrainer):
             refined, scores[case] = estep.refine_case(logits, original, fit.model, thresholds=settings.thresholds,
                                                       ignore_label=ignore_label, previous=previous,
                                                       apply=refine and case not in verified,
+                                                      allow_changes=gate["changes_allowed"],
                                                       case_prior_strength=settings.case_prior,
                                                       seed=estep.case_seed(settings.seed, round_index, case))
             self._exchange.publish(self.fold, round_index, case, refined[None],
