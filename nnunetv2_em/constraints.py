@@ -201,9 +201,21 @@ def project_label_map(labels, q, constraints: CaseConstraints, *, connectivity: 
     return labels, report
 
 
+def singleton_observations(annotations, constraints: CaseConstraints, num_classes: int) -> np.ndarray:
+    """``(*spatial)`` bool: voxels whose annotation names one class (what the noise model is fitted on); a partial
+    case's background and every voxel of a weak-only case are set-valued or unobserved."""
+    annotations = np.asarray(annotations)
+    if constraints.weak_only:
+        return np.zeros(annotations.shape, bool)
+    mask = annotated_mask(annotations, num_classes)
+    if constraints.unannotated_classes(num_classes):
+        mask &= annotations != 0
+    return mask
+
+
 def constrained_labels(logits, annotations, model: NoiseModel, constraints: CaseConstraints, *,
                        thresholds: RefinementThresholds, ignore_label: int, mode: str = "map", samples: int = 16,
-                       agreement: float = 0.8, seed=0) -> tuple[np.ndarray, dict]:
+                       agreement: float = 0.8, allow_changes: bool = True, seed=0) -> tuple[np.ndarray, dict]:
     """The labels one partial or weak case trains on, and which constraints shaped them.
 
     ``map``: singleton observations are refined as a fully annotated case is (``refine_labels``: change, keep or
@@ -216,6 +228,8 @@ def constrained_labels(logits, annotations, model: NoiseModel, constraints: Case
 
     Args:
         logits: ``(C, *spatial)``. annotations: ``(*spatial)``; -1 (outside the image) stays -1.
+        allow_changes: False turns changes of singleton observations into the ignore label (``estep.gate_round``:
+            their precision is not established); set-valued voxels may still take any class of their set.
 
     Returns:
         ``(labels (*spatial) like annotations' dtype, report)`` with ``shaped_by``, ``unmet`` and ``mode``.
@@ -229,15 +243,11 @@ def constrained_labels(logits, annotations, model: NoiseModel, constraints: Case
     num_classes = logits.shape[0]
     q = observation_posterior(logits, annotations, model, constraints)
     outside = annotations == -1
-    unannotated = constraints.unannotated_classes(num_classes)
-    if constraints.weak_only:
-        singleton = np.zeros(annotations.shape, bool)
-    else:
-        singleton = annotated_mask(annotations, num_classes) & ~((annotations == 0) & bool(unannotated))
+    singleton = singleton_observations(annotations, constraints, num_classes)
     if mode == "map":
         labels = np.where(q.max(axis=0) >= thresholds.change_threshold, q.argmax(axis=0), ignore_label)
         refined = refine_labels(q, np.where(singleton, annotations, -1), thresholds=thresholds,
-                                ignore_label=ignore_label)
+                                ignore_label=ignore_label, allow_changes=allow_changes)
         labels = np.where(singleton, refined, labels)
         labels[outside] = -1
         labels, report = project_label_map(labels, q, constraints)
@@ -261,6 +271,8 @@ def constrained_labels(logits, annotations, model: NoiseModel, constraints: Case
         kept = singleton & (np.take_along_axis(q, np.where(singleton, annotations, 0)[None], axis=0)[0]
                             >= thresholds.keep_threshold)
         labels = np.where(kept & (labels == ignore_label), annotations, labels)
+        if not allow_changes:
+            labels = np.where(singleton & (labels != annotations), ignore_label, labels)
         labels[outside] = -1
     report["mode"] = mode
     report["voxels_ignored"] = int(np.count_nonzero(labels == ignore_label))

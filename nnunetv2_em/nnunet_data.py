@@ -79,3 +79,34 @@ def refined_raw_label(original_raw: np.ndarray, original_preprocessed: np.ndarra
                          f"{before.shape}")
     out_dtype = np.promote_types(original_raw.dtype, after.dtype)
     return np.where(after != before, after, original_raw).astype(out_dtype)
+
+
+def constraints_to_preprocessed(constraints, properties: dict, plans_manager: PlansManager, preprocessed_shape):
+    """A case's ``CaseConstraints`` in raw image voxels, expressed in its preprocessed array: regions follow the
+    plans' transpose, the crop to nonzero and the resampling; volumes scale with the voxel size. A region that
+    lies wholly outside the crop makes its class absent (the class cannot be where the image is empty).
+
+    Args:
+        constraints: ``nnunetv2_em.constraints.CaseConstraints`` in raw voxels. preprocessed_shape: the
+            preprocessed array's spatial shape.
+    """
+    import dataclasses
+
+    cropped_shape = tuple(properties["shape_after_cropping_and_before_resampling"])
+    bbox = properties["bbox_used_for_cropping"]
+    factors = [new / old for new, old in zip(preprocessed_shape, cropped_shape, strict=True)]
+    region, absent = {}, set(constraints.absent)
+    for c, box in constraints.region.items():
+        transposed = [box[axis] for axis in plans_manager.transpose_forward]
+        converted = []
+        for (start, stop), (crop_start, crop_stop), factor, size in zip(transposed, bbox, factors,
+                                                                        preprocessed_shape, strict=True):
+            start, stop = max(start, crop_start) - crop_start, min(stop, crop_stop) - crop_start
+            converted.append((min(int(np.floor(start * factor)), size), min(int(np.ceil(stop * factor)), size)))
+        if any(start >= stop for start, stop in converted):
+            absent.add(c)
+        else:
+            region[c] = tuple(converted)
+    scale = float(np.prod(factors))
+    volume = {c: (low * scale, high * scale) for c, (low, high) in constraints.volume.items()}
+    return dataclasses.replace(constraints, region=region, absent=frozenset(absent), volume=volume)

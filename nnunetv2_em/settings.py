@@ -40,6 +40,10 @@ class EMSettings:
     noise_model: str = "global"
     case_prior_strength: float = 100.0  # Dirichlet prior strength (voxels) toward the dataset's T (and band Ts)
     boundary_band_width: float = 2.0  # boundary models: voxels from the annotated boundary that count as "near"
+    # weak and partial labels (em_weak_labels.json): "map" (constrained argmax) or "sample" (agreement of samples)
+    weak_mode: str = "map"
+    weak_samples: int = 16  # sample mode: label maps drawn per case
+    weak_agreement: float = 0.8  # sample mode: share of the maps that must agree, else ignore
 
     @property
     def thresholds(self) -> RefinementThresholds:
@@ -116,6 +120,12 @@ class EMSettings:
             problems.append(("case_prior_strength", "must be >= 0"))
         if not self.boundary_band_width > 0:
             problems.append(("boundary_band_width", "must be > 0"))
+        if self.weak_mode not in ("map", "sample"):
+            problems.append(("weak_mode", "must be map or sample"))
+        if self.weak_samples < 1:
+            problems.append(("weak_samples", "must be at least 1"))
+        if not 0.5 < self.weak_agreement <= 1.0:
+            problems.append(("weak_agreement", "must be in (0.5, 1]"))
         if problems:
             key, reason = problems[0]
             origin = origins.get(key, default_origin)

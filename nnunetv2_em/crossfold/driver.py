@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
 
-from nnunetv2_em import checks, engine, estep, label_store, reports
+import numpy as np
+
+from nnunetv2_em import checks, engine, estep, label_store, reports, weak_labels
+from nnunetv2_em import constraints as constrained
 from nnunetv2_em.crossfold.options import RunContext, RunOptions
 from nnunetv2_em.crossfold.tasks import (
     load_logits,
@@ -50,6 +54,9 @@ class CrossFoldRun:
         checks.guard_label_versions(raw, self.name, continuing_run=self.run_name)
         self.labelled, self.unlabeled_in_dataset = self._check_raw(raw)
         self.verified = checks.load_verified_cases(raw, self.labelled)
+        self.weak = weak_labels.load_weak_labels(raw, checks.load_dataset_json(os.path.join(raw, "dataset.json")),
+                                                 labelled=self.labelled,
+                                                 images=[*self.labelled, *self.unlabeled_in_dataset])
         self._check_folds(preprocessed)
         self.extra_unlabeled = self._extra_unlabeled()
         self._check_trainer()
@@ -179,7 +186,7 @@ class CrossFoldRun:
                                       source=os.path.join(self.preprocessed, self.options.plans + ".json"))
         dataset_json = checks.load_dataset_json(os.path.join(self.raw, "dataset.json"))
         return RunContext(self.name, self.raw, self.preprocessed, identifier, dataset_json["file_ending"],
-                          self.layout, self.options, settings.to_plans_block())
+                          self.layout, self.options, settings.to_plans_block(), tuple(sorted(self.weak.items())))
 
     def locked(self):
         """Hold the dataset's run lock (released when the process ends, however it ends)."""
@@ -311,10 +318,7 @@ class CrossFoldRun:
         num_classes = len(checks.label_values(dataset_json, "dataset.json"))
         cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases), num_classes=num_classes)
         started = time.time()
-        samples = [estep.sample_case(load_logits(context, round_index, case),
-                                     versions.read_original_segmentation(case)[0], max_voxels_per_class=cap,
-                                     band_width=settings.band_width,
-                                     seed=estep.case_seed(settings.seed, round_index, case)) for case in cases]
+        samples = [self._fit_sample(context, round_index, case, cap) for case in cases]
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
                               max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
                               thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share,
@@ -341,6 +345,24 @@ class CrossFoldRun:
                   "cases": len(cases), "seconds": round(time.time() - started, 2)}
         label_store.write_json(path, result)
         return result
+
+    def _fit_sample(self, context: RunContext, round_index: int, case: str, cap: int) -> estep.CaseSample:
+        """The case's share of the noise-model fit: its singleton observations only (a partial case's background
+        means "background or an unannotated class", not an annotation), Dice only of the classes it annotates."""
+        settings = context.em
+        logits = load_logits(context, round_index, case)
+        annotations = context.versions().read_original_segmentation(case)[0]
+        weak = context.case_constraints(case)
+        if weak is not None:
+            annotations = np.where(constrained.singleton_observations(annotations, weak, logits.shape[0]),
+                                   annotations, -1)
+        sample = estep.sample_case(logits, annotations, max_voxels_per_class=cap, band_width=settings.band_width,
+                                   seed=estep.case_seed(settings.seed, round_index, case))
+        if weak is not None:
+            unannotated = weak.unannotated_classes(logits.shape[0])
+            sample = dataclasses.replace(sample, dice=tuple(float("nan") if c + 1 in unannotated else d
+                                                            for c, d in enumerate(sample.dice)))
+        return sample
 
     def _finish_round(self, context, round_index, fit, kinds, split, unlabeled, timings) -> dict:
         versions = context.versions()

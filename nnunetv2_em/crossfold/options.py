@@ -48,6 +48,7 @@ class RunContext:
     layout: RunLayout
     options: RunOptions
     settings: dict  # EMSettings.to_plans_block()
+    constraints: tuple = ()  # (case, CaseConstraints in raw voxels) of em_weak_labels.json
 
     @property
     def em(self) -> EMSettings:
@@ -56,6 +57,10 @@ class RunContext:
     def versions(self) -> label_store.DatasetLabelVersions:
         return label_store.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending,
                                                 run=self.layout.name)
+
+    def case_constraints(self, case: str):
+        """The case's weak / partial labels (``CaseConstraints``, raw voxels), or None."""
+        return dict(self.constraints).get(case)
 
     def unlabeled_folder(self) -> str:
         return unlabeled_folder(self.preprocessed, self.data_identifier)
