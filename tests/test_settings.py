@@ -57,9 +57,10 @@ def test_a_wrong_type_in_the_plans_is_reported_even_where_a_variant_overrides_th
 
 
 def test_the_noise_model_setting_selects_the_per_case_prior():
-    assert EMSettings().case_prior is None  # the dataset-wide model by default
+    assert EMSettings().case_prior == 100.0  # per-case models by default
     settings = EMSettings.resolve({"noise_model": "per_case", "case_prior_strength": 30}, source="plans.json")
     assert settings.case_prior == 30.0
+    assert EMSettings.resolve({"noise_model": "global"}, source="plans.json").case_prior is None
 
 
 def test_the_boundary_noise_models_select_bands_and_the_per_case_prior():
