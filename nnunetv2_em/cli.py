@@ -90,6 +90,14 @@ def _restore(args):
           f"dataset.json and splits match it; gt_segmentations hold the originals.")
 
 
+def _merge(args):
+    from nnunetv2_em.merge import merge_datasets, parse_mapping, summary_line
+
+    result = merge_datasets(args.datasets, args.output, mapping=parse_mapping(args.map), link=args.link,
+                            prefix=args.prefix)
+    print(summary_line(result, args.output))
+
+
 def _benchmark(args):
     from nnunetv2_em.benchmark import suite
     from nnunetv2_em.benchmark.report import markdown
@@ -157,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "interrupted switch and re-check the active version")
     restore.add_argument("--run", help="run whose round to restore (default: the active run, or the only one)")
     restore.set_defaults(handler=_restore)
+
+    merge = commands.add_parser("merge", help="one nnU-Net dataset from several that annotate different structures "
+                                "(labels remapped, annotated classes per case in em_weak_labels.json)")
+    merge.add_argument("-d", "--datasets", required=True, nargs="+", help="two or more dataset ids or names")
+    merge.add_argument("-o", "--output", required=True, help="new DatasetXXX_Name under $nnUNet_raw")
+    merge.add_argument("--map", nargs="+", metavar="SOURCE:NAME=TARGET",
+                       help="rename a source's label in the merged table, e.g. 951:Hippo=Anterior")
+    merge.add_argument("--link", action="store_true", help="symlink images instead of copying them")
+    merge.add_argument("--prefix", action="store_true", help="prefix case ids with their source dataset's name")
+    merge.set_defaults(handler=_merge)
 
     from nnunetv2_em.benchmark.harness import PROFILES
     from nnunetv2_em.benchmark.noise import SETTINGS
