@@ -20,11 +20,13 @@ Shapes: ``logits``/``posterior`` ``(C, *spatial)``, ``annotations``/labels ``(*s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
+from nnunetv2_em import estep
 from nnunetv2_em.estep import NoiseModel, RefinementThresholds, annotated_mask, posterior, refine_labels, softmax
 
 MODES = ("map", "sample")
@@ -277,3 +279,50 @@ def constrained_labels(logits, annotations, model: NoiseModel, constraints: Case
     report["mode"] = mode
     report["voxels_ignored"] = int(np.count_nonzero(labels == ignore_label))
     return labels.astype(annotations.dtype if annotations.dtype.kind in "iu" else np.int16), report
+
+
+def weak_case_kind(constraints: CaseConstraints) -> str:
+    return "weak_only" if constraints.weak_only else "partial" if constraints.annotated_classes is not None \
+        else "tagged"
+
+
+def fit_sample(logits, annotations, constraints: CaseConstraints | None, *, max_voxels_per_class: int, seed,
+               band_width: float | None = None) -> estep.CaseSample:
+    """The case's share of the round's noise-model fit (``estep.sample_case``): with weak labels only its
+    singleton observations (a partial case's background means "background or an unannotated class", not an
+    annotation) and only the Dice of the classes it annotates."""
+    logits = np.asarray(logits)
+    annotations = np.asarray(annotations)
+    if constraints is not None:
+        annotations = np.where(singleton_observations(annotations, constraints, logits.shape[0]), annotations, -1)
+    sample = estep.sample_case(logits, annotations, max_voxels_per_class=max_voxels_per_class, seed=seed,
+                               band_width=band_width)
+    if constraints is None:
+        return sample
+    unannotated = constraints.unannotated_classes(logits.shape[0])
+    return dataclasses.replace(sample, dice=tuple(float("nan") if c + 1 in unannotated else d
+                                                  for c, d in enumerate(sample.dice)))
+
+
+def refine_labelled_case(logits, annotations, model: NoiseModel, constraints: CaseConstraints | None, *,
+                         thresholds: RefinementThresholds, ignore_label: int, previous=None, apply: bool = True,
+                         allow_changes: bool = True, case_prior_strength: float | None = None, mode: str = "map",
+                         samples: int = 16, agreement: float = 0.8, seed=0) -> tuple[np.ndarray, dict]:
+    """The one per-case E-step of a labelled case, with or without weak labels (what every driver calls).
+
+    Without ``constraints``: ``estep.refine_case``. With them (in the array's voxels): ``constrained_labels``
+    (set-valued voxels and constraints; singleton changes only where ``apply and allow_changes``), scored like
+    ``refine_case`` with ``scores["weak_labels"]`` naming the kind and what shaped the labels. Constrained cases
+    use the dataset's ``model`` (``case_prior_strength`` is not applied to them: a per-case ``T`` fitted on
+    set-valued observations is not defined here yet).
+    """
+    if constraints is None:
+        return estep.refine_case(logits, annotations, model, thresholds=thresholds, ignore_label=ignore_label,
+                                 previous=previous, apply=apply, allow_changes=allow_changes,
+                                 case_prior_strength=case_prior_strength, seed=seed)
+    refined, report = constrained_labels(logits, annotations, model, constraints, thresholds=thresholds,
+                                         ignore_label=ignore_label, mode=mode, samples=samples, agreement=agreement,
+                                         allow_changes=allow_changes and apply, seed=seed)
+    scores = estep.score_case(annotations, refined, observation_posterior(logits, annotations, model, constraints),
+                              np.asarray(logits).argmax(axis=0), previous=previous, ignore_label=ignore_label)
+    return refined, {**scores, "weak_labels": {"kind": weak_case_kind(constraints), **report}}

@@ -124,3 +124,28 @@ def test_map_and_sample_agree_on_confident_voxels_and_sampling_ignores_doubt():
 def test_impossible_constraints_are_rejected(case, message):
     with pytest.raises(ValueError, match=message):
         case.check(3, (8, 8, 8))
+
+
+def test_the_fit_sees_only_singleton_observations_and_the_annotated_classes_dice():
+    truth, logits = _blobs()
+    partial_annotation = np.where(truth == 2, 0, truth)  # class 2 not drawn
+    partial = con.CaseConstraints(annotated_classes=frozenset({1}))
+    sample = con.fit_sample(logits, partial_annotation, partial, max_voxels_per_class=10_000, seed=0)
+    assert set(np.unique(sample.annotations)) == {1}  # the background of a partial case is no annotation
+    assert np.isnan(sample.dice[1]) and sample.dice[0] > 0.5
+    full = con.fit_sample(logits, truth, None, max_voxels_per_class=10_000, seed=0)
+    assert set(np.unique(full.annotations)) == {0, 1, 2} and not np.isnan(full.dice).any()
+
+
+def test_the_labelled_case_step_is_refine_case_without_weak_labels():
+    truth, logits = _blobs()
+    options = dict(thresholds=THRESHOLDS, ignore_label=3, case_prior_strength=100.0, seed=0)
+    from nnunetv2_em import estep
+
+    expected = estep.refine_case(logits, truth, MODEL3, **options)
+    refined, scores = con.refine_labelled_case(logits, truth, MODEL3, None, **options)
+    np.testing.assert_array_equal(refined, expected[0])
+    assert scores == expected[1]
+    partial = con.CaseConstraints(annotated_classes=frozenset({1}))
+    refined, scores = con.refine_labelled_case(logits, np.where(truth == 2, 0, truth), MODEL3, partial, **options)
+    assert scores["weak_labels"]["kind"] == "partial" and np.any(refined == 2)  # the undrawn class is learned

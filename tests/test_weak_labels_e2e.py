@@ -100,3 +100,35 @@ def test_constraints_hold_in_the_raw_labels_of_weak_only_and_tagged_cases(weak_r
     for case in TAGGED:
         refined = _read(os.path.join(folder, "labelsTr", f"{case}.nii.gz"))
         assert ndimage.label(refined == 1)[1] <= 1
+
+
+def test_em_trainer_judges_held_out_partial_cases_under_their_constraints(tmp_path):
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    workspace = NnUNetWorkspace(str(tmp_path))
+    cases = demo_cases(10)
+    folder = make_raw_dataset(workspace.raw, 910, cases, name="Partial")
+    held_out = sorted(generate_crossval_split(sorted(cases), seed=12345, n_splits=5)[0]["val"])
+    partial = [*held_out, *[c for c in cases if c not in held_out][:4]]
+    originals = {}
+    for case in partial:
+        path = os.path.join(folder, "labelsTr", f"{case}.nii.gz")
+        image = sitk.ReadImage(path)
+        array = sitk.GetArrayFromImage(image)
+        array[array == 2] = 0
+        originals[case] = array
+        edited = sitk.GetImageFromArray(array)
+        edited.CopyInformation(image)
+        sitk.WriteImage(edited, path)
+    with open(os.path.join(folder, "em_weak_labels.json"), "w") as handle:
+        json.dump({"version": 1, "cases": {case: {"annotated_classes": ["Anterior"]} for case in partial}}, handle)
+    workspace.run("nnunetv2_em", "plan", "-d", "910", "-c", "2d")
+    workspace.run("nnUNetv2_train", "910", "2d", "0", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    fold = os.path.join(workspace.results, "Dataset910_Partial", "EMTrainer_tiny__nnUNetPlans__2d", "fold_0")
+    with open(os.path.join(fold, "em", "round_02", "cases.json")) as handle:
+        rows = {row["case"]: row for row in json.load(handle)}
+    assert sorted(rows) == held_out
+    for case in held_out:
+        assert rows[case]["weak_labels"]["kind"] == "partial"
+        refined = _read(os.path.join(fold, "em", "round_02", "labelsTr", f"{case}.nii.gz"))
+        assert not np.any(refined[originals[case] == 0] == 1)

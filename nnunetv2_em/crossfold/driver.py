@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
-
-import numpy as np
 
 from nnunetv2_em import checks, engine, estep, label_store, reports, weak_labels
 from nnunetv2_em import constraints as constrained
@@ -347,22 +344,12 @@ class CrossFoldRun:
         return result
 
     def _fit_sample(self, context: RunContext, round_index: int, case: str, cap: int) -> estep.CaseSample:
-        """The case's share of the noise-model fit: its singleton observations only (a partial case's background
-        means "background or an unannotated class", not an annotation), Dice only of the classes it annotates."""
         settings = context.em
-        logits = load_logits(context, round_index, case)
-        annotations = context.versions().read_original_segmentation(case)[0]
-        weak = context.case_constraints(case)
-        if weak is not None:
-            annotations = np.where(constrained.singleton_observations(annotations, weak, logits.shape[0]),
-                                   annotations, -1)
-        sample = estep.sample_case(logits, annotations, max_voxels_per_class=cap, band_width=settings.band_width,
-                                   seed=estep.case_seed(settings.seed, round_index, case))
-        if weak is not None:
-            unannotated = weak.unannotated_classes(logits.shape[0])
-            sample = dataclasses.replace(sample, dice=tuple(float("nan") if c + 1 in unannotated else d
-                                                            for c, d in enumerate(sample.dice)))
-        return sample
+        return constrained.fit_sample(load_logits(context, round_index, case),
+                                      context.versions().read_original_segmentation(case)[0],
+                                      context.case_constraints(case), max_voxels_per_class=cap,
+                                      band_width=settings.band_width,
+                                      seed=estep.case_seed(settings.seed, round_index, case))
 
     def _finish_round(self, context, round_index, fit, kinds, split, unlabeled, timings) -> dict:
         versions = context.versions()

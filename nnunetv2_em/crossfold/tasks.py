@@ -138,29 +138,20 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
         properties = load_pickle(versions.original_properties_path(case))
         original = versions.read_original_segmentation(case)[0]
         previous = versions.read_segmentation(round_index - 1, case)[0]
-        apply = fit["refine"] and case not in fit.get("verified", ())
-        allow_changes = fit["gate"].get("changes_allowed", True)
-        if weak is None:
-            refined, scores = estep.refine_case(logits, original, model, thresholds=settings.thresholds,
-                                                ignore_label=ignore_label, previous=previous, apply=apply,
-                                                allow_changes=allow_changes, case_prior_strength=settings.case_prior,
-                                                seed=estep.case_seed(settings.seed, round_index, case))
-        else:  # a partial or tagged case: set-valued voxels and constraints (hard facts) shape its labels
-            converted = nnunet_data.constraints_to_preprocessed(weak, properties, plans_manager, logits.shape[1:])
-            refined, weak_report = constrained.constrained_labels(
-                logits, original, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
-                mode=settings.weak_mode, samples=settings.weak_samples, agreement=settings.weak_agreement,
-                allow_changes=allow_changes and apply, seed=estep.case_seed(settings.seed, round_index, case))
-            scores = estep.score_case(original, refined, constrained.observation_posterior(logits, original, model,
-                                                                                           converted),
-                                      logits.argmax(axis=0), previous=previous, ignore_label=ignore_label)
+        converted = None if weak is None else nnunet_data.constraints_to_preprocessed(weak, properties,
+                                                                                      plans_manager,
+                                                                                      logits.shape[1:])
+        refined, scores = constrained.refine_labelled_case(
+            logits, original, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
+            previous=previous, apply=fit["refine"] and case not in fit.get("verified", ()),
+            allow_changes=fit["gate"].get("changes_allowed", True), case_prior_strength=settings.case_prior,
+            mode=settings.weak_mode, samples=settings.weak_samples, agreement=settings.weak_agreement,
+            seed=estep.case_seed(settings.seed, round_index, case))
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
         raw_label = nnunet_data.refined_raw_label(original_raw, original, refined, properties, plans_manager,
                                                   configuration_manager)
     if weak_report is not None:
-        scores = {**scores, "weak_labels": {"kind": "weak_only" if weak.weak_only else
-                                            "partial" if weak.annotated_classes is not None else "tagged",
-                                            **weak_report}}
+        scores = {**scores, "weak_labels": {"kind": constrained.weak_case_kind(weak), **weak_report}}
     properties = dict(properties)
     properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
     versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,

@@ -22,7 +22,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_em import checks, estep, label_store, nnunet_data, reports
+from nnunetv2_em import checks, estep, label_store, nnunet_data, reports, weak_labels
+from nnunetv2_em import constraints as constrained
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.run_state import TrainerRunState
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
@@ -69,6 +70,10 @@ class EMTrainer(nnUNetTrainer):
                                                 set(classes) | {int(dataset_json["labels"]["ignore"])})
         raw_folder = join(os.environ.get("nnUNet_raw", ""), plans["dataset_name"])
         self._verified_cases = checks.load_verified_cases(raw_folder, cases) if os.environ.get("nnUNet_raw") else []
+        # partial / tagged cases (em_weak_labels.json); nnU-Net preprocesses only cases with a label file, so
+        # weak-only cases belong to `nnunetv2_em run`
+        self._weak = (weak_labels.load_weak_labels(raw_folder, dataset_json, labelled=cases, images=cases)
+                      if os.path.isfile(weak_labels.weak_labels_path(raw_folder)) else {})
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.em_settings.total_epochs
         self.em_folder = join(self.output_folder, "em")
@@ -216,10 +221,11 @@ class EMTrainer(nnUNetTrainer):
             # cached as float16 and used as cached, so a resumed E-step sees exactly the same numbers
             logits = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy().astype(np.float16)
             np.save(join(logits_cache, f"{case}.npy"), logits)
-            samples.append(estep.sample_case(logits.astype(np.float32),
-                                             self._training_labels.read_original_seg(case)[0],
-                                             max_voxels_per_class=cap, band_width=settings.band_width,
-                                             seed=estep.case_seed(settings.seed, round_index, case)))
+            samples.append(constrained.fit_sample(logits.astype(np.float32),
+                                                  self._training_labels.read_original_seg(case)[0],
+                                                  self._case_constraints(case, logits.shape[1:]),
+                                                  max_voxels_per_class=cap, band_width=settings.band_width,
+                                                  seed=estep.case_seed(settings.seed, round_index, case)))
         prediction_seconds = time.time() - started
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
                               max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
@@ -254,12 +260,12 @@ class EMTrainer(nnUNetTrainer):
             mine = self._exchange.latest(case, original_seg_path=self._training_labels.original_seg_path(case),
                                          up_to_round=round_index - 1)
             previous = label_store.read_seg_b2nd(mine["seg_path"])[0] if mine else original
-            refined, scores[case] = estep.refine_case(logits, original, fit.model, thresholds=settings.thresholds,
-                                                      ignore_label=ignore_label, previous=previous,
-                                                      apply=refine and case not in verified,
-                                                      allow_changes=gate["changes_allowed"],
-                                                      case_prior_strength=settings.case_prior,
-                                                      seed=estep.case_seed(settings.seed, round_index, case))
+            refined, scores[case] = constrained.refine_labelled_case(
+                logits, original, fit.model, self._case_constraints(case, logits.shape[1:]),
+                thresholds=settings.thresholds, ignore_label=ignore_label, previous=previous,
+                apply=refine and case not in verified, allow_changes=gate["changes_allowed"],
+                case_prior_strength=settings.case_prior, mode=settings.weak_mode, samples=settings.weak_samples,
+                agreement=settings.weak_agreement, seed=estep.case_seed(settings.seed, round_index, case))
             self._exchange.publish(self.fold, round_index, case, refined[None],
                                    original_seg_path=self._training_labels.original_seg_path(case),
                                    patch_size=self.configuration_manager.patch_size,
@@ -294,6 +300,13 @@ class EMTrainer(nnUNetTrainer):
         self._log_round(summary, converged)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
         self.network.train()
+
+    def _case_constraints(self, case: str, shape):
+        """The case's weak labels in its preprocessed array, or None."""
+        if case not in self._weak:
+            return None
+        properties = load_pickle(self._training_labels.original_properties_path(case))
+        return nnunet_data.constraints_to_preprocessed(self._weak[case], properties, self.plans_manager, shape)
 
     def _take_exchanged_labels(self, training_cases) -> dict[str, dict]:
         """Train on the newest out-of-fold refinement another fold published for each training case (the others
