@@ -609,25 +609,12 @@ def rank_cases(scores_by_case: dict[str, dict]) -> list[dict]:
 CASE_FIT_VOXELS_PER_CLASS = 50_000  # per-case fits sample at most this many voxels per annotated class
 
 
-def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
-                previous=None, apply: bool = True, allow_changes: bool = True,
-                case_prior_strength: float | None = None, seed=0) -> tuple[np.ndarray, dict]:
-    """Posterior, refined labels and scores of one case.
-
-    Args:
-        logits: ``(C, *spatial)``. annotations: ``(*spatial)`` the original annotation (always the original: EM
-            conditions on what the annotator wrote, not on an earlier round's refinement).
-        previous: ``(*spatial)`` labels of the previous round, for the convergence count (default: annotations).
-        apply: False keeps the annotation unchanged (the model is not trusted yet) but still scores the case.
-        allow_changes: False turns every change into the ignore label (``refine_labels``): the precision of
-            changes is not established (``gate_round``).
-        case_prior_strength: None uses the dataset's ``model`` for every voxel; a number fits this case's own
-            transition matrix shrunk toward it (``fit_case_transition``, on a stratified sample drawn with ``seed``).
-
-    Returns:
-        ``(refined (*spatial) like annotations, scores dict of score_case)``; with a per-case model the scores add
-        ``case_flip_rate``, the share of the case's annotated voxels its ``T`` expects to be mislabelled.
-    """
+def case_posterior(logits, annotations, model: NoiseModel, *, case_prior_strength: float | None = None,
+                   seed=0) -> tuple[np.ndarray, float | None]:
+    """The case's posterior ``(C, *spatial)`` under ``model`` (its boundary bands if it has them), with the case's
+    own ``T`` shrunk toward it when ``case_prior_strength`` is a number (fitted on a stratified sample drawn with
+    ``seed``), and that ``T``'s expected flip rate (None without a per-case fit). ``refine_case`` is this plus
+    ``refine_labels`` and the scores."""
     case_flip_rate = None
     logits = np.asarray(logits)
     annotations = np.asarray(annotations)
@@ -651,6 +638,57 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
                                              strength=case_prior_strength, width=model.band_width, weights=weights)
             case_flip_rate = _expected_flip_rate(sampled_logits, sampled_annotations, weights, model, sampled_bands)
     probabilities = posterior(logits, annotations, model, bands=bands)
+    return probabilities, case_flip_rate
+
+
+def soft_label_maps(posterior_probs, refined, *, sample_where, samples: int, seed) -> np.ndarray:
+    """``samples`` label maps for ``SoftTargetTrainer``: ``refined`` everywhere, except where ``sample_where`` is
+    True, where each map draws the voxel's class from its posterior (the E-step's doubt becomes a target
+    distribution instead of the ignore label).
+
+    Args:
+        posterior_probs: ``(C, *spatial)``. refined: ``(*spatial)`` the hard labels. sample_where: ``(*spatial)``
+            bool. seed: anything ``numpy.random.default_rng`` takes.
+
+    Returns:
+        ``(samples, *spatial)`` int16.
+    """
+    posterior_probs = np.asarray(posterior_probs)
+    refined = np.asarray(refined)
+    sample_where = np.asarray(sample_where, bool)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    maps = np.repeat(refined[None].astype(np.int16), samples, axis=0)
+    if sample_where.any():
+        cumulative = np.cumsum(posterior_probs[:, sample_where], axis=0)
+        rng = np.random.default_rng(seed)
+        for k in range(samples):
+            draw = (rng.random(cumulative.shape[1])[None] > cumulative).sum(axis=0)
+            maps[k][sample_where] = np.minimum(draw, posterior_probs.shape[0] - 1)
+    return maps
+
+
+def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
+                previous=None, apply: bool = True, allow_changes: bool = True,
+                case_prior_strength: float | None = None, seed=0) -> tuple[np.ndarray, dict]:
+    """Posterior, refined labels and scores of one case.
+
+    Args:
+        logits: ``(C, *spatial)``. annotations: ``(*spatial)`` the original annotation (always the original: EM
+            conditions on what the annotator wrote, not on an earlier round's refinement).
+        previous: ``(*spatial)`` labels of the previous round, for the convergence count (default: annotations).
+        apply: False keeps the annotation unchanged (the model is not trusted yet) but still scores the case.
+        allow_changes: False turns every change into the ignore label (``refine_labels``): the precision of
+            changes is not established (``gate_round``).
+        case_prior_strength: None uses the dataset's ``model`` for every voxel; a number fits this case's own
+            transition matrix shrunk toward it (``fit_case_transition``, on a stratified sample drawn with ``seed``).
+
+    Returns:
+        ``(refined (*spatial) like annotations, scores dict of score_case)``; with a per-case model the scores add
+        ``case_flip_rate``, the share of the case's annotated voxels its ``T`` expects to be mislabelled.
+    """
+    probabilities, case_flip_rate = case_posterior(logits, annotations, model,
+                                                   case_prior_strength=case_prior_strength, seed=seed)
     if apply:
         refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label,
                                 allow_changes=allow_changes)

@@ -300,6 +300,7 @@ def write_round_labels(labels_folder: str, cases: Iterable[str], *, file_ending:
 # ----------------------------------------------------------------------- a dataset's label versions (cross-fold)
 ORIGINAL, REFINED, PSEUDO = "original", "refined", "pseudo"
 EM_LABELS = "em_labels"
+SOFT_MAPS_FOLDER = "soft_targets"  # trainers/soft_targets.py reads the same folder
 VERSION_MARKER = ".nnunetv2_em_version.json"  # in labelsTr (rounds >= 1)
 PREPROCESSED_MARKER_SUFFIX = ".em_version.json"  # <data_identifier>.em_version.json beside nnU-Net's data folder
 JOURNAL = "activation.json"  # in em_labels/: an activation that has started switching and not finished
@@ -497,12 +498,16 @@ class DatasetLabelVersions:
 
     # a new round
     def write_case(self, round_index: int, case: str, *, raw_label: np.ndarray, raw_properties: dict,
-                   reader_writer, segmentation: np.ndarray, properties: dict, patch_size) -> None:
-        """Stage one case of a round: the raw-geometry label and the preprocessed segmentation (+ properties)."""
+                   reader_writer, segmentation: np.ndarray, properties: dict, patch_size,
+                   soft_maps: np.ndarray | None = None) -> None:
+        """Stage one case of a round: the raw-geometry label and the preprocessed segmentation (+ properties), and
+        optionally its sampled label maps ``(K, *spatial)`` for ``SoftTargetTrainer`` (``soft_targets/``)."""
         os.makedirs(self.labels_folder(round_index), exist_ok=True)
         write_label_image(self.label_path(round_index, case), raw_label, raw_properties, reader_writer)
         folder = self.segmentation_folder(round_index)
         os.makedirs(folder, exist_ok=True)
+        if soft_maps is not None:
+            write_seg_b2nd(soft_maps_path(folder, case), soft_maps, patch_size)
         write_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"), segmentation, patch_size)
         write_pickle(os.path.join(folder, f"{case}.pkl"), properties)
 
@@ -514,6 +519,9 @@ class DatasetLabelVersions:
         for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
             copy_file(os.path.join(self.segmentation_folder(from_round), name),
                       os.path.join(self.segmentation_folder(to_round), name))
+        soft = soft_maps_path(self.segmentation_folder(from_round), case)
+        if os.path.isfile(soft):
+            copy_file(soft, soft_maps_path(self.segmentation_folder(to_round), case))
 
     def keep_added_images(self, case: str, images: list[str]) -> list[str]:
         """Copy a case's images from outside the dataset (--unlabeled) into the run's version folder, so that any
@@ -705,15 +713,22 @@ def _roll_forward(raw_folder: str, preprocessed_folder: str, journal: dict) -> N
     for index, (case, entry) in enumerate(sorted(manifest["cases"].items())):
         for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
             copy_file(os.path.join(versions.segmentation_folder(round_index, run), name), os.path.join(live, name))
+        staged_soft = soft_maps_path(versions.segmentation_folder(round_index, run), case)
+        if os.path.isfile(staged_soft):  # the version's sampled maps travel with it; no stale maps stay behind
+            copy_file(staged_soft, soft_maps_path(live, case))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(soft_maps_path(live, case))
         image = entry.get("preprocessed_image")
         if image and not os.path.isfile(os.path.join(live, f"{case}.b2nd")):
             copy_file(image, os.path.join(live, f"{case}.b2nd"))
         if index == 0:
             fault_point("preprocessed_partly")
     for case in journal["remove_live_cases"]:
-        for name in (f"{case}.b2nd", f"{case}_seg.b2nd", f"{case}.pkl"):
+        for path in (*(os.path.join(live, name) for name in (f"{case}.b2nd", f"{case}_seg.b2nd", f"{case}.pkl")),
+                     soft_maps_path(live, case)):
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(live, name))
+                os.remove(path)
     if journal.get("reset_identifier"):  # the previous run used another configuration: back to its originals
         other = versions.live_data_folder(journal["reset_identifier"])
         originals = versions.segmentation_folder(0, data_identifier=journal["reset_identifier"])
@@ -731,6 +746,12 @@ def _roll_forward(raw_folder: str, preprocessed_folder: str, journal: dict) -> N
                                                 "labels_sha256": manifest.get("labels_sha256")})
     fault_point("before_journal_removed")
     os.remove(versions.journal_path())
+
+
+def soft_maps_path(data_folder: str, case: str) -> str:
+    """A case's sampled label maps for ``SoftTargetTrainer`` in a preprocessed data folder (a subfolder: nnU-Net's
+    case listing never sees them)."""
+    return os.path.join(data_folder, SOFT_MAPS_FOLDER, f"{case}.b2nd")
 
 
 def _sync_splits(preprocessed_folder: str, manifest: dict, leaving: list[str]) -> None:

@@ -44,6 +44,9 @@ class EMSettings:
     weak_mode: str = "map"
     weak_samples: int = 16  # sample mode: label maps drawn per case
     weak_agreement: float = 0.8  # sample mode: share of the maps that must agree, else ignore
+    # `nnunetv2_em run`: also stage this many label maps sampled from the posterior per case (soft_targets/), the
+    # targets of -tr SoftTargetTrainer; 0: none
+    soft_targets: int = 0
 
     @property
     def thresholds(self) -> RefinementThresholds:
@@ -122,6 +125,8 @@ class EMSettings:
             problems.append(("boundary_band_width", "must be > 0"))
         if self.weak_mode not in ("map", "sample"):
             problems.append(("weak_mode", "must be map or sample"))
+        if self.soft_targets < 0:
+            problems.append(("soft_targets", "must be >= 0"))
         if self.weak_samples < 1:
             problems.append(("weak_samples", "must be at least 1"))
         if not 0.5 < self.weak_agreement <= 1.0:

@@ -504,3 +504,18 @@ def test_boundary_per_case_model_corrects_dilation_that_the_single_matrix_leaves
         assert right >= 0.3 * mislabelled
     else:  # one matrix: a 2-voxel dilation is a small share of all background; measured: nothing corrected
         assert right < 0.05 * mislabelled
+
+
+def test_soft_label_maps_sample_the_posterior_only_where_asked():
+    rng = np.random.default_rng(0)
+    q = rng.dirichlet(np.ones(3), size=(6, 6)).transpose(2, 0, 1)
+    refined = rng.integers(0, 3, (6, 6))
+    refined[0, 0] = -1
+    where = np.zeros((6, 6), bool)
+    where[2:5, 2:5] = True
+    maps = estep.soft_label_maps(q, refined, sample_where=where, samples=400, seed=1)
+    assert maps.shape == (400, 6, 6) and maps.dtype == np.int16
+    assert np.all(maps[:, ~where] == refined[~where])
+    frequencies = np.stack([(maps[:, where] == c).mean(axis=0) for c in range(3)])
+    np.testing.assert_allclose(frequencies, q[:, where], atol=0.08)  # the maps' average is the posterior
+    np.testing.assert_array_equal(maps, estep.soft_label_maps(q, refined, sample_where=where, samples=400, seed=1))

@@ -56,7 +56,7 @@ def weak_run(tmp_path_factory):
     with open(plans_file) as handle:
         plans = json.load(handle)
     plans["em"].update({"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0,
-                        "calibrate_temperature": False, "changes_without_verified_cases": True})
+                        "calibrate_temperature": False, "changes_without_verified_cases": True, "soft_targets": 3})
     with open(plans_file, "w") as handle:
         json.dump(plans, handle)
     result = workspace.run("nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1",
@@ -64,7 +64,8 @@ def weak_run(tmp_path_factory):
     run_folder = os.path.join(workspace.results, DATASET, "em_run__VanillaTrainer_tiny__nnUNetPlans__2d")
     with open(os.path.join(run_folder, "round_01", "cases.json")) as handle:
         rows = {row["case"]: row for row in json.load(handle)}
-    return {"folder": folder, "rows": rows, "originals": originals, "result": result, "box": box}
+    return {"folder": folder, "rows": rows, "originals": originals, "result": result, "box": box,
+            "workspace": workspace}
 
 
 def test_every_weak_or_partial_case_records_the_constraints_that_shaped_it(weak_run):
@@ -132,3 +133,29 @@ def test_em_trainer_judges_held_out_partial_cases_under_their_constraints(tmp_pa
         assert rows[case]["weak_labels"]["kind"] == "partial"
         refined = _read(os.path.join(fold, "em", "round_02", "labelsTr", f"{case}.nii.gz"))
         assert not np.any(refined[originals[case] == 0] == 1)
+
+
+def test_sampled_maps_travel_with_the_version_and_the_soft_target_trainer_trains_on_them(weak_run):
+    from nnunetv2_em import label_store
+
+    workspace = weak_run["workspace"]
+    live = os.path.join(workspace.preprocessed, DATASET, "nnUNetPlans_2d")
+    versions = label_store.dataset_versions(weak_run["folder"], os.path.join(workspace.preprocessed, DATASET))
+    for case in ALL:
+        maps = label_store.read_seg_b2nd(label_store.soft_maps_path(live, case))
+        seg = label_store.read_seg_b2nd(os.path.join(live, f"{case}_seg.b2nd"))[0]
+        assert maps.shape == (3, *seg.shape)
+        sure = seg != 3  # the hard labels everywhere the E-step was sure: not ignored, not changed
+        if case not in WEAK_ONLY:
+            sure &= seg == versions.read_original_segmentation(case)[0]
+        assert np.all(maps[:, sure] == seg[sure])
+        assert set(np.unique(maps)) <= {-1, 0, 1, 2, 3}
+    doubted = [case for case in WEAK_ONLY
+               if np.any(label_store.read_seg_b2nd(os.path.join(live, f"{case}_seg.b2nd")) == 3)]
+    assert doubted and all(not np.all(label_store.read_seg_b2nd(label_store.soft_maps_path(live, case)) == 3)
+                           for case in doubted)  # the ignored voxels became a distribution
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "SoftTargetTrainer_tiny", "-device", "cpu")
+    assert os.path.isfile(os.path.join(workspace.results, DATASET, "SoftTargetTrainer_tiny__nnUNetPlans__2d",
+                                       "fold_0", "checkpoint_final.pth"))
+    workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")
+    assert not any(os.path.isfile(label_store.soft_maps_path(live, case)) for case in ALL)  # no stale maps

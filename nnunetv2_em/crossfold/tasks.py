@@ -152,10 +152,43 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
                                                   configuration_manager)
     if weak_report is not None:
         scores = {**scores, "weak_labels": {"kind": constrained.weak_case_kind(weak), **weak_report}}
+    soft_maps = None
+    if settings.soft_targets:
+        soft_maps = _soft_maps(context, fit, model, case, kind, logits, refined, properties, plans_manager,
+                               ignore_label, round_index)
     properties = dict(properties)
     properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
     versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
                         reader_writer=reader_writer, segmentation=refined[None], properties=properties,
-                        patch_size=configuration_manager.patch_size)
+                        patch_size=configuration_manager.patch_size, soft_maps=soft_maps)
     label_store.write_json(marker, {"case": case, "provenance": kind, **scores})
     return case
+
+
+def _soft_maps(context, fit, model, case, kind, logits, refined, properties, plans_manager, ignore_label,
+               round_index):
+    """The case's ``soft_targets`` sampled label maps: drawn from its posterior where the E-step was in doubt
+    (changed or ignored voxels of a labelled case, only where changes are allowed; ignored voxels of a pseudo-labelled
+    or constrained case), the hard labels elsewhere."""
+    from nnunetv2_em import nnunet_data
+
+    settings = context.em
+    seed = [*estep.case_seed(settings.seed, round_index, case), 1]
+    weak = context.case_constraints(case)
+    inside = refined != -1
+    if kind == label_store.PSEUDO or weak is not None:
+        annotations = (np.where(inside, 0, -1) if kind == label_store.PSEUDO
+                       else context.versions().read_original_segmentation(case)[0])
+        if weak is None:
+            q = estep.softmax(logits, model.temperature, dtype=np.float32)
+        else:
+            q = constrained.observation_posterior(logits, annotations, model, nnunet_data.constraints_to_preprocessed(
+                weak, properties, plans_manager, logits.shape[1:]))
+        sample_where = inside & (refined == ignore_label)
+    else:
+        original = context.versions().read_original_segmentation(case)[0]
+        q, _ = estep.case_posterior(logits, original, model, case_prior_strength=settings.case_prior,
+                                    seed=estep.case_seed(settings.seed, round_index, case))
+        allowed = fit["refine"] and case not in fit.get("verified", ()) and fit["gate"].get("changes_allowed", True)
+        sample_where = (refined != original) & estep.annotated_mask(original, logits.shape[0]) & bool(allowed)
+    return estep.soft_label_maps(q, refined, sample_where=sample_where, samples=settings.soft_targets, seed=seed)

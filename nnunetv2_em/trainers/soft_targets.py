@@ -26,13 +26,14 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-SOFT_FOLDER = "soft_targets"
+from nnunetv2_em.label_store import soft_maps_path  # the one place that names the folder
+
 DEFAULT_SAMPLES = 4
 
 
 def soft_targets_path(folder: str, case: str) -> str:
     """Where a case's K sampled maps live, next to its segmentation in the preprocessed data folder."""
-    return os.path.join(folder, SOFT_FOLDER, case + ".b2nd")
+    return soft_maps_path(folder, case)
 
 
 def average_one_hot(maps: torch.Tensor, num_classes: int, ignore_label: int | None):
@@ -93,11 +94,11 @@ class SoftTargetDatasetBlosc2(nnUNetDatasetBlosc2):
 class SoftTargetTrainer(nnUNetTrainer):
     """nnU-Net's trainer with the soft-target dataset and loss (everything else unchanged)."""
 
-    soft_samples = DEFAULT_SAMPLES
+    soft_samples = DEFAULT_SAMPLES  # unless the plans' em.soft_targets says how many maps the E-step staged
 
     def initialize(self):
         super().initialize()
-        samples = self.soft_samples
+        samples = int(self.plans_manager.plans.get("em", {}).get("soft_targets") or self.soft_samples)
 
         class Dataset(SoftTargetDatasetBlosc2):
             pass
