@@ -184,14 +184,15 @@ def markdown(rows, args) -> str:
              f"{args.profile} --out {args.out}`", "",
              "Training labels against the clean ones (mean over training cases). Dice kept: ignored voxels scored as "
              "the annotation (honest); left out: ignored voxels dropped (flattering). HD95 in voxels.", "",
-             "| setting | seed | labels | Dice kept | left out | ignored | HD95 | surface Dice | corrupted: kept | "
-             "untouched: kept | voxel F1 | AP (review score) | AP (case flip rate) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| setting | seed | labels | Dice kept | left out | ignored | wrong | HD95 | surface Dice | "
+             "corrupted: kept | untouched: kept | voxel F1 | AP (review score) | AP (case flip rate) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         voxels = row.get("voxels", {})
         lines.append(
             f"| {row['setting']} | {row['seed']} | {row['model']} | {_f(row['all']['dice_kept'])} | "
-            f"{_f(row['all']['dice'])} | {row['all']['fraction_ignored']:.2%} | {_f(row['all']['hd95'], 2)} | "
+            f"{_f(row['all']['dice'])} | {row['all']['fraction_ignored']:.2%} | "
+            f"{_f(row['all'].get('fraction_wrong', float('nan')) * 100, 3)} % | {_f(row['all']['hd95'], 2)} | "
             f"{_f(row['all']['surface_dice'], 3)} | {_f(row['corrupted'].get('dice_kept'))} | "
             f"{_f(row['untouched'].get('dice_kept'))} | {_f(voxels.get('f1'), 3)} | "
             f"{_f(row.get('ranking', {}).get('average_precision'), 2)} | "

@@ -83,6 +83,8 @@ def test_label_scores_leave_ignored_voxels_out_or_keep_the_annotation():
     assert kept["dice_kept_1"] == pytest.approx(2 * 1 / (3 + 1))
     assert kept["dice_kept_2"] == pytest.approx(1.0)
     assert kept["dice_1"] == result["dice_1"]
+    assert result["fraction_wrong"] == pytest.approx(1 / 6)  # voxel 3; the ignored ones cannot be wrong
+    assert kept["fraction_wrong"] == pytest.approx(2 / 6)  # voxels 2 (annotated 0) and 3
     with pytest.raises(ValueError, match="annotation"):
         metrics.label_scores(reference, labels, classes=[1, 2], ignore_label=3, surfaces=True)
 

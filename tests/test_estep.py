@@ -519,3 +519,22 @@ def test_soft_label_maps_sample_the_posterior_only_where_asked():
     frequencies = np.stack([(maps[:, where] == c).mean(axis=0) for c in range(3)])
     np.testing.assert_allclose(frequencies, q[:, where], atol=0.08)  # the maps' average is the posterior
     np.testing.assert_array_equal(maps, estep.soft_label_maps(q, refined, sample_where=where, samples=400, seed=1))
+
+
+def test_the_precision_gate_stays_closed_on_clean_labels_whatever_the_network_gets_wrong():
+    rng = np.random.default_rng(4)
+    arrays = {}
+    for index in range(6):
+        truth = np.zeros((12, 12, 12), np.int64)
+        truth[3:9, 3:9, 3:9] = 1
+        truth[1, 1, 1:3] = 1  # a small real structure the network misses, confidently
+        network = np.where(truth == 1, 4.0, -4.0) + rng.normal(0, 0.3, truth.shape)
+        network[1, 1, 1:3] = -8.0
+        arrays[f"case_{index}"] = (np.stack([np.zeros(truth.shape), network]), truth)
+    model = NoiseModel(np.array([[0.97, 0.03], [0.2, 0.8]]), 1.0)  # a fit that absorbed the network's misses
+    usable = estep.RoundFit(model, model_dice=0.95, refine=True)
+    options = dict(thresholds=RefinementThresholds(), ignore_label=2, case_prior_strength=None,
+                   min_change_precision=0.8, min_model_dice=0.5, seed=0, round_index=1)
+    refine, gate = estep.gate_round(usable, list(arrays), ["case_0", "case_1"], arrays.__getitem__, **options)
+    assert gate["changes"] > 0  # the E-step would change real structures into background...
+    assert refine and not gate["changes_allowed"]  # ...and the verified clean cases keep it from doing so

@@ -473,6 +473,8 @@ class Benchmark:
             summary[key] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
         summary["hd95_undefined"] = int(sum(np.isnan(row[f"hd95_{c}"]) for row in rows for c in self.classes))
         summary["fraction_ignored"] = float(np.mean([row["fraction_ignored"] for row in rows]))
+        if all("fraction_wrong" in row for row in rows):
+            summary["fraction_wrong"] = float(np.mean([row["fraction_wrong"] for row in rows]))
         return summary
 
     def em_rounds(self) -> list[dict]:

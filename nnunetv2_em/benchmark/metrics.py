@@ -125,7 +125,7 @@ def surface_scores(reference: np.ndarray, labels: np.ndarray, *, classes,
 
 def label_scores(reference: np.ndarray, labels: np.ndarray, *, classes, ignore_label: int | None,
                  annotation: np.ndarray | None = None, surfaces: bool = False) -> dict:
-    """Quality of training labels against the clean ones, per class, and the ignored share.
+    """Quality of training labels against the clean ones, per class, and the ignored and wrong shares.
 
     ``dice_<c>`` leaves ignored voxels out (it rewards ignoring: a voxel set to ignore can no longer be wrong);
     ``dice_kept_<c>`` (with ``annotation``, the labels EM started from) scores an ignored voxel as the annotation
@@ -142,4 +142,8 @@ def label_scores(reference: np.ndarray, labels: np.ndarray, *, classes, ignore_l
     elif surfaces:
         raise ValueError("surface scores need the annotation (they score the labels with ignored voxels kept)")
     result["fraction_ignored"] = float(1 - keep.mean())
+    # wrong voxels: with the annotation, ignored voxels count as the annotation they replaced (honest); without it,
+    # only labelled voxels can be wrong
+    wrong = (filled != reference) if annotation is not None else keep & (labels != reference)
+    result["fraction_wrong"] = float(wrong.mean())
     return result

@@ -60,14 +60,18 @@ class _SmallMachineBudget:
         self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
 
 
-class VanillaTrainer_cpu(_SmallMachineBudget, nnUNetTrainer):
-    """Plain nnU-Net training with the CPU budget: the baseline for ``EMTrainer_cpu``."""
+class FixedEpochsBudget(_SmallMachineBudget):
+    """Mixin for trainers without EM rounds: the small-machine budget with ``epochs`` epochs."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._apply_budget()
         self.num_epochs = self.epochs
+
+
+class VanillaTrainer_cpu(FixedEpochsBudget, nnUNetTrainer):
+    """Plain nnU-Net training with the CPU budget: the baseline for ``EMTrainer_cpu``."""
 
 
 class EMTrainer_cpu(_SmallMachineBudget, EMTrainer):

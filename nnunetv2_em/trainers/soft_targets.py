@@ -27,6 +27,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_em.label_store import soft_maps_path  # the one place that names the folder
+from nnunetv2_em.trainers.budgets import FixedEpochsBudget
 
 DEFAULT_SAMPLES = 4
 
@@ -124,20 +125,7 @@ class SoftTargetTrainer(nnUNetTrainer):
         return super().validation_step({**batch, "target": first})
 
 
-def _budget(base):
-    from nnunetv2_em.trainers.budgets import _SmallMachineBudget
-
-    class Budgeted(_SmallMachineBudget, base):
-        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                     device: torch.device = torch.device("cuda")):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self._apply_budget()
-            self.num_epochs = self.epochs
-
-    return Budgeted
-
-
-class SoftTargetTrainer_cpu(_budget(SoftTargetTrainer)):
+class SoftTargetTrainer_cpu(FixedEpochsBudget, SoftTargetTrainer):
     """``SoftTargetTrainer`` with the CPU budget of ``VanillaTrainer_cpu`` (20 x 40 iterations, narrow network)."""
 
 
