@@ -188,14 +188,21 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
     with open(os.path.join(round_folder, "fit.json")) as handle:
         fit = json.load(handle)
     assert np.all(np.diff(fit["noise_model"]["trace"]) >= -1e-9)
-    model = estep.NoiseModel(np.asarray(fit["noise_model"]["transition"]), fit["noise_model"]["temperature"])
-    thresholds = estep.RefinementThresholds(0.9, 0.5)
+    from nnunetv2_em.settings import EMSettings
+
+    model = estep.NoiseModel.from_dict(fit["noise_model"])
+    with open(os.path.join(preprocessed, "nnUNetPlans.json")) as handle:
+        settings = EMSettings.resolve(json.load(handle)["em"], source="plans")
+    assert settings.noise_model == "per_case"  # the default
     for case in LABELLED[:4]:
         logits = np.load(os.path.join(round_folder, "logits", f"{case}.npy")).astype(np.float32)
         original = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_00",
                                                           "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
-        expected, _ = estep.refine_case(logits, original, model, thresholds=thresholds, ignore_label=3,
-                                        apply=case not in VERIFIED)  # verified cases keep their labels
+        expected, _ = estep.refine_case(logits, original, model, thresholds=settings.thresholds, ignore_label=3,
+                                        apply=case not in VERIFIED,  # verified cases keep their labels
+                                        allow_changes=fit["gate"]["changes_allowed"],
+                                        case_prior_strength=settings.case_prior,
+                                        seed=estep.case_seed(settings.seed, 2, case))
         staged = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", RUN_NAME, "round_02",
                                                         "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         live = label_store.read_seg_b2nd(os.path.join(preprocessed, "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
