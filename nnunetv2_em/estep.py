@@ -668,9 +668,34 @@ def soft_label_maps(posterior_probs, refined, *, sample_where, samples: int, see
     return maps
 
 
+def agree_on_changes(refined, annotations, second_posterior, *, thresholds: RefinementThresholds,
+                     ignore_label: int) -> np.ndarray:
+    """Keep a change only where a second opinion makes the same change with the same confidence.
+
+    A network's own errors look like annotation noise to one model; a second model that did not train on the case
+    (another round's network, the same network on the mirrored image) rarely makes the same confident error. A
+    voxel ``refined`` changed (a class other than its annotation) stays changed only where ``second_posterior``'s
+    most probable class is that class with at least ``change_threshold``; elsewhere it becomes ``ignore_label``
+    (an uncertain model opinion leads to ignore, never to a change). Kept and ignored voxels are left alone.
+
+    Args:
+        refined, annotations: ``(*spatial)``. second_posterior: ``(C, *spatial)``, the second opinion's posterior
+            under the same noise model.
+    """
+    refined = np.asarray(refined)
+    annotations = np.asarray(annotations)
+    second_posterior = np.asarray(second_posterior)
+    changed = annotated_mask(annotations, second_posterior.shape[0]) & (refined != annotations) & \
+        (refined != ignore_label)
+    agrees = (second_posterior.argmax(axis=0) == refined) & \
+        (second_posterior.max(axis=0) >= thresholds.change_threshold)
+    return np.where(changed & ~agrees, ignore_label, refined).astype(refined.dtype)
+
+
 def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
                 previous=None, apply: bool = True, allow_changes: bool = True,
-                case_prior_strength: float | None = None, seed=0) -> tuple[np.ndarray, dict]:
+                case_prior_strength: float | None = None, seed=0,
+                second_opinion=None) -> tuple[np.ndarray, dict]:
     """Posterior, refined labels and scores of one case.
 
     Args:
@@ -682,6 +707,8 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
             changes is not established (``gate_round``).
         case_prior_strength: None uses the dataset's ``model`` for every voxel; a number fits this case's own
             transition matrix shrunk toward it (``fit_case_transition``, on a stratified sample drawn with ``seed``).
+        second_opinion: ``(C, *spatial)`` logits of a second model that did not train on the case (e.g. the mirrored
+            image): changes it does not confirm become ignore (``agree_on_changes``).
 
     Returns:
         ``(refined (*spatial) like annotations, scores dict of score_case)``; with a per-case model the scores add
@@ -692,6 +719,11 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
     if apply:
         refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label,
                                 allow_changes=allow_changes)
+        if second_opinion is not None and allow_changes:
+            second, _ = case_posterior(second_opinion, annotations, model, case_prior_strength=case_prior_strength,
+                                       seed=seed)
+            refined = agree_on_changes(refined, annotations, second, thresholds=thresholds,
+                                       ignore_label=ignore_label)
     else:
         refined = np.asarray(annotations).copy()
     prediction = np.asarray(logits).argmax(axis=0)

@@ -17,8 +17,11 @@ import numpy as np
 
 
 def predict_cases(model_folder: str, folds: list[int], cases: dict[str, str], cache: str, *, mirroring: bool,
-                  device: str) -> list[str]:
-    """Predict ``cases`` ({case: preprocessed folder holding <case>.b2nd}) into ``cache``; returns the new ones."""
+                  device: str, flip_axis: int | None = None) -> list[str]:
+    """Predict ``cases`` ({case: preprocessed folder holding <case>.b2nd}) into ``cache``; returns the new ones.
+
+    ``flip_axis`` (a spatial axis of the preprocessed array): predict the mirrored image and mirror the logits back,
+    a second opinion of the same network (``estep.agree_on_changes``)."""
     import blosc2
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -36,8 +39,12 @@ def predict_cases(model_folder: str, folds: list[int], cases: dict[str, str], ca
                                                    checkpoint_name="checkpoint_final.pth")
     for case in todo:
         data = blosc2.open(urlpath=os.path.join(cases[case], f"{case}.b2nd"), mode="r")[:]
+        if flip_axis is not None:
+            data = np.flip(data, axis=1 + flip_axis)
         logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.ascontiguousarray(data)))
         array = logits.float().cpu().numpy().astype(np.float16)
+        if flip_axis is not None:
+            array = np.ascontiguousarray(np.flip(array, axis=1 + flip_axis))
         label_store.atomic_write(os.path.join(cache, f"{case}.npy"), lambda temp, a=array: np.save(temp, a),
                                  suffix=".npy")
     return todo

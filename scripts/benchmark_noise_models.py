@@ -62,13 +62,14 @@ def verified_cases(split: dict, corrupted: set[str], *, seed: int) -> list[str]:
     return sorted(np.random.default_rng(seed).choice(untouched, size=VERIFIED_CASES, replace=False).tolist())
 
 
-def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: dict | None = None) -> dict:
+def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: dict | None = None,
+             second_of=None) -> dict:
     """Label quality after the E-step with one noise model and one gate: ``as run`` (the run's Dice gate, changes
     allowed), ``open``, ``ignore only`` (no verified cases, the default since: every change becomes the ignore
     label), or ``precision`` (verified cases kept as they are; the rest changed only if the estimated precision's
     lower bound reaches ``MIN_CHANGE_PRECISION``, else their changes become ignore, as ``estep.gate_round`` decides).
     ``logits_of(case)`` and ``fit`` (``fit.json``'s content) default to the run's round-1 out-of-fold logits and
-    fit."""
+    fit. ``second_of(case)``: logits of a second opinion (``estep.agree_on_changes``), or None."""
     with open(os.path.join(benchmark.workspace.out, "split.json")) as handle:
         split = json.load(handle)
     with open(os.path.join(benchmark.workspace.out, "corruption", "records.json")) as handle:
@@ -93,7 +94,8 @@ def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: 
             logits_of(case), noisy[case], model,
             thresholds=settings.thresholds, ignore_label=benchmark.ignore_label,
             apply=gate != "as run" or fit["refine"], case_prior_strength=strength,
-            seed=estep.case_seed(settings.seed, 1, case))
+            seed=estep.case_seed(settings.seed, 1, case),
+            second_opinion=None if second_of is None else second_of(case))
     result = {"gate_as_run": bool(fit["refine"])}
     if gate == "precision":
         counts = {c: (scores[c]["voxels_changed"], scores[c]["voxels_annotated"]) for c in split["train"]}

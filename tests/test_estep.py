@@ -538,3 +538,27 @@ def test_the_precision_gate_stays_closed_on_clean_labels_whatever_the_network_ge
     refine, gate = estep.gate_round(usable, list(arrays), ["case_0", "case_1"], arrays.__getitem__, **options)
     assert gate["changes"] > 0  # the E-step would change real structures into background...
     assert refine and not gate["changes_allowed"]  # ...and the verified clean cases keep it from doing so
+
+
+def test_a_change_the_second_opinion_does_not_confirm_becomes_ignore():
+    annotations = np.array([0, 0, 1, 1, 1, 2])
+    refined = np.array([1, 0, 0, 3, 1, 1])  # changes at 0, 2, 5; voxel 3 ignored; 1 and 4 kept
+    second = np.array([[0.05, 0.9, 0.95, 0.2, 0.1, 0.5],  # confirms voxel 2's change to 0
+                       [0.95, 0.05, 0.05, 0.6, 0.9, 0.45],  # confirms voxel 0's change to 1, not voxel 5's (0.45)
+                       [0.0, 0.05, 0.0, 0.2, 0.0, 0.05]])
+    agreed = estep.agree_on_changes(refined, annotations, second, thresholds=RefinementThresholds(),
+                                    ignore_label=3)
+    np.testing.assert_array_equal(agreed, [1, 0, 0, 3, 1, 3])
+    truth, logits = np.zeros((10, 10, 10), np.int64), np.zeros((2, 10, 10, 10))
+    truth[2:8, 2:8, 2:8] = 1
+    logits[1] = np.where(truth == 1, 6.0, -6.0)
+    annotation = truth.copy()
+    annotation[2:8, 2:8, 2:4] = 0  # under-segmented
+    model = NoiseModel(np.array([[0.95, 0.05], [0.3, 0.7]]), 1.0)
+    alone, _ = estep.refine_case(logits, annotation, model, thresholds=RefinementThresholds(), ignore_label=2)
+    confirmed, _ = estep.refine_case(logits, annotation, model, thresholds=RefinementThresholds(), ignore_label=2,
+                                     second_opinion=logits)
+    np.testing.assert_array_equal(alone, confirmed)  # the same opinion twice confirms every change
+    doubted, _ = estep.refine_case(logits, annotation, model, thresholds=RefinementThresholds(), ignore_label=2,
+                                   second_opinion=np.zeros_like(logits))  # a second model with no opinion
+    assert np.all(doubted[alone != annotation] == 2) and np.any(alone != annotation)
