@@ -307,8 +307,11 @@ def fit_sample(logits, annotations, constraints: CaseConstraints | None, *, max_
 def refine_labelled_case(logits, annotations, model: NoiseModel, constraints: CaseConstraints | None, *,
                          thresholds: RefinementThresholds, ignore_label: int, previous=None, apply: bool = True,
                          allow_changes: bool = True, case_prior_strength: float | None = None, mode: str = "map",
-                         samples: int = 16, agreement: float = 0.8, seed=0) -> tuple[np.ndarray, dict]:
+                         samples: int = 16, agreement: float = 0.8, seed=0,
+                         second_opinion=None) -> tuple[np.ndarray, dict]:
     """The one per-case E-step of a labelled case, with or without weak labels (what every driver calls).
+    ``second_opinion``: logits that must confirm each change (``estep.agree_on_changes``; cases without weak
+    labels only).
 
     Without ``constraints``: ``estep.refine_case``. With them (in the array's voxels): ``constrained_labels``
     (set-valued voxels and constraints; singleton changes only where ``apply and allow_changes``), scored like
@@ -319,7 +322,7 @@ def refine_labelled_case(logits, annotations, model: NoiseModel, constraints: Ca
     if constraints is None:
         return estep.refine_case(logits, annotations, model, thresholds=thresholds, ignore_label=ignore_label,
                                  previous=previous, apply=apply, allow_changes=allow_changes,
-                                 case_prior_strength=case_prior_strength, seed=seed)
+                                 case_prior_strength=case_prior_strength, seed=seed, second_opinion=second_opinion)
     refined, report = constrained_labels(logits, annotations, model, constraints, thresholds=thresholds,
                                          ignore_label=ignore_label, mode=mode, samples=samples, agreement=agreement,
                                          allow_changes=allow_changes and apply, seed=seed)

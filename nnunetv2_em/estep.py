@@ -980,7 +980,8 @@ def gate_round(fit: RoundFit, cases, verified, case_arrays, *, thresholds: Refin
     ``precision_gate`` decides from the verified cases' changes, all of which are false. Without verified cases
     nothing can establish it: changes become the ignore label (``allow_changes=False``), so clean labels are never
     overwritten, unless ``changes_without_verified_cases`` restores the model-Dice gate for changes.
-    ``case_arrays(case)`` returns that case's ``(logits (C, *spatial), original annotation (*spatial))``.
+    ``case_arrays(case)`` returns that case's ``(logits (C, *spatial), original annotation (*spatial))``, and
+    optionally a third element, the second opinion's logits (``refine_case``), which the counts then respect.
 
     Returns:
         ``(refine, gate)``: ``gate["kind"]`` is ``"model_dice"`` or ``"precision"`` (the estimate's fields), and
@@ -992,9 +993,10 @@ def gate_round(fit: RoundFit, cases, verified, case_arrays, *, thresholds: Refin
                             "changes_allowed": bool(changes_without_verified_cases)}
     counts = {}
     for case in cases:
-        logits, annotations = case_arrays(case)
+        logits, annotations, *second = case_arrays(case)
         _, scores = refine_case(logits, annotations, fit.model, thresholds=thresholds, ignore_label=ignore_label,
-                                case_prior_strength=case_prior_strength, seed=case_seed(seed, round_index, case))
+                                case_prior_strength=case_prior_strength, seed=case_seed(seed, round_index, case),
+                                second_opinion=second[0] if second else None)
         counts[case] = (scores["voxels_changed"], scores["voxels_annotated"])
     opened, estimate = precision_gate(counts, verified, min_precision=min_change_precision, seed=seed)
     return fit.refine, {"kind": "precision", **estimate.to_dict(), "min_change_precision": min_change_precision,

@@ -85,6 +85,13 @@ class RunLayout:
     def logits_file(self, round_index: int, case: str) -> str:
         return os.path.join(self.logits_folder(round_index), f"{case}.npy")
 
+    def mirrored_logits_folder(self, round_index: int) -> str:
+        """Second opinions (``em.second_opinion: mirror``): out-of-fold logits of the mirrored images."""
+        return os.path.join(self.round_folder(round_index), "logits_mirrored")
+
+    def mirrored_logits_file(self, round_index: int, case: str) -> str:
+        return os.path.join(self.mirrored_logits_folder(round_index), f"{case}.npy")
+
     def case_file(self, round_index: int, case: str) -> str:
         return os.path.join(self.round_folder(round_index), "cases", f"{case}.json")
 

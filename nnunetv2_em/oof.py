@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     with open(argv[0]) as handle:
         spec = json.load(handle)
     predict_cases(spec["model_folder"], spec["folds"], spec["cases"], spec["cache"], mirroring=spec["mirroring"],
-                  device=spec["device"])
+                  device=spec["device"], flip_axis=spec.get("flip_axis"))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ class EMSettings:
     # `nnunetv2_em run`: also stage this many label maps sampled from the posterior per case (soft_targets/), the
     # targets of -tr SoftTargetTrainer; 0: none
     soft_targets: int = 0
+    # `nnunetv2_em run`: "mirror" keeps a change only where the same out-of-fold network, on the mirrored image,
+    # confirms it (estep.agree_on_changes; measured in scripts/results/second_opinion.md); "none": no second opinion
+    second_opinion: str = "none"
 
     @property
     def thresholds(self) -> RefinementThresholds:
@@ -125,6 +128,8 @@ class EMSettings:
             problems.append(("boundary_band_width", "must be > 0"))
         if self.weak_mode not in ("map", "sample"):
             problems.append(("weak_mode", "must be map or sample"))
+        if self.second_opinion not in ("none", "mirror"):
+            problems.append(("second_opinion", "must be none or mirror"))
         if self.soft_targets < 0:
             problems.append(("soft_targets", "must be >= 0"))
         if self.weak_samples < 1:

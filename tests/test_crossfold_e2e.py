@@ -71,7 +71,7 @@ def finished_run(tmp_path_factory):
         plans = json.load(handle)
     # the tiny model must still refine
     plans["em"].update({"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0,
-                        "calibrate_temperature": False, "min_change_precision": 0.0})
+                        "calibrate_temperature": False, "min_change_precision": 0.0, "second_opinion": "mirror"})
     with open(plans_file, "w") as handle:
         json.dump(plans, handle)
 
@@ -198,11 +198,13 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
         logits = np.load(os.path.join(round_folder, "logits", f"{case}.npy")).astype(np.float32)
         original = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_00",
                                                           "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
+        mirrored = np.load(os.path.join(round_folder, "logits_mirrored", f"{case}.npy")).astype(np.float32)
+        assert mirrored.shape == logits.shape and not np.array_equal(mirrored, logits)  # a second opinion
         expected, _ = estep.refine_case(logits, original, model, thresholds=settings.thresholds, ignore_label=3,
                                         apply=case not in VERIFIED,  # verified cases keep their labels
                                         allow_changes=fit["gate"]["changes_allowed"],
                                         case_prior_strength=settings.case_prior,
-                                        seed=estep.case_seed(settings.seed, 2, case))
+                                        seed=estep.case_seed(settings.seed, 2, case), second_opinion=mirrored)
         staged = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", RUN_NAME, "round_02",
                                                         "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         live = label_store.read_seg_b2nd(os.path.join(preprocessed, "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]

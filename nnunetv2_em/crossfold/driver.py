@@ -8,6 +8,8 @@ import shutil
 import sys
 import time
 
+import numpy as np
+
 from nnunetv2_em import checks, engine, estep, label_store, reports, weak_labels
 from nnunetv2_em import constraints as constrained
 from nnunetv2_em.crossfold.options import RunContext, RunOptions
@@ -236,6 +238,7 @@ class CrossFoldRun:
             reports.write_run_summary(self.layout.folder, state)
             if not context.options.keep_logits:  # only now: a rerun before this point still finds them
                 shutil.rmtree(context.layout.logits_folder(round_index), ignore_errors=True)
+                shutil.rmtree(context.layout.mirrored_logits_folder(round_index), ignore_errors=True)
         return {**state, "active": versions.active()}
 
     def _load_state(self) -> dict:
@@ -284,6 +287,11 @@ class CrossFoldRun:
         predictions = [client.submit(task_predict, context, round_index, [fold],
                                      {case: live for case, f in out_of_fold.items() if f == fold}, f"fold_{fold}",
                                      resources={engine.DEVICE: 1}, pure=False) for fold in folds]
+        if context.em.second_opinion == "mirror":
+            predictions += [client.submit(task_predict, context, round_index, [fold],
+                                          {case: live for case, f in out_of_fold.items() if f == fold},
+                                          f"fold_{fold}_mirrored", mirrored=True, resources={engine.DEVICE: 1},
+                                          pure=False) for fold in folds]
         if unlabeled:
             predictions.append(client.submit(task_predict, context, round_index, folds,
                                              {case: context.unlabeled_folder() for case in unlabeled}, "unlabeled",
@@ -324,9 +332,14 @@ class CrossFoldRun:
             print(f"round {round_index}: labels kept as they are: {fit.refused}", flush=True)
         verified = [case for case in self.verified if case in cases]  # with them, the precision gate decides
         ignore_label = int(dataset_json["labels"]["ignore"])  # managers() adds it
+        def case_arrays(case):
+            arrays = (load_logits(context, round_index, case), versions.read_original_segmentation(case)[0])
+            if settings.second_opinion == "mirror":
+                arrays += (np.load(context.layout.mirrored_logits_file(round_index, case)).astype(np.float32),)
+            return arrays
+
         refine, gate = estep.gate_round(
-            fit, cases, verified,
-            lambda case: (load_logits(context, round_index, case), versions.read_original_segmentation(case)[0]),
+            fit, cases, verified, case_arrays,
             thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
             min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
             seed=settings.seed, round_index=round_index,

@@ -46,16 +46,18 @@ def task_train(context: RunContext, round_index: int, fold: int) -> int:
     return fold
 
 
-def task_predict(context: RunContext, round_index: int, folds: list[int], cases: dict[str, str], name: str) -> int:
-    """Logits of ``cases`` ({case: preprocessed folder}) from ``folds`` (a child process)."""
-    cache = context.layout.logits_folder(round_index)
+def task_predict(context: RunContext, round_index: int, folds: list[int], cases: dict[str, str], name: str,
+                 *, mirrored: bool = False) -> int:
+    """Logits of ``cases`` ({case: preprocessed folder}) from ``folds`` (a child process); ``mirrored``: of the
+    images mirrored along their last axis, mirrored back (the second opinion)."""
+    cache = (context.layout.mirrored_logits_folder if mirrored else context.layout.logits_folder)(round_index)
     if all(os.path.isfile(os.path.join(cache, f"{case}.npy")) for case in cases):
         return 0
     spec_file = os.path.join(context.layout.logs_folder(round_index), f"predict_{name}.json")
     os.makedirs(os.path.dirname(spec_file), exist_ok=True)
     label_store.write_json(spec_file, {"model_folder": context.layout.model_folder(round_index), "folds": folds,
                                        "cases": cases, "cache": cache, "mirroring": context.em.mirroring,
-                                       "device": context.options.device})
+                                       "device": context.options.device, "flip_axis": 2 if mirrored else None})
     engine.run_child([sys.executable, "-m", "nnunetv2_em.oof", spec_file], env=_child_env(context, round_index),
                      log_file=spec_file[:-len(".json")] + ".log")
     return len(cases)
@@ -141,12 +143,15 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
         converted = None if weak is None else nnunet_data.constraints_to_preprocessed(weak, properties,
                                                                                       plans_manager,
                                                                                       logits.shape[1:])
+        second = None
+        if settings.second_opinion == "mirror":
+            second = np.load(context.layout.mirrored_logits_file(round_index, case)).astype(np.float32)
         refined, scores = constrained.refine_labelled_case(
             logits, original, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
             previous=previous, apply=fit["refine"] and case not in fit.get("verified", ()),
             allow_changes=fit["gate"].get("changes_allowed", True), case_prior_strength=settings.case_prior,
             mode=settings.weak_mode, samples=settings.weak_samples, agreement=settings.weak_agreement,
-            seed=estep.case_seed(settings.seed, round_index, case))
+            seed=estep.case_seed(settings.seed, round_index, case), second_opinion=second)
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
         raw_label = nnunet_data.refined_raw_label(original_raw, original, refined, properties, plans_manager,
                                                   configuration_manager)
