@@ -356,3 +356,23 @@ def test_missing_results_variable_fails_cleanly(planned):
     assert result.returncode != 0
     assert "nnUNet_results" in result.stderr
     assert tree_snapshot(planned.root) == before
+
+
+def test_fold_all_judges_nothing_and_trains_on_every_folds_refinements(trained):
+    trained.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "all", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    fold = _fold_folder(trained).replace("fold_0", "fold_all")
+    published = {}
+    for source in (0, 1):
+        folder = os.path.join(trained.preprocessed, DATASET, "em_training_labels", TRAINER_DIR, "exchange",
+                              f"fold_{source}")
+        if os.path.isdir(folder):
+            published.update({name.removesuffix(".json"): source for name in os.listdir(os.path.join(folder,
+                                                                                                       "round_02"))
+                              if name.endswith(".json")})
+    assert published  # fold 0 ran before (and fold 1 when the module ran in order)
+    for round_index in (1, 2):
+        with open(os.path.join(fold, "em", f"round_{round_index:02d}", "summary.json")) as handle:
+            summary = json.load(handle)
+        assert summary["judged_cases"] == [] and not summary["refinement_applied"]
+        assert summary["exchanged_cases"] == {case: {"fold": source, "round": 2} for case, source in published.items()}
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))

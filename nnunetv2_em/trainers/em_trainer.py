@@ -194,7 +194,8 @@ class EMTrainer(nnUNetTrainer):
         if not cases:
             taken = self._take_exchanged_labels(self._em_state.training_cases)
             summary = {"round": round_index, "epochs_trained": self.current_epoch, "judged_cases": [],
-                       "refinement_applied": False, "exchanged_cases": taken,
+                       "refinement_applied": False,
+                       "exchanged_cases": {case: {"fold": r["fold"], "round": r["round"]} for case, r in taken.items()},
                        "refinement_refused": f"fold {self.fold} has no validation cases, and a network never judges "
                                              f"cases it trained on; it trains on the other folds' refinements "
                                              f"({len(taken)} case(s) so far)",
