@@ -56,6 +56,49 @@ VERIFIED_CASES = 4  # untouched training cases treated as checked by a reviewer 
 MIN_CHANGE_PRECISION = 0.8
 
 
+def suite_parser(description: str) -> argparse.ArgumentParser:
+    """The options every script on a suite's replicates takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--suite", required=True, help="output folder of a benchmark suite")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--profile", default="cpu-long")
+    parser.add_argument("--corruption-seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="markdown summary to write (a JSON beside it)")
+    return parser
+
+
+def replicates(args, settings=None):
+    """``(setting, seed, results, folder, benchmark)`` for every finished replicate of ``args.suite`` (only
+    ``settings`` when given)."""
+    for (setting, seed), results in sorted(suite.load_replicates(args.suite).items()):
+        if settings and setting not in settings:
+            continue
+        folder = suite.replicate_folder(args.suite, setting, seed)
+        yield setting, seed, results, folder, Benchmark(args.dataset, setting, seed=args.corruption_seed,
+                                                        profile=args.profile, out=folder, training_seed=seed,
+                                                        label_quality_only=True)
+
+
+def round_one_logits(benchmark: Benchmark, cache: str, network_of: dict[str, int], *,
+                     flip_axis: int | None = None) -> str:
+    """Logits of every case in ``network_of`` ({case: fold}) from that fold's round-1 network of the replicate's EM
+    run, into ``cache`` (``oof.predict_cases``; ``flip_axis``: of the mirrored image)."""
+    from nnunetv2_em import oof
+
+    layout = benchmark.workspace.em_run(benchmark.profile)
+    images = os.path.join(benchmark.workspace.preprocessed("em"), f"nnUNetPlans_{benchmark.profile.configuration}")
+    for fold in sorted(set(network_of.values())):
+        oof.predict_cases(layout.model_folder(1), [fold], {c: images for c, f in network_of.items() if f == fold},
+                          cache, mirroring=False, device="cpu", flip_axis=flip_axis)
+    return cache
+
+
+def held_out_by(benchmark: Benchmark) -> dict[str, int]:
+    """{case: the fold whose round-1 network held it out} of the replicate's EM run."""
+    with open(benchmark.workspace.em_run(benchmark.profile).round_file(1, "out_of_fold.json")) as handle:
+        return json.load(handle)
+
+
 def verified_cases(split: dict, corrupted: set[str], *, seed: int) -> list[str]:
     """``VERIFIED_CASES`` training cases the noise left untouched, drawn reproducibly: what a reviewer checked."""
     untouched = sorted(c for c in split["train"] if c not in corrupted)
@@ -132,28 +175,18 @@ def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", required=True, help="output folder of a benchmark suite")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--profile", default="cpu-long")
-    parser.add_argument("--corruption-seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="markdown summary to write (a JSON beside it)")
+    parser = suite_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="+", default=None, help="noise settings to include (default: all)")
     args = parser.parse_args()
     rows = []
-    for (setting, seed), results in sorted(suite.load_replicates(args.suite).items()):
-        if args.settings and setting not in args.settings:
-            continue
-        benchmark = Benchmark(args.dataset, setting, seed=args.corruption_seed, profile=args.profile,
-                              out=suite.replicate_folder(args.suite, setting, seed), training_seed=seed,
-                              label_quality_only=True)
+    for setting, seed, results, folder, benchmark in replicates(args, args.settings):
         peer = results["label_quality"]["versions"]["cleanlab"]
         rows.append({"setting": setting, "seed": seed, "model": "noisy input",
                      **results["label_quality"]["versions"]["noisy"]})
         rows.append({"setting": setting, "seed": seed, "model": "cleanlab (peer)", **peer,
                      "voxels": results["detection"]["voxels"]["cleanlab"]})
-        with open(os.path.join(suite.replicate_folder(args.suite, setting, seed), "split.json")) as handle:
+        with open(os.path.join(folder, "split.json")) as handle:
             cases = json.load(handle)["train"]
         layout = benchmark.workspace.em_run(benchmark.profile)
         for name in args.models:

@@ -13,7 +13,6 @@ is scored against the clean labels as the benchmark scores labels.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,43 +20,32 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_noise_models import _f, evaluate, fit_like_a_run  # noqa: E402
+from benchmark_noise_models import (  # noqa: E402
+    _f,
+    evaluate,
+    fit_like_a_run,
+    held_out_by,
+    replicates,
+    round_one_logits,
+    suite_parser,
+)
 
-from nnunetv2_em import oof  # noqa: E402
-from nnunetv2_em.benchmark import suite  # noqa: E402
-from nnunetv2_em.benchmark.harness import Benchmark  # noqa: E402
 
-
-def in_sample_logits(benchmark: Benchmark, cache: str) -> str:
-    """Predict every training case with the round-1 network of the fold that trained on it (cached in ``cache``)."""
-    layout = benchmark.workspace.em_run(benchmark.profile)
-    with open(layout.round_file(1, "out_of_fold.json")) as handle:
-        held_out_by = json.load(handle)
-    images = os.path.join(benchmark.workspace.preprocessed("em"), f"nnUNetPlans_{benchmark.profile.configuration}")
-    folds = sorted(set(held_out_by.values()))
-    for fold in folds:
-        trained_on = {case: images for case, held_out in held_out_by.items() if held_out != fold}
-        oof.predict_cases(layout.model_folder(1), [fold], trained_on, cache, mirroring=False, device="cpu")
-    return cache
+def trained_on_by(benchmark) -> dict[str, int]:
+    """{case: a fold whose round-1 network trained on it} (with 2 folds: the other fold)."""
+    held_out = held_out_by(benchmark)
+    folds = sorted(set(held_out.values()))
+    return {case: next(f for f in folds if f != fold) for case, fold in held_out.items()}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", required=True)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--profile", default="cpu-long")
-    parser.add_argument("--corruption-seed", type=int, default=0)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = suite_parser(__doc__.split("\n\n")[0]).parse_args()
     rows = []
-    for (setting, seed), results in sorted(suite.load_replicates(args.suite).items()):
-        folder = suite.replicate_folder(args.suite, setting, seed)
-        benchmark = Benchmark(args.dataset, setting, seed=args.corruption_seed, profile=args.profile, out=folder,
-                              training_seed=seed, label_quality_only=True)
+    for setting, seed, results, folder, benchmark in replicates(args):
         with open(os.path.join(folder, "split.json")) as handle:
             cases = json.load(handle)["train"]
         layout = benchmark.workspace.em_run(benchmark.profile)
-        cache = in_sample_logits(benchmark, os.path.join(folder, "in_sample_logits"))
+        cache = round_one_logits(benchmark, os.path.join(folder, "in_sample_logits"), trained_on_by(benchmark))
         sources = {"out-of-fold": lambda case, lay=layout: np.load(lay.logits_file(1, case)).astype(np.float32),
                    "in-sample": lambda case, c=cache: np.load(os.path.join(c, f"{case}.npy")).astype(np.float32)}
         rows.append({"setting": setting, "seed": seed, "labels": "noisy input",

@@ -12,7 +12,6 @@ from 4 verified cases, scored against the clean labels as the benchmark scores t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,41 +19,18 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_noise_models import _f, evaluate  # noqa: E402
-
-from nnunetv2_em import oof  # noqa: E402
-from nnunetv2_em.benchmark import suite  # noqa: E402
-from nnunetv2_em.benchmark.harness import Benchmark  # noqa: E402
+from benchmark_noise_models import _f, evaluate, held_out_by, replicates, round_one_logits, suite_parser  # noqa: E402
 
 STRENGTH = 100.0  # the default per-case model
 
 
-def mirrored_logits(benchmark: Benchmark, cache: str) -> str:
-    """Each training case predicted by the round-1 network that held it out, on the mirrored image."""
-    layout = benchmark.workspace.em_run(benchmark.profile)
-    with open(layout.round_file(1, "out_of_fold.json")) as handle:
-        held_out_by = json.load(handle)
-    images = os.path.join(benchmark.workspace.preprocessed("em"), f"nnUNetPlans_{benchmark.profile.configuration}")
-    for fold in sorted(set(held_out_by.values())):
-        oof.predict_cases(layout.model_folder(1), [fold], {c: images for c, f in held_out_by.items() if f == fold},
-                          cache, mirroring=False, device="cpu", flip_axis=2)
-    return cache
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", required=True)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--profile", default="cpu-long")
-    parser.add_argument("--corruption-seed", type=int, default=0)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = suite_parser(__doc__.split("\n\n")[0]).parse_args()
     rows = []
-    for (setting, seed), results in sorted(suite.load_replicates(args.suite).items()):
-        folder = suite.replicate_folder(args.suite, setting, seed)
-        benchmark = Benchmark(args.dataset, setting, seed=args.corruption_seed, profile=args.profile, out=folder,
-                              training_seed=seed, label_quality_only=True)
-        cache = mirrored_logits(benchmark, os.path.join(folder, "mirrored_logits"))
+    for setting, seed, results, folder, benchmark in replicates(args):
+        # each training case, again by the round-1 network that held it out, on the image mirrored along its last axis
+        cache = round_one_logits(benchmark, os.path.join(folder, "mirrored_logits"), held_out_by(benchmark),
+                                 flip_axis=2)
         rows.append({"setting": setting, "seed": seed, "labels": "noisy input",
                      **results["label_quality"]["versions"]["noisy"]})
         for second in (False, True):

@@ -123,44 +123,46 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     if kind == label_store.PSEUDO:
         properties = load_pickle(os.path.join(context.unlabeled_folder(), f"{case}.pkl"))
         outside = label_store.read_seg_b2nd(os.path.join(context.unlabeled_folder(), f"{case}_mask.b2nd"))[0] < 0
+        annotations = np.where(outside, -1, 0)  # no annotation: inside the image, or not
+    else:
+        properties = load_pickle(versions.original_properties_path(case))
+        annotations = versions.read_original_segmentation(case)[0]
+    converted = None if weak is None else nnunet_data.constraints_to_preprocessed(weak, properties, plans_manager,
+                                                                                  logits.shape[1:])
+    apply = fit["refine"] and case not in fit.get("verified", ())
+    allow_changes = fit["gate"].get("changes_allowed", True)
+    if kind == label_store.PSEUDO:
         if weak is None:
             refined = estep.pseudo_label(logits, model, thresholds=settings.thresholds, ignore_label=ignore_label,
                                          outside=outside)
         else:  # a weak-only case: its tags constrain the pseudo-label
             refined, weak_report = constrained.constrained_labels(
-                logits, np.where(outside, -1, 0), model,
-                nnunet_data.constraints_to_preprocessed(weak, properties, plans_manager, logits.shape[1:]),
-                thresholds=settings.thresholds, ignore_label=ignore_label, mode=settings.weak_mode,
-                samples=settings.weak_samples, agreement=settings.weak_agreement,
+                logits, annotations, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
+                mode=settings.weak_mode, samples=settings.weak_samples, agreement=settings.weak_agreement,
                 seed=estep.case_seed(settings.seed, round_index, case))
         scores = estep.score_pseudo_label(logits, refined, model, ignore_label=ignore_label)
         raw_label = nnunet_data.preprocessed_to_raw_geometry(refined, properties, plans_manager,
                                                              configuration_manager)
     else:
-        properties = load_pickle(versions.original_properties_path(case))
-        original = versions.read_original_segmentation(case)[0]
         previous = versions.read_segmentation(round_index - 1, case)[0]
-        converted = None if weak is None else nnunet_data.constraints_to_preprocessed(weak, properties,
-                                                                                      plans_manager,
-                                                                                      logits.shape[1:])
         second = None
         if settings.second_opinion == "mirror":
             second = np.load(context.layout.mirrored_logits_file(round_index, case)).astype(np.float32)
         refined, scores = constrained.refine_labelled_case(
-            logits, original, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
-            previous=previous, apply=fit["refine"] and case not in fit.get("verified", ()),
-            allow_changes=fit["gate"].get("changes_allowed", True), case_prior_strength=settings.case_prior,
+            logits, annotations, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
+            previous=previous, apply=apply, allow_changes=allow_changes, case_prior_strength=settings.case_prior,
             mode=settings.weak_mode, samples=settings.weak_samples, agreement=settings.weak_agreement,
             seed=estep.case_seed(settings.seed, round_index, case), second_opinion=second)
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
-        raw_label = nnunet_data.refined_raw_label(original_raw, original, refined, properties, plans_manager,
+        raw_label = nnunet_data.refined_raw_label(original_raw, annotations, refined, properties, plans_manager,
                                                   configuration_manager)
     if weak_report is not None:
         scores = {**scores, "weak_labels": {"kind": constrained.weak_case_kind(weak), **weak_report}}
     soft_maps = None
     if settings.soft_targets:
-        soft_maps = _soft_maps(context, fit, model, case, kind, logits, refined, properties, plans_manager,
-                               ignore_label, round_index)
+        soft_maps = _soft_maps(settings, model, case, round_index, logits, annotations, refined, converted,
+                               pseudo=kind == label_store.PSEUDO, changes_allowed=apply and allow_changes,
+                               ignore_label=ignore_label)
     properties = dict(properties)
     properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
     versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
@@ -170,30 +172,22 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     return case
 
 
-def _soft_maps(context, fit, model, case, kind, logits, refined, properties, plans_manager, ignore_label,
-               round_index):
+def _soft_maps(settings, model, case, round_index, logits, annotations, refined, converted, *, pseudo: bool,
+               changes_allowed: bool, ignore_label: int):
     """The case's ``soft_targets`` sampled label maps: drawn from its posterior where the E-step was in doubt
     (changed or ignored voxels of a labelled case, only where changes are allowed; ignored voxels of a pseudo-labelled
-    or constrained case), the hard labels elsewhere."""
-    from nnunetv2_em import nnunet_data
-
-    settings = context.em
+    or constrained case), the hard labels elsewhere. ``annotations`` and ``converted`` (the case's constraints in
+    its array, or None) are what ``task_refine`` refined from."""
     seed = [*estep.case_seed(settings.seed, round_index, case), 1]
-    weak = context.case_constraints(case)
     inside = refined != -1
-    if kind == label_store.PSEUDO or weak is not None:
-        annotations = (np.where(inside, 0, -1) if kind == label_store.PSEUDO
-                       else context.versions().read_original_segmentation(case)[0])
-        if weak is None:
+    if pseudo or converted is not None:
+        if converted is None:
             q = estep.softmax(logits, model.temperature, dtype=np.float32)
         else:
-            q = constrained.observation_posterior(logits, annotations, model, nnunet_data.constraints_to_preprocessed(
-                weak, properties, plans_manager, logits.shape[1:]))
+            q = constrained.observation_posterior(logits, annotations, model, converted)
         sample_where = inside & (refined == ignore_label)
     else:
-        original = context.versions().read_original_segmentation(case)[0]
-        q, _ = estep.case_posterior(logits, original, model, case_prior_strength=settings.case_prior,
+        q, _ = estep.case_posterior(logits, annotations, model, case_prior_strength=settings.case_prior,
                                     seed=estep.case_seed(settings.seed, round_index, case))
-        allowed = fit["refine"] and case not in fit.get("verified", ()) and fit["gate"].get("changes_allowed", True)
-        sample_where = (refined != original) & estep.annotated_mask(original, logits.shape[0]) & bool(allowed)
+        sample_where = (refined != annotations) & estep.annotated_mask(annotations, logits.shape[0]) & changes_allowed
     return estep.soft_label_maps(q, refined, sample_where=sample_where, samples=settings.soft_targets, seed=seed)

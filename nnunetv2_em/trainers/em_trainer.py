@@ -216,15 +216,15 @@ class EMTrainer(nnUNetTrainer):
         predictor = self._estep_predictor()
         dataset = self.dataset_class(self.preprocessed_dataset_folder, cases)
         cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases), num_classes=num_classes)
-        samples = []
+        samples, weak = [], {}  # weak: each case's constraints in its array, converted once per round
         for case in cases:
             data = torch.from_numpy(np.ascontiguousarray(dataset.load_case(case)[0][:]))
             # cached as float16 and used as cached, so a resumed E-step sees exactly the same numbers
             logits = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy().astype(np.float16)
             np.save(join(logits_cache, f"{case}.npy"), logits)
+            weak[case] = self._case_constraints(case, logits.shape[1:])
             samples.append(constrained.fit_sample(logits.astype(np.float32),
-                                                  self._training_labels.read_original_seg(case)[0],
-                                                  self._case_constraints(case, logits.shape[1:]),
+                                                  self._training_labels.read_original_seg(case)[0], weak[case],
                                                   max_voxels_per_class=cap, band_width=settings.band_width,
                                                   seed=estep.case_seed(settings.seed, round_index, case)))
         prediction_seconds = time.time() - started
@@ -262,7 +262,7 @@ class EMTrainer(nnUNetTrainer):
                                          up_to_round=round_index - 1)
             previous = label_store.read_seg_b2nd(mine["seg_path"])[0] if mine else original
             refined, scores[case] = constrained.refine_labelled_case(
-                logits, original, fit.model, self._case_constraints(case, logits.shape[1:]),
+                logits, original, fit.model, weak[case],
                 thresholds=settings.thresholds, ignore_label=ignore_label, previous=previous,
                 apply=refine and case not in verified, allow_changes=gate["changes_allowed"],
                 case_prior_strength=settings.case_prior, mode=settings.weak_mode, samples=settings.weak_samples,
