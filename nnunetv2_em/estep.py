@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,11 +186,26 @@ def mean_log_likelihood(logits, annotations, transition, temperature, *, weights
     return _mean_log_likelihood(logits, annotations, np.asarray(transition), temperature, weights)
 
 
-def _mean_log_likelihood(logits, annotations, transition, temperature, weights) -> float:
+def _mean_log_likelihood(logits, annotations, transition, temperature, weights, truths=None) -> float:
     # Σ_k p_k T[k, a] = (Tᵀ p)[a]: one small matrix product instead of gathering T's columns per sample
-    marginal = np.take_along_axis(transition.T @ softmax(logits, temperature), annotations[None], axis=0)[0]
+    probs = softmax(logits, temperature)
+    marginal = np.take_along_axis(transition.T @ probs, annotations[None], axis=0)[0]
+    if truths is not None:  # complete data: the joint of the known true class and the annotation
+        known = truths >= 0
+        marginal[known] = probs[truths[known], np.flatnonzero(known)] * transition[truths[known], annotations[known]]
     per_sample = np.log(np.maximum(marginal, _TINY))
     return float(np.dot(weights, per_sample) / max(weights.sum(), _TINY))
+
+
+def _check_truths(truths, annotations, num_classes: int):
+    """``(N,)`` int64 with ``-1`` for voxels whose true class is unknown, or None."""
+    if truths is None:
+        return None
+    truths = np.asarray(truths)
+    if truths.shape != annotations.shape:
+        raise ValueError(f"truths {truths.shape} must have the annotations' shape {annotations.shape}")
+    truths = truths.astype(np.int64)
+    return np.where((truths >= 0) & (truths < num_classes), truths, -1)
 
 
 def _transition_columns(model: NoiseModel, annotations: np.ndarray, bands) -> np.ndarray:
@@ -206,20 +222,27 @@ def _model_mean_log_likelihood(logits, annotations, model: NoiseModel, weights, 
     return float(np.dot(weights, np.log(np.maximum(marginal, _TINY))) / max(weights.sum(), _TINY))
 
 
-def update_transition(probs, annotations, transition, *, weights=None) -> np.ndarray:
+def update_transition(probs, annotations, transition, *, weights=None, truths=None) -> np.ndarray:
     """One closed-form EM update of ``T`` given fixed network probabilities.
 
-    ``T_new[k, j] = Σ_{n: a_n = j} w_n q_n(k) / Σ_n w_n q_n(k)`` with ``q_n`` the posterior under the current ``T``.
-    Rows of classes that receive no posterior mass keep their old values.
+    ``T_new[k, j] = Σ_{n: a_n = j} w_n q_n(k) / Σ_n w_n q_n(k)`` with ``q_n`` the posterior under the current ``T``,
+    or the one-hot of the true class where ``truths`` knows it (complete data, e.g. reviewed cases: their pairs
+    (true, annotated) are counted as they are). Rows of classes that receive no mass keep their old values.
 
     Args:
         probs: ``(C, N)`` probabilities (already temperature-scaled). annotations: ``(N,)``. transition: ``(C, C)``.
+        truths: ``(N,)`` true class per sample, ``-1`` where unknown; None: all unknown.
     """
     probs, annotations, weights = _check_samples(probs, annotations, weights)
     transition = np.asarray(transition, dtype=np.float64)
     num_classes = probs.shape[0]
+    truths = _check_truths(truths, annotations, num_classes)
     joint = _annotation_likelihoods(probs, annotations, transition)
     posterior = joint / np.maximum(joint.sum(axis=0, keepdims=True), _TINY)
+    if truths is not None:
+        known = np.flatnonzero(truths >= 0)
+        posterior[:, known] = 0.0
+        posterior[truths[known], known] = 1.0
     weighted = posterior * weights[None]
     counts = np.zeros((num_classes, num_classes))
     for annotated_class in range(num_classes):
@@ -229,16 +252,18 @@ def update_transition(probs, annotations, transition, *, weights=None) -> np.nda
 
 
 def fit_temperature(logits, annotations, transition, *, weights=None, current: float = 1.0,
-                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
-    """Temperature maximising the annotations' marginal likelihood for a fixed ``T`` (bounded search on log tau).
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS, truths=None) -> float:
+    """Temperature maximising the annotations' marginal likelihood for a fixed ``T`` (bounded search on log tau);
+    samples with a known true class (``truths``) contribute their complete-data likelihood.
 
     Returns ``current`` unless the search finds a strictly better value, so a fitting loop never loses likelihood.
     """
     logits, annotations, weights = _check_samples(logits, annotations, weights)
     transition = np.asarray(transition, dtype=np.float64)
+    truths = _check_truths(truths, annotations, logits.shape[0])
 
     def negative_likelihood(log_temperature):
-        return -_mean_log_likelihood(logits, annotations, transition, np.exp(log_temperature), weights)
+        return -_mean_log_likelihood(logits, annotations, transition, np.exp(log_temperature), weights, truths)
 
     result = optimize.minimize_scalar(negative_likelihood, bounds=np.log(bounds), method="bounded",
                                       options={"xatol": 1e-4})
@@ -249,12 +274,15 @@ def fit_temperature(logits, annotations, transition, *, weights=None, current: f
 
 def fit_noise_model(logits, annotations, *, weights=None, initial: NoiseModel | None = None,
                     calibrate_temperature: bool = True, max_iterations: int = 100,
-                    tolerance: float = 1e-6) -> NoiseModel:
-    """Maximise the annotations' marginal likelihood over ``T`` and the temperature by alternating updates.
+                    tolerance: float = 1e-6, truths=None) -> NoiseModel:
+    """Maximise the annotations' likelihood over ``T`` and the temperature by alternating updates: the marginal
+    likelihood of voxels whose true class is unknown plus the complete-data likelihood of those whose true class
+    is known (``truths``: reviewed cases). Both updates maximise that sum, so it never decreases.
 
     Args:
         logits: ``(C, N)`` sampled network logits. annotations: ``(N,)`` annotated classes of the same voxels.
         weights: ``(N,)`` sampling weights (see ``sample_voxels``), or None for equal weights.
+        truths: ``(N,)`` the true class where known (reviewed), ``-1`` elsewhere; None: all unknown.
         initial: starting model; default ``default_transition(C)`` at temperature 1.
         calibrate_temperature: also fit the temperature (otherwise it stays at the initial value).
         max_iterations: maximum number of (temperature, transition) update pairs.
@@ -274,9 +302,10 @@ def fit_noise_model(logits, annotations, *, weights=None, initial: NoiseModel | 
     if transition.shape != (num_classes, num_classes):
         raise ValueError(f"initial transition must be {(num_classes, num_classes)}, got {transition.shape}")
     temperature = float(initial.temperature)
+    truths = _check_truths(truths, annotations, num_classes)
 
     def likelihood():
-        return _mean_log_likelihood(logits, annotations, transition, temperature, weights)
+        return _mean_log_likelihood(logits, annotations, transition, temperature, weights, truths)
 
     trace = [likelihood()]
     for iteration in range(max_iterations):
@@ -286,9 +315,10 @@ def fit_noise_model(logits, annotations, *, weights=None, initial: NoiseModel | 
             bounds = TEMPERATURE_BOUNDS if iteration == 0 else (
                 max(TEMPERATURE_BOUNDS[0], temperature / 1.5), min(TEMPERATURE_BOUNDS[1], temperature * 1.5))
             temperature = fit_temperature(logits, annotations, transition, weights=weights, current=temperature,
-                                          bounds=bounds)
+                                          bounds=bounds, truths=truths)
             trace.append(likelihood())
-        transition = update_transition(softmax(logits, temperature), annotations, transition, weights=weights)
+        transition = update_transition(softmax(logits, temperature), annotations, transition, weights=weights,
+                                       truths=truths)
         trace.append(likelihood())
         if trace[-1] - before < tolerance:
             break
@@ -803,6 +833,22 @@ def change_precision(verified, unverified, *, level: float = 0.95, samples: int 
     return PrecisionEstimate(precision_at(rate), lower, float(rate), int(verified.shape[0]), int(changes))
 
 
+def false_changes(annotations, refined, truth, *, ignore_label: int) -> int:
+    """Voxels an E-step changed to a class other than the true one.
+
+    Args:
+        annotations, refined, truth: ``(*spatial)``; a change is an annotated voxel (``0 <= a != ignore_label``)
+            whose refined label is neither its annotation nor ``ignore_label``, as ``score_case`` counts them.
+    """
+    annotations, refined, truth = np.asarray(annotations), np.asarray(refined), np.asarray(truth)
+    if not annotations.shape == refined.shape == truth.shape:
+        raise ValueError(f"shapes differ: annotations {annotations.shape}, refined {refined.shape}, "
+                         f"truth {truth.shape}")
+    annotated = (annotations >= 0) & (annotations != ignore_label)
+    changed = annotated & (refined != annotations) & (refined != ignore_label)
+    return int(np.count_nonzero(changed & (refined != truth)))
+
+
 def precision_gate(counts: dict[str, tuple[int, int]], verified, *, min_precision: float,
                    seed: int = 0) -> tuple[bool, PrecisionEstimate]:
     """Whether to apply a round's refinements: the lower bound of their estimated precision (``change_precision``)
@@ -824,6 +870,7 @@ class CaseSample:
     weights: np.ndarray  # (N,)
     dice: tuple[float, ...]  # annotation vs. network argmax, per foreground class
     bands: np.ndarray | None = None  # (N,) boundary bands of the sampled voxels (boundary-aware models)
+    truths: np.ndarray | None = None  # (N,) true class of the sampled voxels where known (reviewed), else -1
 
 
 @dataclass(frozen=True)
@@ -846,13 +893,15 @@ def voxels_per_class(total_voxels: int, *, num_cases: int, num_classes: int) -> 
     return max(1, total_voxels // max(1, num_cases * num_classes))
 
 
-def sample_case(logits, annotations, *, max_voxels_per_class: int, seed, band_width: float | None = None
-                ) -> CaseSample:
+def sample_case(logits, annotations, *, max_voxels_per_class: int, seed, band_width: float | None = None,
+                truth=None) -> CaseSample:
     """Stratified fitting sample of one case and its annotation-vs-prediction Dice.
 
     Args:
         logits: ``(C, *spatial)``. annotations: ``(*spatial)``. seed: anything ``numpy.random.default_rng`` takes.
         band_width: also record each sampled voxel's ``boundary_bands`` band at this width (boundary-aware fit).
+        truth: ``(*spatial)`` the case's true labels (a reviewed case): the fit counts its (true, annotated) pairs
+            as complete data; values outside ``0..C-1`` (ignore, outside the image) count as unknown.
     """
     logits = np.asarray(logits)
     annotations = np.asarray(annotations)
@@ -866,9 +915,14 @@ def sample_case(logits, annotations, *, max_voxels_per_class: int, seed, band_wi
     if band_width is not None:
         bands = boundary_bands(annotations, num_classes=num_classes, width=band_width).reshape(-1)[indices]
         bands = bands.astype(np.int64)
+    truths = None
+    if truth is not None:
+        if np.shape(truth) != annotations.shape:
+            raise ValueError(f"truth {np.shape(truth)} does not match annotations {annotations.shape}")
+        truths = _check_truths(np.asarray(truth).reshape(-1)[indices], flat_annotations[indices], num_classes)
     dice_values = foreground_dice(annotations, logits.argmax(axis=0), num_classes=num_classes)
     return CaseSample(logits.reshape(num_classes, -1)[:, indices].astype(np.float32),
-                      flat_annotations[indices].astype(np.int64), weights, tuple(dice_values), bands)
+                      flat_annotations[indices].astype(np.int64), weights, tuple(dice_values), bands, truths)
 
 
 def degenerate_fit(samples: list[CaseSample], model: NoiseModel, *, thresholds: RefinementThresholds,
@@ -898,6 +952,14 @@ def _pooled(samples: list[CaseSample]):
             np.concatenate([s.weights for s in samples]), bands)
 
 
+def _pooled_truths(samples: list[CaseSample]) -> np.ndarray | None:
+    """``(N,)`` known true classes of all samples (``-1`` unknown), or None when no sample knows one."""
+    if all(s.truths is None for s in samples):
+        return None
+    return np.concatenate([np.full(s.annotations.shape, -1, np.int64) if s.truths is None else s.truths
+                           for s in samples])
+
+
 def fit_round(samples: list[CaseSample], *, calibrate_temperature: bool, max_iterations: int,
               min_model_dice: float, thresholds: RefinementThresholds | None = None,
               max_ignored_share: float = MAX_IGNORED_SHARE, band_width: float | None = None,
@@ -906,7 +968,9 @@ def fit_round(samples: list[CaseSample], *, calibrate_temperature: bool, max_ite
 
     The temperature and one ``T`` come from ``fit_noise_model``; with ``band_width`` (samples drawn with the same
     ``band_width``) each boundary band then gets its own ``T`` shrunk toward it (``fit_band_transitions``,
-    ``band_prior_strength`` voxels), which can only raise the likelihood (the trace goes on). An untrained network
+    ``band_prior_strength`` voxels), which can only raise the likelihood (the trace goes on; samples with known
+    truths (``sample_case(truth=)``) enter ``fit_noise_model`` as complete data, the band stage as marginal
+    terms). An untrained network
     would "explain" the annotation away as noise, so labels are only refined once the mean foreground Dice between
     the network and the annotation reaches ``min_model_dice``, and never with a degenerate fit
     (``degenerate_fit``; checked when ``thresholds`` are given).
@@ -915,7 +979,7 @@ def fit_round(samples: list[CaseSample], *, calibrate_temperature: bool, max_ite
         raise ValueError("no cases to fit the noise model on")
     logits, annotations, weights, bands = _pooled(samples)
     model = fit_noise_model(logits, annotations, weights=weights, calibrate_temperature=calibrate_temperature,
-                            max_iterations=max_iterations)
+                            max_iterations=max_iterations, truths=_pooled_truths(samples))
     if band_width is not None:
         if bands is None:
             raise ValueError("a boundary-aware fit needs samples drawn with band_width (sample_case)")
@@ -970,7 +1034,8 @@ def score_pseudo_label(logits, labels, model: NoiseModel, *, ignore_label: int) 
 
 def gate_round(fit: RoundFit, cases, verified, case_arrays, *, thresholds: RefinementThresholds, ignore_label: int,
                case_prior_strength: float | None, min_change_precision: float, min_model_dice: float, seed: int,
-               round_index: int, changes_without_verified_cases: bool = False) -> tuple[bool, dict]:
+               round_index: int, changes_without_verified_cases: bool = False,
+               truth_of: Callable[[str], np.ndarray | None] | None = None) -> tuple[bool, dict]:
     """Whether the round refines at all, and whether it may change classes. The one gate every driver calls.
 
     The round refines when the fit is usable: the network's Dice with the annotation reaches ``min_model_dice`` (a
@@ -982,6 +1047,8 @@ def gate_round(fit: RoundFit, cases, verified, case_arrays, *, thresholds: Refin
     overwritten, unless ``changes_without_verified_cases`` restores the model-Dice gate for changes.
     ``case_arrays(case)`` returns that case's ``(logits (C, *spatial), original annotation (*spatial))``, and
     optionally a third element, the second opinion's logits (``refine_case``), which the counts then respect.
+    ``truth_of(case)``: a verified case's true labels ``(*spatial)`` when they differ from its annotation (a
+    reviewed case), else None; a change there is false only where it disagrees with them.
 
     Returns:
         ``(refine, gate)``: ``gate["kind"]`` is ``"model_dice"`` or ``"precision"`` (the estimate's fields), and
@@ -994,10 +1061,15 @@ def gate_round(fit: RoundFit, cases, verified, case_arrays, *, thresholds: Refin
     counts = {}
     for case in cases:
         logits, annotations, *second = case_arrays(case)
-        _, scores = refine_case(logits, annotations, fit.model, thresholds=thresholds, ignore_label=ignore_label,
-                                case_prior_strength=case_prior_strength, seed=case_seed(seed, round_index, case),
-                                second_opinion=second[0] if second else None)
-        counts[case] = (scores["voxels_changed"], scores["voxels_annotated"])
+        refined, scores = refine_case(logits, annotations, fit.model, thresholds=thresholds,
+                                      ignore_label=ignore_label, case_prior_strength=case_prior_strength,
+                                      seed=case_seed(seed, round_index, case),
+                                      second_opinion=second[0] if second else None)
+        truth = truth_of(case) if truth_of is not None and case in verified else None
+        changed = scores["voxels_changed"]
+        if truth is not None:  # only the changes that disagree with the reviewed labels are false
+            changed = false_changes(annotations, refined, truth, ignore_label=ignore_label)
+        counts[case] = (changed, scores["voxels_annotated"])
     opened, estimate = precision_gate(counts, verified, min_precision=min_change_precision, seed=seed)
     return fit.refine, {"kind": "precision", **estimate.to_dict(), "min_change_precision": min_change_precision,
                         "model_dice": fit.model_dice, "min_model_dice": min_model_dice,

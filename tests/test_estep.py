@@ -562,3 +562,85 @@ def test_a_change_the_second_opinion_does_not_confirm_becomes_ignore():
     doubted, _ = estep.refine_case(logits, annotation, model, thresholds=RefinementThresholds(), ignore_label=2,
                                    second_opinion=np.zeros_like(logits))  # a second model with no opinion
     assert np.all(doubted[alone != annotation] == 2) and np.any(alone != annotation)
+
+
+def test_with_every_true_class_known_the_fit_of_T_is_the_count_of_true_annotated_pairs():
+    true_transition = np.array([[0.85, 0.1, 0.05], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    rng = np.random.default_rng(4)
+    n = 20_000
+    logits = rng.normal(0, 2.0, (3, n))
+    true = np.array([rng.choice(3, p=p) for p in estep.softmax(logits).T])
+    annotations = np.array([rng.choice(3, p=true_transition[t]) for t in true])
+    weights = rng.uniform(0.5, 2.0, n)
+    counts = np.zeros((3, 3))
+    np.add.at(counts, (true, annotations), weights)
+    model = estep.fit_noise_model(logits, annotations, weights=weights, calibrate_temperature=False, truths=true)
+    np.testing.assert_allclose(model.transition, counts / counts.sum(axis=1, keepdims=True), atol=1e-12)
+    # the complete-data temperature maximises the likelihood of the true classes alone: 1 for calibrated logits
+    calibrated = estep.fit_noise_model(logits, annotations, weights=weights, truths=true)
+    assert calibrated.temperature == pytest.approx(1.0, rel=0.05)
+
+
+def test_a_few_reviewed_voxels_sharpen_T_and_the_combined_likelihood_never_decreases():
+    # a network biased toward class 1: the marginal alone blames part of its bias on the annotator
+    true_transition = np.array([[0.9, 0.1], [0.3, 0.7]])
+    for seed in range(3):
+        logits, annotations, true = _synthetic_annotator(true_transition, n=4_000, seed=seed)
+        logits[1] += 1.5
+        truths = np.where(np.arange(true.size) < 1_000, true, -1)  # a quarter of the voxels reviewed
+        marginal = estep.fit_noise_model(logits, annotations, max_iterations=300, tolerance=1e-10)
+        reviewed = estep.fit_noise_model(logits, annotations, max_iterations=300, tolerance=1e-10, truths=truths)
+        assert np.all(np.diff(reviewed.trace) >= -1e-12) and reviewed.trace[-1] > reviewed.trace[0]
+        error = [np.abs(m.transition - true_transition).max() for m in (marginal, reviewed)]
+        assert error[1] < error[0] - 0.005
+    # truths outside 0..C-1 (ignore, outside the image) are unknown, not an error
+    same = estep.fit_noise_model(logits, annotations, max_iterations=300, tolerance=1e-10,
+                                 truths=np.where(truths < 0, 5, truths))
+    np.testing.assert_allclose(same.transition, reviewed.transition)
+
+
+def test_a_case_sample_carries_the_reviewed_truth_of_its_voxels_into_the_round_fit():
+    rng = np.random.default_rng(0)
+    annotations = rng.integers(0, 2, (10, 10))
+    truth = np.where(rng.random((10, 10)) < 0.2, 1 - annotations, annotations)
+    truth[0, 0] = 2  # the ignore label: unknown
+    logits = rng.normal(0, 1, (2, 10, 10))
+    sample = estep.sample_case(logits, annotations, max_voxels_per_class=1000, seed=1, truth=truth)
+    flat_truth = truth.reshape(-1)
+    assert sample.truths is not None and sample.truths.shape == sample.annotations.shape
+    assert np.count_nonzero(sample.truths == -1) == 1
+    known = sample.truths[sample.truths >= 0]
+    assert set(np.unique(sample.truths)) <= {-1, 0, 1} and known.sum() == np.sum(flat_truth[flat_truth < 2])
+    plain = estep.sample_case(logits, annotations, max_voxels_per_class=1000, seed=1)
+    fits = [estep.fit_round(s, calibrate_temperature=False, max_iterations=50, min_model_dice=0.0)
+            for s in ([plain, plain], [plain, sample])]
+    assert not np.allclose(fits[0].model.transition, fits[1].model.transition)
+
+
+def test_a_change_on_a_reviewed_case_is_false_only_where_it_disagrees_with_the_reviewed_labels():
+    annotations = np.array([0, 0, 1, 1, 0, -1])
+    refined = np.array([1, 1, 0, 1, 2, 1])  # 2 = ignore: not a change; -1: outside the annotation
+    truth = np.array([1, 0, 0, 1, 0, 1])
+    assert estep.false_changes(annotations, refined, truth, ignore_label=2) == 1
+    with pytest.raises(ValueError, match="shapes differ"):
+        estep.false_changes(annotations, refined, truth[:3], ignore_label=2)
+
+
+def test_a_reviewed_case_whose_corrections_the_refinement_repeats_opens_the_precision_gate():
+    rng = np.random.default_rng(3)
+    truth = np.zeros((12, 12, 12), np.int64)
+    truth[3:9, 3:9, 3:9] = 1
+    logits = np.stack([np.zeros(truth.shape), np.where(truth == 1, 4.0, -4.0) + rng.normal(0, 0.1, truth.shape)])
+    eroded = truth.copy()
+    eroded[3:9, 3:9, 3:5] = 0
+    arrays = {"reviewed": (logits, eroded), "eroded_b": (logits, eroded)}
+    usable = estep.RoundFit(NoiseModel(np.array([[0.9, 0.1], [0.3, 0.7]]), 1.0), model_dice=0.9, refine=True)
+    options = dict(thresholds=RefinementThresholds(), ignore_label=2, case_prior_strength=None,
+                   min_change_precision=0.8, min_model_dice=0.5, seed=0, round_index=1)
+    # taken as annotated right, every change on it is false: closed
+    _, gate = estep.gate_round(usable, list(arrays), ["reviewed"], arrays.__getitem__, **options)
+    assert not gate["changes_allowed"]
+    # its reviewed labels say the changes restore the truth: none of them is false, open
+    _, gate = estep.gate_round(usable, list(arrays), ["reviewed"], arrays.__getitem__, **options,
+                               truth_of={"reviewed": truth}.get)
+    assert gate["changes_allowed"] and gate["false_change_rate"] == 0.0
