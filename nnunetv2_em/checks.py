@@ -149,6 +149,10 @@ def guard_label_versions(raw_folder: str, dataset: str, *, continuing_run: str |
     marker = label_store.read_labels_marker(labels)
     if marker is None or (continuing_run is not None and marker.get("run") == continuing_run):
         return
+    if continuing_run is not None and marker.get("run") == label_store.REVIEW_RUN and \
+            label_store.review_version_base(raw_folder, int(marker.get("round", 0))).get("run") in (continuing_run,
+                                                                                                   None):
+        return  # reviewed labels imported into this run's labels (or into the originals)
     version = label_store.version_name(marker.get("run"), int(marker.get("round", 0)))
     marker_file = os.path.join(labels, label_store.VERSION_MARKER)
     if not os.path.isfile(label_store.originals_manifest_path(raw_folder)):
@@ -233,7 +237,7 @@ def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict
                                f"dataset.json.")
         image, image_properties = check_images(case, entry["images"], expected_channels, reader_writer,
                                                f"{raw_folder}/imagesTr")
-        _check_same_geometry(entry["label"], seg, seg_properties, entry["images"][0], image, image_properties)
+        check_same_geometry(entry["label"], seg, seg_properties, entry["images"][0], image, image_properties)
     return cases
 
 
@@ -255,7 +259,7 @@ def check_unlabeled_images(images_by_case: dict[str, list[str]], raw_folder: str
                                f"{dimension}D. Fix: provide {dimension}D images in {source}.")
 
 
-def _check_same_geometry(label_path, seg, seg_properties, image_path, image, image_properties) -> None:
+def check_same_geometry(label_path, seg, seg_properties, image_path, image, image_properties) -> None:
     if seg.shape[1:] != image.shape[1:]:
         raise EMInputError(f"{label_path}: shape {seg.shape[1:]} differs from its image {image_path} "
                            f"{image.shape[1:]}. Fix: resample the label onto the image grid.")

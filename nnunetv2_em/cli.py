@@ -98,6 +98,40 @@ def _merge(args):
     print(summary_line(result, args.output))
 
 
+def _budget(text: str) -> float:
+    value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a share of the cases, e.g. 5% or 0.05")
+    return value
+
+
+def _review_export(args):
+    from nnunetv2_em.review import export_review
+
+    record = export_review(args.dataset, args.out, run=args.run, round_index=args.round, top=args.top,
+                           budget=args.budget, cases=args.cases)
+    print(f"exported {len(record['cases'])} case(s) of round {record['round']} of {record['run']} to {args.out}: "
+          f"open <case>/<case>.itksnap (ITK-SNAP) or <case>/load_in_slicer.py (3D Slicer), save reviewed"
+          f"{record['file_ending']} next to the proposal, fill in review.csv, then `nnunetv2_em review import "
+          f"{args.out}`.")
+
+
+def _review_import(args):
+    from nnunetv2_em.label_store import version_name
+    from nnunetv2_em.review import import_review
+
+    summary = import_review(args.folder, reviewer=args.reviewer)
+    if not summary["imported"]:
+        print(f"nothing to import: no reviewed label and no 'accepted' status in {args.folder} "
+              f"({len(summary['skipped'])} case(s) pending)")
+        return
+    version = summary["version"]
+    print(f"imported {len(summary['imported'])} reviewed label(s) ({', '.join(summary['imported'])}); "
+          f"{summary['total_effort']['voxels_edited']} voxels edited, {summary['total_minutes']:g} minutes; "
+          f"labelsTr holds {version_name(version['run'], version['round'])}. The next round trains on them and never "
+          f"changes them.")
+
+
 def _benchmark(args):
     from nnunetv2_em.benchmark import suite
     from nnunetv2_em.benchmark.report import markdown
@@ -175,6 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--link", action="store_true", help="symlink images instead of copying them")
     merge.add_argument("--prefix", action="store_true", help="prefix case ids with their source dataset's name")
     merge.set_defaults(handler=_merge)
+
+    review = commands.add_parser("review", help="the human review loop: export the top cases of a round for "
+                                 "ITK-SNAP / 3D Slicer, import the reviewed labels (frozen, trusted)")
+    review_commands = review.add_subparsers(dest="review_command", required=True)
+    export = review_commands.add_parser("export", help="a folder per case: image, proposal, original, uncertainty, "
+                                        "changes, ITK-SNAP workspace, 3D Slicer loader; one review.csv")
+    export.add_argument("-d", "--dataset", required=True)
+    export.add_argument("-o", "--out", required=True, help="new folder to write")
+    export.add_argument("--run", help="the run (default: the active run, or the only one)")
+    export.add_argument("--round", type=int, help="the round (default: the run's last)")
+    chosen = export.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--top", type=int, help="the N cases with the highest review score")
+    chosen.add_argument("--budget", type=_budget, help="that share of the round's labelled cases, e.g. 5%%")
+    chosen.add_argument("--cases", nargs="+", help="these cases")
+    export.set_defaults(handler=_review_export)
+    imported = review_commands.add_parser("import", help="check the returned labels, keep them as reviewed labels "
+                                          "and activate a label version with them")
+    imported.add_argument("folder", help="the exported folder, with reviewed labels in it")
+    imported.add_argument("--reviewer", help="name recorded where review.csv has none")
+    imported.set_defaults(handler=_review_import)
 
     from nnunetv2_em.benchmark.harness import PROFILES
     from nnunetv2_em.benchmark.noise import SETTINGS

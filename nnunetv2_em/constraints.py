@@ -287,16 +287,17 @@ def weak_case_kind(constraints: CaseConstraints) -> str:
 
 
 def fit_sample(logits, annotations, constraints: CaseConstraints | None, *, max_voxels_per_class: int, seed,
-               band_width: float | None = None) -> estep.CaseSample:
+               band_width: float | None = None, truth=None) -> estep.CaseSample:
     """The case's share of the round's noise-model fit (``estep.sample_case``): with weak labels only its
     singleton observations (a partial case's background means "background or an unannotated class", not an
-    annotation) and only the Dice of the classes it annotates."""
+    annotation) and only the Dice of the classes it annotates; ``truth``: a reviewed case's labels ``(*spatial)``
+    (complete data)."""
     logits = np.asarray(logits)
     annotations = np.asarray(annotations)
     if constraints is not None:
         annotations = np.where(singleton_observations(annotations, constraints, logits.shape[0]), annotations, -1)
     sample = estep.sample_case(logits, annotations, max_voxels_per_class=max_voxels_per_class, seed=seed,
-                               band_width=band_width)
+                               band_width=band_width, truth=truth)
     if constraints is None:
         return sample
     unannotated = constraints.unannotated_classes(logits.shape[0])

@@ -671,6 +671,27 @@ def case_posterior(logits, annotations, model: NoiseModel, *, case_prior_strengt
     return probabilities, case_flip_rate
 
 
+def proposal_uncertainty(posterior_probs, labels) -> np.ndarray:
+    """How unsure the posterior is of the proposed labels: ``1 - q(label)`` per voxel, ``1 - max q`` where the
+    label is not a class (ignore), 0 outside the image (``label < 0``).
+
+    Args:
+        posterior_probs: ``(C, *spatial)``. labels: ``(*spatial)`` the proposal.
+
+    Returns:
+        ``(*spatial)`` float32 in [0, 1].
+    """
+    posterior_probs = np.asarray(posterior_probs)
+    labels = np.asarray(labels)
+    if posterior_probs.shape[1:] != labels.shape:
+        raise ValueError(f"posterior {posterior_probs.shape} does not match labels {labels.shape}")
+    num_classes = posterior_probs.shape[0]
+    is_class = (labels >= 0) & (labels < num_classes)
+    chosen = np.take_along_axis(posterior_probs, np.where(is_class, labels, 0)[None].astype(np.int64), axis=0)[0]
+    confidence = np.where(is_class, chosen, posterior_probs.max(axis=0))
+    return np.where(labels < 0, 0.0, 1.0 - confidence).clip(0.0, 1.0).astype(np.float32)
+
+
 def soft_label_maps(posterior_probs, refined, *, sample_where, samples: int, seed) -> np.ndarray:
     """``samples`` label maps for ``SoftTargetTrainer``: ``refined`` everywhere, except where ``sample_where`` is
     True, where each map draws the voxel's class from its posterior (the E-step's doubt becomes a target

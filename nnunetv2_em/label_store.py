@@ -298,7 +298,8 @@ def write_round_labels(labels_folder: str, cases: Iterable[str], *, file_ending:
 
 
 # ----------------------------------------------------------------------- a dataset's label versions (cross-fold)
-ORIGINAL, REFINED, PSEUDO = "original", "refined", "pseudo"
+ORIGINAL, REFINED, PSEUDO, REVIEWED = "original", "refined", "pseudo", "reviewed"
+REVIEW_RUN = "em_review"  # the label versions that imports of reviewed labels activate: a "run" of their own
 EM_LABELS = "em_labels"
 SOFT_MAPS_FOLDER = "soft_targets"  # trainers/soft_targets.py reads the same folder
 VERSION_MARKER = ".nnunetv2_em_version.json"  # in labelsTr (rounds >= 1)
@@ -535,17 +536,31 @@ class DatasetLabelVersions:
             kept.append(os.path.relpath(target, self.root))
         return kept
 
-    def write_round_metadata(self, round_index: int, dataset_json: dict, cases: dict[str, dict]) -> None:
+    def write_round_metadata(self, round_index: int, dataset_json: dict, cases: dict[str, dict], *,
+                             extra: dict | None = None) -> None:
         """dataset.json and manifest of a round whose cases are all staged; ``cases``: {case: {provenance, ...,
-        optionally "images" (relative to em_labels) and "preprocessed_image" for cases the run adds}}."""
+        optionally "images" (relative to em_labels) and "preprocessed_image" for cases the run adds}};
+        ``extra``: more top-level manifest fields (a review version's ``base``)."""
         entries = {case: {**entry, "sha256": sha256(self.label_path(round_index, case))}
                    for case, entry in sorted(cases.items())}
         write_json(os.path.join(self.round_folder(round_index), "dataset.json"),
                    {**dataset_json, "numTraining": len(entries)})
         write_json(self.manifest_path(round_index), {
-            "round": round_index, "run": self.run, "data_identifier": self.data_identifier,
+            "round": round_index, "run": self.run, "data_identifier": self.data_identifier, **(extra or {}),
             "labels_sha256": labels_digest({case: entry["sha256"] for case, entry in entries.items()}),
             "cases": entries})
+
+    def stage_reviewed_case(self, round_index: int, case: str, reviewed: ReviewedLabels) -> None:
+        """Stage a reviewed case into a round: its reviewed label file byte for byte, and its preprocessed
+        segmentation for this data identifier (``ReviewedLabels.write_segmentation`` made it)."""
+        os.makedirs(self.labels_folder(round_index), exist_ok=True)
+        copy_file(reviewed.label_path(case), self.label_path(round_index, case))
+        if sha256(self.label_path(round_index, case)) != reviewed.records()[case]["sha256"]:
+            raise OSError(f"{self.label_path(round_index, case)}: copy differs from {reviewed.label_path(case)}")
+        os.makedirs(self.segmentation_folder(round_index), exist_ok=True)
+        for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
+            copy_file(os.path.join(reviewed.segmentation_folder(self.data_identifier), name),
+                      os.path.join(self.segmentation_folder(round_index), name))
 
     # switching labelsTr to a version
     def activate(self, round_index: int, run: str | None = None) -> None:
@@ -602,6 +617,113 @@ class DatasetLabelVersions:
         write_json(self.journal_path(), journal)
         fault_point("journal_written")
         _roll_forward(self.raw_folder, self.preprocessed_folder, journal)
+
+
+class ReviewedLabels:
+    """Labels a person reviewed (``nnunetv2_em review import``): kept for good, never changed by an E-step, and
+    trusted (the noise model's complete data, the precision gate's verified cases). Survives every restore.
+
+        nnUNet_raw/<Dataset>/em_labels/em_review/store/<case>/v<k><file ending>   every reviewed label ever imported
+        nnUNet_raw/<Dataset>/em_labels/em_review/store/reviewed.json               {case: record of its latest}
+        nnUNet_preprocessed/<Dataset>/em_labels/em_review/store/<data_identifier>/<case>_seg.b2nd, <case>.pkl,
+                                                      <case>.json (the label checksum the segmentation was made from)
+    """
+
+    def __init__(self, raw_folder: str, preprocessed_folder: str, file_ending: str):
+        self.raw_folder = raw_folder
+        self.preprocessed_folder = preprocessed_folder
+        self.file_ending = file_ending
+        self.root = os.path.join(raw_folder, EM_LABELS, REVIEW_RUN, "store")
+
+    @property
+    def index_path(self) -> str:
+        return os.path.join(self.root, "reviewed.json")
+
+    def records(self) -> dict[str, dict]:
+        """``{case: record}`` of the latest reviewed label per case (``{}`` before any import)."""
+        return _read_json(self.index_path)["cases"] if os.path.isfile(self.index_path) else {}
+
+    def label_path(self, case: str, version: int | None = None) -> str:
+        version = self.records()[case]["version"] if version is None else version
+        return os.path.join(self.root, case, f"v{version}{self.file_ending}")
+
+    def segmentation_folder(self, data_identifier: str) -> str:
+        return os.path.join(self.preprocessed_folder, EM_LABELS, REVIEW_RUN, "store", data_identifier)
+
+    def has_segmentation(self, case: str, data_identifier: str) -> bool:
+        """The case's preprocessed segmentation exists and was made from its latest reviewed label."""
+        source = os.path.join(self.segmentation_folder(data_identifier), f"{case}.json")
+        return os.path.isfile(source) and _read_json(source).get("sha256") == self.records()[case]["sha256"]
+
+    def read_segmentation(self, case: str, data_identifier: str) -> np.ndarray:
+        """``(1, *spatial)`` preprocessed reviewed labels."""
+        return read_seg_b2nd(os.path.join(self.segmentation_folder(data_identifier), f"{case}_seg.b2nd"))
+
+    def keep(self, cases: dict[str, tuple[str, dict]]) -> dict[str, dict]:
+        """Copy and verify reviewed label files into the store: ``{case: (file, record)}``; returns the records
+        with ``version``, ``sha256`` and ``file`` added. Nothing is visible until ``commit``."""
+        kept = {}
+        previous = self.records()
+        for case, (source, record) in sorted(cases.items()):
+            version = previous[case]["version"] + 1 if case in previous else 1
+            target = self.label_path(case, version)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            kept[case] = {**record, "version": version, "sha256": _verified_copy(source, target),
+                          "file": os.path.relpath(target, self.root)}
+        return kept
+
+    def write_segmentation(self, case: str, data_identifier: str, segmentation: np.ndarray, properties: dict,
+                           patch_size, label_sha256: str) -> None:
+        folder = self.segmentation_folder(data_identifier)
+        os.makedirs(folder, exist_ok=True)
+        write_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"), segmentation, patch_size)
+        write_pickle(os.path.join(folder, f"{case}.pkl"), properties)
+        write_json(os.path.join(folder, f"{case}.json"), {"sha256": label_sha256})  # last: the pair is complete
+
+    def commit(self, records: dict[str, dict]) -> None:
+        """Make kept labels the cases' reviewed labels (one atomic write of the index)."""
+        write_json(self.index_path, {"cases": {**self.records(), **records}})
+
+
+def stage_review_version(versions: DatasetLabelVersions, reviewed: ReviewedLabels, cases: list[str]) -> int:
+    """A new ``em_review`` version: the active version with ``cases`` replaced by their reviewed labels, staged
+    complete (manifest last); returns its round number. ``versions``: set to the active run and data identifier."""
+    active = versions.active()
+    base = DatasetLabelVersions(versions.raw_folder, versions.preprocessed_folder, versions.data_identifier,
+                                versions.file_ending, active["run"])
+    base_manifest = base.read_manifest(active["round"], active["run"])
+    target = DatasetLabelVersions(versions.raw_folder, versions.preprocessed_folder, versions.data_identifier,
+                                  versions.file_ending, REVIEW_RUN)
+    round_index = max(versions.runs().get(REVIEW_RUN, [0]), default=0) + 1
+    shutil.rmtree(target.round_folder(round_index), ignore_errors=True)  # an import killed while staging
+    shutil.rmtree(target.segmentation_folder(round_index), ignore_errors=True)
+    records = reviewed.records()
+    entries = {}
+    for case, entry in base_manifest["cases"].items():
+        if case in cases:
+            target.stage_reviewed_case(round_index, case, reviewed)
+            entries[case] = {"provenance": REVIEWED, "reviewed": {k: records[case][k] for k in (
+                "version", "reviewer", "imported", "proposal") if k in records[case]}}
+            continue
+        os.makedirs(target.labels_folder(round_index), exist_ok=True)
+        copy_file(base.label_path(active["round"], case), target.label_path(round_index, case))
+        os.makedirs(target.segmentation_folder(round_index), exist_ok=True)
+        source = base.segmentation_folder(active["round"])
+        for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
+            copy_file(os.path.join(source, name), os.path.join(target.segmentation_folder(round_index), name))
+        if os.path.isfile(soft_maps_path(source, case)):
+            copy_file(soft_maps_path(source, case), soft_maps_path(target.segmentation_folder(round_index), case))
+        entries[case] = {key: value for key, value in entry.items() if key != "sha256"}
+    dataset_json = _read_json(os.path.join(base.round_folder(active["round"], active["run"]), "dataset.json"))
+    target.write_round_metadata(round_index, dataset_json, entries,
+                                extra={"base": {"run": active["run"], "round": active["round"]}})
+    return round_index
+
+
+def review_version_base(raw_folder: str, round_index: int) -> dict:
+    """``{"run", "round"}`` of the version an ``em_review`` version was made from."""
+    return _read_json(os.path.join(raw_folder, EM_LABELS, REVIEW_RUN, f"round_{round_index:02d}",
+                                   "manifest.json")).get("base", {})
 
 
 def read_labels_marker(labels_folder: str) -> dict | None:

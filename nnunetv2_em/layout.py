@@ -11,6 +11,7 @@ Label versions (``em_labels/``) are laid out by ``label_store.DatasetLabelVersio
         round_NN/fit.json                temperature, T, likelihood, network-vs-annotation Dice, refusal
         round_NN/out_of_fold.json        which fold judged which case
         round_NN/cases/<case>.json       per-case scores (its presence: the case is done)
+        round_NN/uncertainty/<case>.npz  1 - posterior of the proposed label, uint8 (x 255), preprocessed array
         round_NN/cases.csv|json          ranked by review score;  round_NN/summary.json
         round_NN/logs/                   child-process logs and prediction specs
     nnUNet_preprocessed/<Dataset>/em_unlabeled/<data_identifier>/   unlabeled cases, preprocessed once
@@ -94,6 +95,10 @@ class RunLayout:
 
     def case_file(self, round_index: int, case: str) -> str:
         return os.path.join(self.round_folder(round_index), "cases", f"{case}.json")
+
+    def uncertainty_file(self, round_index: int, case: str) -> str:
+        """The proposal's uncertainty (what ``nnunetv2_em review export`` shows the reviewer)."""
+        return os.path.join(self.round_folder(round_index), "uncertainty", f"{case}.npz")
 
     def logs_folder(self, round_index: int) -> str:
         return os.path.join(self.round_folder(round_index), "logs")

@@ -64,6 +64,42 @@ def preprocessed_to_raw_geometry(seg: np.ndarray, properties: dict, plans_manage
     return full.transpose(plans_manager.transpose_backward)
 
 
+def preprocessed_map_to_raw_geometry(values: np.ndarray, properties: dict, plans_manager: PlansManager,
+                                     configuration_manager: ConfigurationManager, *, fill: float = 0.0
+                                     ) -> np.ndarray:
+    """Revert preprocessing of a float map (a probability, an uncertainty) the way nnU-Net reverts predicted
+    probabilities: the plans' probability resampling, the crop undone (``fill`` outside it), the transpose undone.
+
+    Args:
+        values: ``(*spatial)`` float map in the preprocessed array.
+
+    Returns:
+        ``(*raw_spatial)`` float32 in the raw file's axis order.
+    """
+    values = np.asarray(values, dtype=np.float32)[None]
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    target_shape = properties["shape_after_cropping_and_before_resampling"]
+    current_spacing = (configuration_manager.spacing
+                       if len(configuration_manager.spacing) == len(target_shape)
+                       else [spacing_transposed[0], *configuration_manager.spacing])
+    if tuple(values.shape[1:]) != tuple(target_shape):
+        values = configuration_manager.resampling_fn_probabilities(values, target_shape, current_spacing,
+                                                                   spacing_transposed)
+    full = np.full(properties["shape_before_cropping"], fill, dtype=np.float32)
+    full = insert_crop_into_image(full, np.asarray(values[0], dtype=np.float32), properties["bbox_used_for_cropping"])
+    return full.transpose(plans_manager.transpose_backward)
+
+
+def preprocess_label(label_file: str, image_files: list[str], plans_manager: PlansManager,
+                     configuration_manager: ConfigurationManager, dataset_json: dict) -> tuple[np.ndarray, dict]:
+    """A raw label file as nnU-Net's preprocessing makes it for training: ``(1, *spatial)`` int16 segmentation and
+    the properties with its ``class_locations`` (the image is preprocessed in memory alongside, never written)."""
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    _, seg, properties = preprocessor.run_case(image_files, label_file, plans_manager, configuration_manager,
+                                               dataset_json)
+    return np.asarray(seg).astype(SEG_DTYPE), properties
+
+
 def refined_raw_label(original_raw: np.ndarray, original_preprocessed: np.ndarray, refined_preprocessed: np.ndarray,
                       properties: dict, plans_manager: PlansManager,
                       configuration_manager: ConfigurationManager) -> np.ndarray:

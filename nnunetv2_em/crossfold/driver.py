@@ -53,6 +53,7 @@ class CrossFoldRun:
         checks.guard_label_versions(raw, self.name, continuing_run=self.run_name)
         self.labelled, self.unlabeled_in_dataset = self._check_raw(raw)
         self.verified = checks.load_verified_cases(raw, self.labelled)
+        self.reviewed: list[str] = []  # cases with reviewed labels (nnunetv2_em review import), found in run()
         self.weak = weak_labels.load_weak_labels(raw, checks.load_dataset_json(os.path.join(raw, "dataset.json")),
                                                  labelled=self.labelled,
                                                  images=[*self.labelled, *self.unlabeled_in_dataset])
@@ -224,6 +225,7 @@ class CrossFoldRun:
                                f"restore them from a backup; nothing was modified.")
         unlabeled = {**{c: e["images"] for c, e in self.unlabeled_in_dataset.items()}, **self.extra_unlabeled}
         self._preprocess_unlabeled(client, context, unlabeled)
+        self.reviewed = self._ensure_reviewed(context)
         state = self._load_state()
         for round_index in range(1, context.em.rounds + 1):
             if state["converged"]:
@@ -247,6 +249,27 @@ class CrossFoldRun:
             with open(path) as handle:
                 return json.load(handle)
         return {"dataset": self.name, "rounds": {}, "converged": False}
+
+    def _ensure_reviewed(self, context: RunContext) -> list[str]:
+        """Labelled cases a person reviewed (``nnunetv2_em review import``), with their preprocessed segmentation
+        for this configuration (made once from the reviewed label file; images are not preprocessed again)."""
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        from nnunetv2_em import nnunet_data
+
+        store = context.reviewed_labels()
+        reviewed = sorted(case for case in store.records() if case in self.labelled)
+        missing = [case for case in reviewed if not store.has_segmentation(case, context.data_identifier)]
+        if missing:
+            plans_manager, configuration_manager, dataset_json = managers(context)
+            images = get_filenames_of_train_images_and_targets(self.raw, dataset_json)
+            for case in missing:
+                segmentation, properties = nnunet_data.preprocess_label(
+                    store.label_path(case), images[case]["images"], plans_manager, configuration_manager,
+                    dataset_json)
+                store.write_segmentation(case, context.data_identifier, segmentation, properties,
+                                         configuration_manager.patch_size, store.records()[case]["sha256"])
+        return reviewed
 
     def _ensure_split(self, context: RunContext) -> list[dict]:
         """nnU-Net's splits_final.json: created with one split per requested fold when missing."""
@@ -301,7 +324,8 @@ class CrossFoldRun:
         label_store.write_json(context.layout.round_file(round_index, "out_of_fold.json"), out_of_fold)
 
         fit = self._fit(context, round_index, sorted(out_of_fold))
-        kinds = {**{case: label_store.REFINED for case in out_of_fold},
+        kinds = {**{case: label_store.REVIEWED if case in self.reviewed else label_store.REFINED
+                    for case in out_of_fold},
                  **{case: label_store.PSEUDO for case in unlabeled}}
         refinements = [client.submit(task_refine, context, round_index, case, kind, pure=False)
                        for case, kind in sorted(kinds.items())]
@@ -330,7 +354,9 @@ class CrossFoldRun:
                               band_width=settings.band_width, band_prior_strength=settings.case_prior_strength)
         if fit.refused:
             print(f"round {round_index}: labels kept as they are: {fit.refused}", flush=True)
-        verified = [case for case in self.verified if case in cases]  # with them, the precision gate decides
+        # with verified cases (checked annotations, reviewed labels) the precision gate decides
+        verified = sorted({case for case in [*self.verified, *self.reviewed] if case in cases})
+        store = context.reviewed_labels()
         ignore_label = int(dataset_json["labels"]["ignore"])  # managers() adds it
         def case_arrays(case):
             arrays = (load_logits(context, round_index, case), versions.read_original_segmentation(case)[0])
@@ -343,7 +369,8 @@ class CrossFoldRun:
             thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
             min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
             seed=settings.seed, round_index=round_index,
-            changes_without_verified_cases=settings.changes_without_verified_cases)
+            changes_without_verified_cases=settings.changes_without_verified_cases,
+            truth_of=lambda case: self._reviewed_truth(context, store, case))
         if verified:
             print(f"round {round_index}: estimated precision of the changes {gate['precision']:.3f} (lower bound "
                   f"{gate['lower_bound']:.3f}, {len(verified)} verified cases)", flush=True)
@@ -362,7 +389,14 @@ class CrossFoldRun:
                                       context.versions().read_original_segmentation(case)[0],
                                       context.case_constraints(case), max_voxels_per_class=cap,
                                       band_width=settings.band_width,
-                                      seed=estep.case_seed(settings.seed, round_index, case))
+                                      seed=estep.case_seed(settings.seed, round_index, case),
+                                      truth=self._reviewed_truth(context, context.reviewed_labels(), case))
+
+    def _reviewed_truth(self, context: RunContext, store: label_store.ReviewedLabels, case: str):
+        """A reviewed case's labels in the preprocessed array (the truth the fit and the gate use), else None."""
+        if case not in self.reviewed:
+            return None
+        return store.read_segmentation(case, context.data_identifier)[0]
 
     def _finish_round(self, context, round_index, fit, kinds, split, unlabeled, timings) -> dict:
         versions = context.versions()
@@ -377,7 +411,8 @@ class CrossFoldRun:
                    "pseudo_labelled_cases": len(unlabeled), **{k: round(v, 2) for k, v in timings.items()}}
         summary["converged"] = bool(fit["refine"] and
                                     summary["fraction_changed_since_previous"] < context.em.tolerance)
-        reports.write_round_reports(context.layout.round_folder(round_index), summary, estep.rank_cases(scores))
+        to_rank = {c: s for c, s in scores.items() if s["provenance"] != label_store.REVIEWED}  # reviewed: done
+        reports.write_round_reports(context.layout.round_folder(round_index), summary, estep.rank_cases(to_rank))
         # cases no fold could judge keep their labels of the previous round, so the round folder stays complete
         for case in self.labelled:
             if case not in kinds:

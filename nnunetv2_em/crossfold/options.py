@@ -58,6 +58,9 @@ class RunContext:
         return label_store.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending,
                                                 run=self.layout.name)
 
+    def reviewed_labels(self) -> label_store.ReviewedLabels:
+        return label_store.ReviewedLabels(self.raw, self.preprocessed, self.file_ending)
+
     def case_constraints(self, case: str):
         """The case's weak / partial labels (``CaseConstraints``, raw voxels), or None."""
         return dict(self.constraints).get(case)

@@ -109,6 +109,13 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     if os.path.isfile(marker):
         return case
     versions = context.versions()
+    if kind == label_store.REVIEWED:  # frozen: the reviewed label, byte for byte
+        reviewed = context.reviewed_labels()
+        versions.stage_reviewed_case(round_index, case, reviewed)
+        record = reviewed.records()[case]
+        label_store.write_json(marker, {"case": case, "provenance": kind, "reviewed": {
+            key: record[key] for key in ("version", "reviewer", "imported", "proposal") if key in record}})
+        return case
     plans_manager, configuration_manager, dataset_json = managers(context)
     label_manager = plans_manager.get_label_manager(dataset_json)
     ignore_label = int(label_manager.ignore_label)
@@ -158,11 +165,18 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
                                                   configuration_manager)
     if weak_report is not None:
         scores = {**scores, "weak_labels": {"kind": constrained.weak_case_kind(weak), **weak_report}}
+    q = _proposal_posterior(settings, model, case, round_index, logits, annotations, converted,
+                            pseudo=kind == label_store.PSEUDO)
+    uncertainty = estep.proposal_uncertainty(q, refined)
+    path = context.layout.uncertainty_file(round_index, case)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    label_store.atomic_write(path, lambda temp: np.savez_compressed(
+        temp, uncertainty=np.round(uncertainty * 255).astype(np.uint8)), suffix=".npz")
     soft_maps = None
     if settings.soft_targets:
-        soft_maps = _soft_maps(settings, model, case, round_index, logits, annotations, refined, converted,
-                               pseudo=kind == label_store.PSEUDO, changes_allowed=apply and allow_changes,
-                               ignore_label=ignore_label)
+        soft_maps = _soft_maps(q, annotations, refined, case, round_index, settings,
+                               pseudo=kind == label_store.PSEUDO or converted is not None,
+                               changes_allowed=apply and allow_changes, ignore_label=ignore_label)
     properties = dict(properties)
     properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
     versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
@@ -172,22 +186,29 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     return case
 
 
-def _soft_maps(settings, model, case, round_index, logits, annotations, refined, converted, *, pseudo: bool,
-               changes_allowed: bool, ignore_label: int):
-    """The case's ``soft_targets`` sampled label maps: drawn from its posterior where the E-step was in doubt
-    (changed or ignored voxels of a labelled case, only where changes are allowed; ignored voxels of a pseudo-labelled
-    or constrained case), the hard labels elsewhere. ``annotations`` and ``converted`` (the case's constraints in
-    its array, or None) are what ``task_refine`` refined from."""
+def _proposal_posterior(settings, model, case, round_index, logits, annotations, converted, *, pseudo: bool):
+    """The posterior ``(C, *spatial)`` the case's proposal was read from: the calibrated network alone for a
+    pseudo-labelled case, under its constraints for a constrained one, the (per-case) noise model otherwise.
+    ``annotations`` and ``converted`` (the case's constraints in its array, or None) are what ``task_refine``
+    refined from."""
+    if converted is not None:
+        return constrained.observation_posterior(logits, annotations, model, converted)
+    if pseudo:
+        return estep.softmax(logits, model.temperature, dtype=np.float32)
+    q, _ = estep.case_posterior(logits, annotations, model, case_prior_strength=settings.case_prior,
+                                seed=estep.case_seed(settings.seed, round_index, case))
+    return q
+
+
+def _soft_maps(q, annotations, refined, case, round_index, settings, *, pseudo: bool, changes_allowed: bool,
+               ignore_label: int):
+    """The case's ``soft_targets`` sampled label maps from its posterior ``q``: drawn where the E-step was in doubt
+    (changed or ignored voxels of a labelled case, only where changes are allowed; ignored voxels of a
+    pseudo-labelled or constrained case), the hard labels elsewhere."""
     seed = [*estep.case_seed(settings.seed, round_index, case), 1]
     inside = refined != -1
-    if pseudo or converted is not None:
-        if converted is None:
-            q = estep.softmax(logits, model.temperature, dtype=np.float32)
-        else:
-            q = constrained.observation_posterior(logits, annotations, model, converted)
+    if pseudo:
         sample_where = inside & (refined == ignore_label)
     else:
-        q, _ = estep.case_posterior(logits, annotations, model, case_prior_strength=settings.case_prior,
-                                    seed=estep.case_seed(settings.seed, round_index, case))
-        sample_where = (refined != annotations) & estep.annotated_mask(annotations, logits.shape[0]) & changes_allowed
+        sample_where = (refined != annotations) & estep.annotated_mask(annotations, q.shape[0]) & changes_allowed
     return estep.soft_label_maps(q, refined, sample_where=sample_where, samples=settings.soft_targets, seed=seed)
