@@ -122,3 +122,29 @@ def test_fold_exchange_hands_on_the_newest_refinement_of_the_same_originals(tmp_
     exchange.clear_fold(1)
     assert exchange.latest("case", original_seg_path=str(original)) is None
     assert sorted(os.listdir(tmp_path / "exchange")) == ["fold_0"]
+
+
+def test_reviewed_labels_keep_every_version_and_show_none_before_commit(tmp_path):
+    raw, preprocessed = tmp_path / "raw", tmp_path / "pre"
+    raw.mkdir()
+    store = label_store.ReviewedLabels(str(raw), str(preprocessed), ".nii.gz")
+    first = tmp_path / "first.nii.gz"
+    first.write_bytes(b"first review")
+    kept = store.keep({"case_a": (str(first), {"reviewer": "ana"})})
+    assert store.records() == {}  # kept, not yet the case's reviewed label
+    store.commit(kept)
+    assert store.records()["case_a"]["version"] == 1 and store.records()["case_a"]["reviewer"] == "ana"
+    second = tmp_path / "second.nii.gz"
+    second.write_bytes(b"second review")
+    store.commit(store.keep({"case_a": (str(second), {"reviewer": "ben"})}))
+    assert open(store.label_path("case_a"), "rb").read() == b"second review"
+    assert open(store.label_path("case_a", 1), "rb").read() == b"first review"  # the earlier review stays
+    assert store.records()["case_a"]["sha256"] == label_store.sha256(str(second))
+    # a segmentation made from an older review is not taken for the current one
+    store.write_segmentation("case_a", "ident", np.zeros((1, 1, 4, 4), np.int16), {}, (1, 4, 4),
+                             label_store.sha256(str(first)))
+    assert not store.has_segmentation("case_a", "ident")
+    store.write_segmentation("case_a", "ident", np.ones((1, 1, 4, 4), np.int16), {}, (1, 4, 4),
+                             store.records()["case_a"]["sha256"])
+    assert store.has_segmentation("case_a", "ident")
+    assert store.read_segmentation("case_a", "ident").sum() == 16
