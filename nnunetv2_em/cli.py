@@ -126,10 +126,11 @@ def _review_import(args):
               f"({len(summary['skipped'])} case(s) pending)")
         return
     version = summary["version"]
+    where = (f"labelsTr holds {version_name(version['run'], version['round'])}" if version else
+             "labelsTr keeps the original annotations; the reviewed labels wait in em_labels/em_review/store")
     print(f"imported {len(summary['imported'])} reviewed label(s) ({', '.join(summary['imported'])}); "
           f"{summary['total_effort']['voxels_edited']} voxels edited, {summary['total_minutes']:g} minutes; "
-          f"labelsTr holds {version_name(version['run'], version['round'])}. The next round trains on them and never "
-          f"changes them.")
+          f"{where}. The next round (nnunetv2_em run, or EMTrainer) trains on them and never changes them.")
 
 
 def _benchmark(args):

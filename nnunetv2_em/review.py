@@ -510,14 +510,19 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
             store.write_segmentation(case, export["data_identifier"], segmentation, properties,
                                      configuration_manager.patch_size, record["sha256"])
         store.commit(kept)
-        versions.run = active["run"]
-        version = label_store.stage_review_version(versions, store, sorted(kept))
-        versions.run = label_store.REVIEW_RUN
-        versions.activate(version, label_store.REVIEW_RUN)
+        version = None
+        if active["round"]:  # labelsTr holds a run's labels: switch to them with the reviewed ones in
+            versions.run = active["run"]
+            version = label_store.stage_review_version(versions, store, sorted(kept))
+            versions.run = label_store.REVIEW_RUN
+            versions.activate(version, label_store.REVIEW_RUN)
+        # else labelsTr holds the originals (restored, or EMTrainer's dataset): they stay; the next round of
+        # `nnunetv2_em run` and EMTrainer take the reviewed labels from the store
 
     summary = {"imported": {case: {k: v for k, v in record.items() if k != "export"} for case, record in
                             kept.items()},
-               "skipped": skipped, "version": {"run": label_store.REVIEW_RUN, "round": version},
+               "skipped": skipped,
+               "version": None if version is None else {"run": label_store.REVIEW_RUN, "round": version},
                "total_effort": {key: sum(record["effort"][key] for record in kept.values())
                                 for key in ("voxels_edited", "added_path_length")},
                "total_minutes": sum(record["minutes"] or 0.0 for record in kept.values())}

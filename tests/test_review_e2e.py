@@ -248,3 +248,49 @@ def test_the_next_round_keeps_reviewed_cases_byte_identical_and_trusts_them(revi
     data_folder = os.path.join(reviewed_round["workspace"].preprocessed, DATASET, manifest["data_identifier"])
     seg = blosc2.open(urlpath=os.path.join(data_folder, f"{edited}_seg.b2nd"), mode="r")[:]
     assert np.count_nonzero(seg == 1) > 0 and not np.any(seg == reviewed_round["export"]["ignore_label"])
+
+
+def test_em_trainer_trains_on_reviewed_labels_never_judges_them_and_trusts_them(tmp_path):
+    from nnunetv2_em import label_store
+
+    workspace = NnUNetWorkspace(str(tmp_path))
+    cases = demo_cases(8)
+    folder = make_raw_dataset(workspace.raw, 916, cases)
+    dataset = "Dataset916_Hippo"
+    workspace.run("nnunetv2_em", "plan", "-d", "916", "-c", "2d")
+    validation, training = cases[:3], cases[3:]
+    with open(os.path.join(workspace.preprocessed, dataset, "splits_final.json"), "w") as handle:
+        json.dump([{"train": training, "val": validation}], handle)
+    # two reviews (as `review import` keeps them): a held-out case and a training case, each with a blob added
+    reviewed = {}
+    for case in (validation[0], training[0]):
+        original = os.path.join(folder, "labelsTr", f"{case}.nii.gz")
+        array = sitk.GetArrayFromImage(sitk.ReadImage(original)).copy()
+        array[:4, :4, :4] = 2
+        reviewed[case] = str(tmp_path / f"{case}_reviewed.nii.gz")
+        _write_like(original, array, reviewed[case])
+    store = label_store.ReviewedLabels(folder, os.path.join(workspace.preprocessed, dataset), ".nii.gz")
+    store.commit(store.keep({case: (path, {"reviewer": "test"}) for case, path in reviewed.items()}))
+    raw_before = tree_snapshot(os.path.join(folder, "labelsTr"))
+
+    workspace.run("nnUNetv2_train", "916", "2d", "0", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    fold = os.path.join(workspace.results, dataset, "EMTrainer_tiny__nnUNetPlans__2d", "fold_0")
+    training_labels = os.path.join(workspace.preprocessed, dataset, "em_training_labels",
+                                   "EMTrainer_tiny__nnUNetPlans__2d", "fold_0")
+    import blosc2
+
+    for round_index in (1, 2):
+        round_folder = os.path.join(fold, "em", f"round_{round_index:02d}")
+        with open(os.path.join(round_folder, "summary.json")) as handle:
+            summary = json.load(handle)
+        assert validation[0] in summary["verified"] and summary["gate"]["kind"] == "precision"
+        assert summary["cases"] == len(validation) - 1  # judged all held-out cases but the reviewed one
+        with open(os.path.join(round_folder, "cases.json")) as handle:
+            assert validation[0] not in {row["case"] for row in json.load(handle)}
+        for case, path in reviewed.items():  # the round's labelsTr holds the reviewed files byte for byte
+            assert _sha(os.path.join(round_folder, "labelsTr", f"{case}.nii.gz")) == _sha(path)
+    # nnU-Net trained the training case on its reviewed label (the blob is class 2 in its segmentation)
+    seg = blosc2.open(urlpath=os.path.join(training_labels, f"{training[0]}_seg.b2nd"), mode="r")[:]
+    identifier = next(name for name in os.listdir(store.segmentation_folder("")) if name.startswith("nnUNetPlans"))
+    assert np.array_equal(seg, store.read_segmentation(training[0], identifier))
+    assert tree_snapshot(os.path.join(folder, "labelsTr")) == raw_before  # the annotations are never touched

@@ -70,6 +70,10 @@ class EMTrainer(nnUNetTrainer):
                                                 set(classes) | {int(dataset_json["labels"]["ignore"])})
         raw_folder = join(os.environ.get("nnUNet_raw", ""), plans["dataset_name"])
         self._verified_cases = checks.load_verified_cases(raw_folder, cases) if os.environ.get("nnUNet_raw") else []
+        # labels a person reviewed (`nnunetv2_em review import`): trained on as they are, never judged, trusted
+        self._reviewed = label_store.ReviewedLabels(raw_folder, dataset_folder, dataset_json["file_ending"])
+        self._reviewed_cases = sorted(set(self._reviewed.records()) & set(cases)) \
+            if os.environ.get("nnUNet_raw") else []
         # partial / tagged cases (em_weak_labels.json); nnU-Net preprocesses only cases with a label file, so
         # weak-only cases belong to `nnunetv2_em run`
         self._weak = (weak_labels.load_weak_labels(raw_folder, dataset_json, labelled=cases, images=cases)
@@ -141,6 +145,7 @@ class EMTrainer(nnUNetTrainer):
             self._exchange.clear_fold(self.fold)
             self._complete_class_locations(all_cases)
             taken = self._take_exchanged_labels(training_cases)
+            self._apply_reviewed_labels()
             if taken:
                 self.print_to_log_file(f"EM: training on other folds' out-of-fold refinements of {len(taken)} "
                                        f"case(s) from the start", also_print_to_console=True)
@@ -153,6 +158,7 @@ class EMTrainer(nnUNetTrainer):
         self._em_state.check_compatible(self.em_settings, training_cases)
         self._verify_originals()
         self._complete_class_locations(all_cases)
+        self._apply_reviewed_labels()  # reviewed since the last start (--c picks them up)
         boundary_round = self.current_epoch // self.em_settings.epochs_per_round
         if boundary_round > self._em_state.completed_rounds and not self._em_state.converged:
             self.print_to_log_file(f"EM: resuming the interrupted E-step of round {boundary_round}",
@@ -226,7 +232,8 @@ class EMTrainer(nnUNetTrainer):
             samples.append(constrained.fit_sample(logits.astype(np.float32),
                                                   self._training_labels.read_original_seg(case)[0], weak[case],
                                                   max_voxels_per_class=cap, band_width=settings.band_width,
-                                                  seed=estep.case_seed(settings.seed, round_index, case)))
+                                                  seed=estep.case_seed(settings.seed, round_index, case),
+                                                  truth=self._reviewed_truth(case)))
         prediction_seconds = time.time() - started
         fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
                               max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
@@ -235,7 +242,8 @@ class EMTrainer(nnUNetTrainer):
         if fit.refused:
             self.print_to_log_file(f"EM round {round_index}: labels kept as they are: {fit.refused}")
         del samples
-        verified = [case for case in self._verified_cases if case in cases]  # kept as annotated, and the gate
+        # kept as they are, and the gate's evidence: checked annotations and reviewed labels
+        verified = sorted({case for case in [*self._verified_cases, *self._reviewed_cases] if case in cases})
         refine, gate = estep.gate_round(
             fit, cases, verified,
             lambda case: (np.load(join(logits_cache, f"{case}.npy")).astype(np.float32),
@@ -243,7 +251,7 @@ class EMTrainer(nnUNetTrainer):
             thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
             min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
             seed=settings.seed, round_index=round_index,
-            changes_without_verified_cases=settings.changes_without_verified_cases)
+            changes_without_verified_cases=settings.changes_without_verified_cases, truth_of=self._reviewed_truth)
         if verified:
             self.print_to_log_file(f"EM round {round_index}: estimated precision of the changes "
                                    f"{gate['precision']:.3f} (lower bound {gate['lower_bound']:.3f}, "
@@ -256,6 +264,8 @@ class EMTrainer(nnUNetTrainer):
 
         scores, refined_cases = {}, {}
         for case in cases:
+            if case in self._reviewed_cases:  # frozen: trained on and exported as reviewed
+                continue
             logits = np.load(join(logits_cache, f"{case}.npy")).astype(np.float32)
             original = self._training_labels.read_original_seg(case)[0]
             mine = self._exchange.latest(case, original_seg_path=self._training_labels.original_seg_path(case),
@@ -275,6 +285,7 @@ class EMTrainer(nnUNetTrainer):
                 case, original_seg_path=self._training_labels.original_seg_path(case))
         shutil.rmtree(logits_cache)
         taken = self._take_exchanged_labels(self._em_state.training_cases)
+        self._apply_reviewed_labels()
         refine_done = time.time()
         self._export_round_labels(round_folder, {**refined_cases, **taken})
         summary = {
@@ -309,11 +320,40 @@ class EMTrainer(nnUNetTrainer):
         properties = load_pickle(self._training_labels.original_properties_path(case))
         return nnunet_data.constraints_to_preprocessed(self._weak[case], properties, self.plans_manager, shape)
 
+    def _reviewed_truth(self, case: str):
+        """A reviewed case's labels in the preprocessed array (the fit's complete data, the gate's truth)."""
+        if case not in self._reviewed_cases:
+            return None
+        return self._reviewed.read_segmentation(case, self.configuration_manager.data_identifier)[0]
+
+    def _apply_reviewed_labels(self):
+        """Train every reviewed case on its reviewed label (its preprocessed segmentation is made once per
+        configuration from the reviewed file; images are not preprocessed again)."""
+        identifier = self.configuration_manager.data_identifier
+        for case in self._reviewed_cases:
+            if not self._reviewed.has_segmentation(case, identifier):
+                from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+                raw_folder = join(os.environ["nnUNet_raw"], self.plans_manager.dataset_name)
+                images = get_filenames_of_train_images_and_targets(raw_folder, self.dataset_json)[case]["images"]
+                segmentation, properties = nnunet_data.preprocess_label(
+                    self._reviewed.label_path(case), images, self.plans_manager, self.configuration_manager,
+                    self.dataset_json)
+                self._reviewed.write_segmentation(case, identifier, segmentation, properties,
+                                                  self.configuration_manager.patch_size,
+                                                  self._reviewed.records()[case]["sha256"])
+            segmentation = self._reviewed.read_segmentation(case, identifier)
+            properties = load_pickle(self._training_labels.original_properties_path(case))
+            properties["class_locations"] = nnunet_data.class_locations(segmentation, self.label_manager)
+            self._training_labels.write_case(case, segmentation, properties, self.configuration_manager.patch_size)
+
     def _take_exchanged_labels(self, training_cases) -> dict[str, dict]:
         """Train on the newest out-of-fold refinement another fold published for each training case (the others
-        keep their current labels); returns the records taken."""
+        keep their current labels; reviewed cases keep their reviewed labels); returns the records taken."""
         taken = {}
         for case in training_cases:
+            if case in self._reviewed_cases:
+                continue
             record = self._exchange.latest(case, original_seg_path=self._training_labels.original_seg_path(case),
                                            exclude_fold=self.fold)
             if record is None:
@@ -368,9 +408,12 @@ class EMTrainer(nnUNetTrainer):
                                                 self.plans_manager, self.configuration_manager)
             return raw, properties
 
+        def as_is(case):  # byte copies: the original annotation, or a reviewed label
+            return self._reviewed.label_path(case) if case in self._reviewed_cases else self._gt_path(case)
+
         label_store.write_round_labels(
             join(round_folder, "labelsTr"), nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder),
-            file_ending=self.dataset_json["file_ending"], original_label_path=self._gt_path,
+            file_ending=self.dataset_json["file_ending"], original_label_path=as_is,
             refined_label=refined_label, reader_writer=reader_writer)
         label_store.write_json(join(round_folder, "dataset.json"), self.dataset_json)
 
