@@ -109,7 +109,7 @@ def _review_export(args):
     from nnunetv2_em.review import export_review
 
     record = export_review(args.dataset, args.out, run=args.run, round_index=args.round, top=args.top,
-                           budget=args.budget, cases=args.cases)
+                           budget=args.budget, cases=args.cases, audit=args.audit, seed=args.seed)
     print(f"exported {len(record['cases'])} case(s) of round {record['round']} of {record['run']} to {args.out}: "
           f"open <case>/<case>.itksnap (ITK-SNAP) or <case>/load_in_slicer.py (3D Slicer), save reviewed"
           f"{record['file_ending']} next to the proposal, fill in review.csv, then `nnunetv2_em review import "
@@ -220,10 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--out", required=True, help="new folder to write")
     export.add_argument("--run", help="the run (default: the active run, or the only one)")
     export.add_argument("--round", type=int, help="the round (default: the run's last)")
-    chosen = export.add_mutually_exclusive_group(required=True)
+    chosen = export.add_mutually_exclusive_group()
     chosen.add_argument("--top", type=int, help="the N cases with the highest review score")
     chosen.add_argument("--budget", type=_budget, help="that share of the round's labelled cases, e.g. 5%%")
     chosen.add_argument("--cases", nargs="+", help="these cases")
+    export.add_argument("--audit", type=int, default=0, metavar="N",
+                        help="also N cases drawn at random: the only reviewed cases the precision gate of later "
+                             "rounds estimates from (ranked cases are no sample of the dataset). Default: 0")
+    export.add_argument("--seed", type=int, default=0, help="seed of the audit draw (with the round number)")
     export.set_defaults(handler=_review_export)
     imported = review_commands.add_parser("import", help="check the returned labels, keep them as reviewed labels "
                                           "and activate a label version with them")

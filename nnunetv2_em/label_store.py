@@ -680,6 +680,11 @@ class ReviewedLabels:
         write_pickle(os.path.join(folder, f"{case}.pkl"), properties)
         write_json(os.path.join(folder, f"{case}.json"), {"sha256": label_sha256})  # last: the pair is complete
 
+    def audited(self) -> list[str]:
+        """Reviewed cases drawn at random for review (``review export --audit``): the only ones from which the
+        precision of an E-step's changes may be estimated (a ranked choice is not a sample of the dataset)."""
+        return sorted(case for case, record in self.records().items() if record.get("selection") == "audit")
+
     def commit(self, records: dict[str, dict]) -> None:
         """Make kept labels the cases' reviewed labels (one atomic write of the index)."""
         write_json(self.index_path, {"cases": {**self.records(), **records}})

@@ -45,7 +45,7 @@ from nnunetv2_em.layout import RUN_PREFIX, RunLayout
 
 EXPORT_FORMAT = 1
 STATUSES = ("pending", "accepted", "corrected", "skipped")
-REVIEW_COLUMNS = ("rank", "case", "review_score", "why", "status", "reviewer", "minutes")
+REVIEW_COLUMNS = ("rank", "case", "selection", "review_score", "why", "status", "reviewer", "minutes")
 EFFORT_COLUMNS = ("voxels_edited", "added_path_length")
 COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
@@ -110,23 +110,44 @@ def _choose_run(versions: label_store.DatasetLabelVersions, run: str | None, raw
                        f"{'name one with --run' if runs else 'run `nnunetv2_em run` first'}.")
 
 
+TOP, AUDIT, LISTED = "top", "audit", "listed"  # how a case was chosen for review; only AUDIT is a random sample
+
+
 def select_cases(ranked: list[dict], eligible: set[str], *, top: int | None, budget: float | None,
-                 cases: list[str] | None, already_reviewed: set[str]) -> list[str]:
-    """The cases to export, best first: the given ``cases``, else the top of the ranking (``top`` cases, or the
-    ``budget`` share of the eligible cases, rounded up) leaving out cases reviewed before."""
+                 cases: list[str] | None, already_reviewed: set[str], audit: int = 0,
+                 seed=0) -> dict[str, str]:
+    """The cases to export and how each was chosen, best first: the given ``cases`` (``listed``), else the top of
+    the ranking (``top`` cases, or the ``budget`` share of the eligible cases, rounded up), leaving out cases
+    reviewed before; then ``audit`` cases drawn at random (``seed``) from the eligible rest.
+
+    Only the audit cases are a random sample of the dataset: the precision gate estimates from them alone, since
+    top-ranked cases are where the E-step is least sure (on the benchmark they closed the gate, see the README).
+    """
     if cases:
         unknown = [case for case in cases if case not in eligible]
         if unknown:
             raise EMInputError(f"--cases {', '.join(unknown[:5])}: not labelled cases of this round. Fix: pick cases "
                                f"from the round's cases.csv.")
-        return list(dict.fromkeys(cases))
-    if (top is None) == (budget is None):
-        raise EMInputError("choose the cases: exactly one of --top N, --budget 5% or --cases ... Fix: e.g. --top 5.")
-    count = top if top is not None else math.ceil(budget * len(eligible))
-    if count < 1:
-        raise EMInputError(f"{'--top' if top is not None else '--budget'}: selects no case. Fix: at least one.")
-    order = [row["case"] for row in ranked if row["case"] in eligible and row["case"] not in already_reviewed]
-    return order[:count]
+        chosen = {case: LISTED for case in dict.fromkeys(cases)}
+    elif top is None and budget is None and audit:
+        chosen = {}
+    else:
+        if (top is None) == (budget is None):
+            raise EMInputError("choose the cases: exactly one of --top N, --budget 5% or --cases ..., and/or "
+                               "--audit N. Fix: e.g. --top 5 --audit 2.")
+        count = top if top is not None else math.ceil(budget * len(eligible))
+        if count < 1:
+            raise EMInputError(f"{'--top' if top is not None else '--budget'}: selects no case. Fix: at least one.")
+        order = [row["case"] for row in ranked if row["case"] in eligible and row["case"] not in already_reviewed]
+        chosen = {case: TOP for case in order[:count]}
+    if audit < 0:
+        raise EMInputError(f"--audit {audit}: must be >= 0. Fix: e.g. --audit 2.")
+    rest = sorted(eligible - set(chosen) - already_reviewed)
+    if audit > len(rest):
+        raise EMInputError(f"--audit {audit}: only {len(rest)} case(s) left to draw from. Fix: at most {len(rest)}.")
+    for case in np.random.default_rng(seed).choice(rest, size=audit, replace=False).tolist() if audit else []:
+        chosen[case] = AUDIT
+    return chosen
 
 
 def _why(row: dict) -> str:
@@ -232,7 +253,8 @@ def _write_float_like(reference_label: str, values: np.ndarray, path: str) -> bo
 
 
 def export_review(dataset: str, out: str, *, run: str | None = None, round_index: int | None = None,
-                  top: int | None = None, budget: float | None = None, cases: list[str] | None = None) -> dict:
+                  top: int | None = None, budget: float | None = None, cases: list[str] | None = None,
+                  audit: int = 0, seed: int = 0) -> dict:
     """Write a review folder for the top cases of a run's round (see the module docstring). The folder is built
     beside ``out`` and renamed into place when complete; ``out`` must not exist yet."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -265,8 +287,9 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
         ranked = json.load(handle)
     eligible = {case for case, entry in manifest["cases"].items() if entry.get("provenance") == label_store.REFINED}
     reviewed_store = label_store.ReviewedLabels(raw, preprocessed, versions.file_ending)
-    chosen = select_cases(ranked, eligible, top=top, budget=budget, cases=cases,
-                          already_reviewed=set(reviewed_store.records()))
+    selection = select_cases(ranked, eligible, top=top, budget=budget, cases=cases,
+                             already_reviewed=set(reviewed_store.records()), audit=audit, seed=[seed, round_index])
+    chosen = list(selection)
     if not chosen:
         raise EMInputError(f"{ranked_path}: no case left to review (all reviewed already). Fix: name cases with "
                            f"--cases to review them again.")
@@ -329,7 +352,8 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
             label_store.write_text(os.path.join(folder, "labels_itksnap.txt"),
                                    itksnap_label_descriptions(table, ignore_label))
             label_store.write_text(os.path.join(folder, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
-            exported[case] = {"rank": rank, "review_score": rows_by_case[case].get("review_score"),
+            exported[case] = {"rank": rank, "selection": selection[case],
+                              "review_score": rows_by_case[case].get("review_score"),
                               "why": _why(rows_by_case[case]), "images": image_names, "uncertainty": uncertainty,
                               "proposal_sha256": label_store.sha256(os.path.join(folder, proposal)),
                               "original_sha256": label_store.sha256(os.path.join(folder, original))}
@@ -337,8 +361,9 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
                                itksnap_label_descriptions(table, ignore_label))
         label_store.write_text(os.path.join(staging, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
         label_store.write_text(os.path.join(staging, "review.csv"), review_sheet(
-            [{"rank": entry["rank"], "case": case, "review_score": entry["review_score"], "why": entry["why"],
-              "status": "pending", "reviewer": "", "minutes": ""} for case, entry in exported.items()]))
+            [{"rank": entry["rank"], "case": case, "selection": entry["selection"],
+              "review_score": entry["review_score"], "why": entry["why"], "status": "pending", "reviewer": "",
+              "minutes": ""} for case, entry in exported.items()]))
         record = {"format": EXPORT_FORMAT, "dataset": dataset_name, "run": run, "round": round_index,
                   "data_identifier": identifier, "plans": layout.plans, "configuration": layout.configuration,
                   "file_ending": ending, "labels": {str(k): v for k, v in table.items()}, "ignore_label": ignore_label,
@@ -488,6 +513,7 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
         records[case] = {"reviewer": (row.get("reviewer") or "").strip() or reviewer or os.environ.get("USER", ""),
                          "imported": now, "minutes": row.get("minutes"),
                          "status": "accepted" if reviewed_file.endswith(f"proposal{ending}") else "corrected",
+                         "selection": export["cases"][case].get("selection", LISTED),
                          "proposal": {"run": export["run"], "round": export["round"],
                                       "sha256": export["cases"][case]["proposal_sha256"]},
                          "export": folder, "effort": effort}
@@ -540,7 +566,8 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
     rows = []
     for case, entry in export["cases"].items():
         row = {**{key: sheet.get(case, {}).get(key, "") for key in REVIEW_COLUMNS}, "rank": entry["rank"],
-               "case": case, "review_score": entry["review_score"], "why": entry["why"]}
+               "case": case, "selection": entry.get("selection", LISTED), "review_score": entry["review_score"],
+               "why": entry["why"]}
         if case in kept:
             row.update(status=kept[case]["status"], reviewer=kept[case]["reviewer"],
                        minutes=kept[case]["minutes"] if kept[case]["minutes"] is not None else "",

@@ -64,7 +64,8 @@ def exported(tmp_path_factory):
         json.dump(plans, handle)
     workspace.run(*RUN, "--rounds", "1")
     out = os.path.join(workspace.root, "review_batch")
-    result = workspace.run("nnunetv2_em", "review", "export", "-d", str(DATASET_ID), "--top", "3", "-o", out)
+    result = workspace.run("nnunetv2_em", "review", "export", "-d", str(DATASET_ID), "--top", "2", "--audit", "1",
+                           "-o", out)
     return {"workspace": workspace, "folder": folder, "out": out, "export_log": result.stdout}
 
 
@@ -75,8 +76,11 @@ def test_export_writes_a_folder_per_top_case_that_both_tools_can_open_from_anywh
     run_folder = os.path.join(exported["workspace"].results, DATASET, RUN_NAME)
     with open(os.path.join(run_folder, "round_01", "cases.json")) as handle:
         ranked = [row["case"] for row in json.load(handle)]
-    assert list(export["cases"]) == ranked[:3] and export["round"] == 1 and export["run"] == RUN_NAME
-    assert [row["case"] for row in _sheet(out)] == ranked[:3]
+    top, audit = list(export["cases"])[:2], list(export["cases"])[2:]
+    assert top == ranked[:2] and len(audit) == 1 and audit[0] in ranked[2:]
+    assert export["round"] == 1 and export["run"] == RUN_NAME
+    assert [row["case"] for row in _sheet(out)] == [*top, *audit]
+    assert [row["selection"] for row in _sheet(out)] == ["top", "top", "audit"]
     assert all(row["status"] == "pending" and row["why"] for row in _sheet(out))
     for case in export["cases"]:
         case_folder = os.path.join(out, case)
@@ -172,7 +176,7 @@ def reviewed_round(exported):
     workspace, out, folder = exported["workspace"], exported["out"], exported["folder"]
     with open(os.path.join(out, "export.json")) as handle:
         export = json.load(handle)
-    edited, accepted = list(export["cases"])[:2]
+    edited, accepted = list(export["cases"])[0], list(export["cases"])[2]  # a top case, the audit case
     # the reviewer resolves the ignored voxels to background and adds a few voxels of anterior
     proposal = os.path.join(out, edited, "proposal.nii.gz")
     array = sitk.GetArrayFromImage(sitk.ReadImage(proposal)).copy()
@@ -239,7 +243,8 @@ def test_the_next_round_keeps_reviewed_cases_byte_identical_and_trusts_them(revi
     run_folder = os.path.join(reviewed_round["workspace"].results, DATASET, RUN_NAME)
     with open(os.path.join(run_folder, "round_02", "fit.json")) as handle:
         fit = json.load(handle)
-    assert {edited, accepted} <= set(fit["verified"]) and fit["gate"]["kind"] == "precision"
+    # the audit case (drawn at random) gates the changes; the top-ranked one is no sample of the dataset
+    assert accepted in fit["verified"] and edited not in fit["verified"] and fit["gate"]["kind"] == "precision"
     with open(os.path.join(run_folder, "round_02", "cases.json")) as handle:
         assert not {edited, accepted} & {row["case"] for row in json.load(handle)}
     # the preprocessed segmentation nnU-Net trains on is the reviewed label
@@ -270,7 +275,8 @@ def test_em_trainer_trains_on_reviewed_labels_never_judges_them_and_trusts_them(
         reviewed[case] = str(tmp_path / f"{case}_reviewed.nii.gz")
         _write_like(original, array, reviewed[case])
     store = label_store.ReviewedLabels(folder, os.path.join(workspace.preprocessed, dataset), ".nii.gz")
-    store.commit(store.keep({case: (path, {"reviewer": "test"}) for case, path in reviewed.items()}))
+    store.commit(store.keep({case: (path, {"reviewer": "test", "selection": "audit" if case in validation else "top"})
+                             for case, path in reviewed.items()}))
     raw_before = tree_snapshot(os.path.join(folder, "labelsTr"))
 
     workspace.run("nnUNetv2_train", "916", "2d", "0", "-tr", "EMTrainer_tiny", "-device", "cpu")

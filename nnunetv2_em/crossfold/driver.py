@@ -354,9 +354,10 @@ class CrossFoldRun:
                               band_width=settings.band_width, band_prior_strength=settings.case_prior_strength)
         if fit.refused:
             print(f"round {round_index}: labels kept as they are: {fit.refused}", flush=True)
-        # with verified cases (checked annotations, reviewed labels) the precision gate decides
-        verified = sorted({case for case in [*self.verified, *self.reviewed] if case in cases})
+        # with verified cases (checked annotations, reviewed cases drawn at random) the precision gate decides
         store = context.reviewed_labels()
+        audited = [case for case in store.audited() if case in self.reviewed]
+        verified = sorted({case for case in [*self.verified, *audited] if case in cases})
         ignore_label = int(dataset_json["labels"]["ignore"])  # managers() adds it
         def case_arrays(case):
             arrays = (load_logits(context, round_index, case), versions.read_original_segmentation(case)[0])

@@ -242,8 +242,9 @@ class EMTrainer(nnUNetTrainer):
         if fit.refused:
             self.print_to_log_file(f"EM round {round_index}: labels kept as they are: {fit.refused}")
         del samples
-        # kept as they are, and the gate's evidence: checked annotations and reviewed labels
-        verified = sorted({case for case in [*self._verified_cases, *self._reviewed_cases] if case in cases})
+        # the gate's evidence: checked annotations and reviewed cases drawn at random (review export --audit)
+        audited = [case for case in self._reviewed.audited() if case in self._reviewed_cases]
+        verified = sorted({case for case in [*self._verified_cases, *audited] if case in cases})
         refine, gate = estep.gate_round(
             fit, cases, verified,
             lambda case: (np.load(join(logits_cache, f"{case}.npy")).astype(np.float32),
