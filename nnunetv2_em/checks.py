@@ -259,6 +259,27 @@ def check_unlabeled_images(images_by_case: dict[str, list[str]], raw_folder: str
                                f"{dimension}D. Fix: provide {dimension}D images in {source}.")
 
 
+def unlabeled_images_in_folder(folder: str, raw_folder: str, *, existing, source: str) -> dict[str, list[str]]:
+    """``{case: [image files]}`` of a folder of images in nnU-Net's naming (``<case>_0000<ending>``), checked
+    like the dataset's images; a case id that ``existing`` holds already is an error."""
+    from nnunetv2.utilities.utils import (
+        create_lists_from_splitted_dataset_folder,
+        get_identifiers_from_splitted_dataset_folder,
+    )
+
+    ending = load_dataset_json(os.path.join(raw_folder, "dataset.json"))["file_ending"]
+    identifiers = list(get_identifiers_from_splitted_dataset_folder(folder, ending))
+    if not identifiers:
+        raise EMInputError(f"{source}: no images named <case>_0000{ending}. Fix: use nnU-Net's naming.")
+    clashes = sorted(set(identifiers) & set(existing))
+    if clashes:
+        raise EMInputError(f"{source}: cases {clashes[:3]} already exist in the dataset. Fix: rename them.")
+    images = dict(zip(identifiers, create_lists_from_splitted_dataset_folder(folder, ending, identifiers, 1),
+                      strict=True))
+    check_unlabeled_images(images, raw_folder, source)
+    return images
+
+
 def check_same_geometry(label_path, seg, seg_properties, image_path, image, image_properties) -> None:
     if seg.shape[1:] != image.shape[1:]:
         raise EMInputError(f"{label_path}: shape {seg.shape[1:]} differs from its image {image_path} "

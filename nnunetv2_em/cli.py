@@ -133,6 +133,14 @@ def _review_import(args):
           f"{where}. The next round (nnunetv2_em run, or EMTrainer) trains on them and never changes them.")
 
 
+def _rank_unlabeled(args):
+    from nnunetv2_em.rank_unlabeled import rank_unlabeled
+
+    result = rank_unlabeled(args.dataset, args.model, args.out, folds=args.folds, images=args.images,
+                            strategies=args.strategy, seed=args.seed, device=args.device)
+    print(f"ranked {len(result['cases'])} unlabeled case(s) by {', '.join(result['strategies'])}: {args.out}")
+
+
 def _benchmark(args):
     from nnunetv2_em.benchmark import suite
     from nnunetv2_em.benchmark.report import markdown
@@ -234,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("folder", help="the exported folder, with reviewed labels in it")
     imported.add_argument("--reviewer", help="name recorded where review.csv has none")
     imported.set_defaults(handler=_review_import)
+
+    from nnunetv2_em.rank_unlabeled import STRATEGIES
+
+    rank = commands.add_parser("rank-unlabeled", help="which unlabeled images to annotate next: EXAMINE on the "
+                               "model's encoder embeddings, entropy, k-center, random, foreground-aware random")
+    rank.add_argument("-d", "--dataset", required=True)
+    rank.add_argument("--model", required=True, help="trained model folder (holds fold_<f>/), as nnUNetv2_predict -m")
+    rank.add_argument("--folds", type=int, nargs="+", default=[0], help="folds to ensemble (embeddings: the first)")
+    rank.add_argument("--images", help="a folder of unlabeled images <case>_0000<ending> besides imagesTr's")
+    rank.add_argument("--strategy", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    rank.add_argument("--seed", type=int, default=0, help="seed of the random strategies")
+    rank.add_argument("--device", default="cpu")
+    rank.add_argument("-o", "--out", required=True, help="CSV to write (a JSON and the embeddings beside it)")
+    rank.set_defaults(handler=_rank_unlabeled)
 
     from nnunetv2_em.benchmark.harness import PROFILES
     from nnunetv2_em.benchmark.noise import SETTINGS

@@ -300,3 +300,39 @@ def test_em_trainer_trains_on_reviewed_labels_never_judges_them_and_trusts_them(
     identifier = next(name for name in os.listdir(store.segmentation_folder("")) if name.startswith("nnUNetPlans"))
     assert np.array_equal(seg, store.read_segmentation(training[0], identifier))
     assert tree_snapshot(os.path.join(folder, "labelsTr")) == raw_before  # the annotations are never touched
+
+
+def test_rank_unlabeled_orders_new_images_by_every_strategy_from_the_rounds_model(exported):
+    from nnunetv2_em import selection
+    from nnunetv2_em.demo import DEMO_DATA
+
+    workspace = exported["workspace"]
+    images = os.path.join(workspace.root, "new_images")
+    os.makedirs(images, exist_ok=True)
+    new_cases = [c for c in demo_cases(14) if c not in CASES][:3]
+    for case in new_cases:
+        shutil.copy(os.path.join(DEMO_DATA, "imagesTr", f"{case}_0000.nii.gz"), images)
+    model = os.path.join(workspace.results, DATASET, RUN_NAME, "round_01", "nnUNet_results", DATASET,
+                         "VanillaTrainer_tiny__nnUNetPlans__2d")
+    out = os.path.join(workspace.root, "to_label.csv")
+    workspace.run("nnunetv2_em", "rank-unlabeled", "-d", str(DATASET_ID), "--model", model, "--folds", "0", "1",
+                  "--images", images, "-o", out)
+    with open(os.path.splitext(out)[0] + ".json") as handle:
+        result = json.load(handle)
+    rows = {row["case"]: row for row in result["cases"]}
+    assert sorted(rows) == sorted(new_cases)
+    for strategy in ("examine", "entropy", "k-center", "random", "fg-random"):
+        assert sorted(row[f"rank_{strategy}"] for row in rows.values()) == [1, 2, 3]
+    saved = np.load(os.path.splitext(out)[0] + "_embeddings.npz")
+    assert saved["embeddings"].shape == (3, result["embedding_features"]) and result["embedding_features"] > 1
+    scores = selection.examine_scores(saved["embeddings"])
+    for case, score in zip(saved["cases"], scores, strict=True):
+        assert rows[str(case)]["examine_score"] == pytest.approx(score)
+    by_entropy = sorted(rows.values(), key=lambda row: row["rank_entropy"])
+    assert [row["mean_entropy"] for row in by_entropy] == sorted((row["mean_entropy"] for row in rows.values()),
+                                                                 reverse=True)
+    with open(out, newline="") as handle:
+        assert [row["case"] for row in csv.DictReader(handle)] == sorted(new_cases)
+    refused = workspace.run("nnunetv2_em", "rank-unlabeled", "-d", str(DATASET_ID), "--model", images, "--images",
+                            images, "-o", out + ".x", check=False)
+    assert refused.returncode == 2 and "not a trained nnU-Net model folder" in refused.stderr

@@ -119,25 +119,9 @@ class CrossFoldRun:
     def _extra_unlabeled(self) -> dict[str, list[str]]:
         if not self.options.unlabeled:
             return {}
-        from nnunetv2.utilities.utils import (
-            create_lists_from_splitted_dataset_folder,
-            get_identifiers_from_splitted_dataset_folder,
-        )
-
-        raw = os.path.join(os.environ["nnUNet_raw"], self.name)
-        ending = checks.load_dataset_json(os.path.join(raw, "dataset.json"))["file_ending"]
-        identifiers = list(get_identifiers_from_splitted_dataset_folder(self.options.unlabeled, ending))
-        if not identifiers:
-            raise EMInputError(f"--unlabeled {self.options.unlabeled}: no images named <case>_0000{ending}. Fix: "
-                               f"use nnU-Net's naming.")
-        clashes = sorted(set(identifiers) & set(self.labelled))
-        if clashes:
-            raise EMInputError(f"--unlabeled {self.options.unlabeled}: cases {clashes[:3]} already exist in the "
-                               f"dataset. Fix: rename them.")
-        images = dict(zip(identifiers, create_lists_from_splitted_dataset_folder(self.options.unlabeled, ending,
-                                                                                  identifiers, 1), strict=True))
-        checks.check_unlabeled_images(images, raw, f"--unlabeled {self.options.unlabeled}")
-        return images
+        return checks.unlabeled_images_in_folder(self.options.unlabeled, os.path.join(os.environ["nnUNet_raw"],
+                                                                                     self.name),
+                                                 existing=self.labelled, source=f"--unlabeled {self.options.unlabeled}")
 
     def _check_trainer(self):
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name

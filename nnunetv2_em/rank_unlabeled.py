@@ -1,0 +1,170 @@
+"""``nnunetv2_em rank-unlabeled``: which unlabeled cases to annotate next, ranked by several strategies.
+
+Per case, from a trained nnU-Net model (a fold folder's parent, as ``nnUNetv2_predict -m`` takes it): its embedding
+(the encoder's bottleneck, global-average-pooled per sliding window and averaged over the windows) and the
+prediction's mean entropy and foreground size. Strategies (``selection``): ``examine`` (EXAMINE score on the
+unlabeled pool's embeddings), ``entropy`` (mean predictive entropy of the fold ensemble), ``k-center`` (diversity:
+farthest from the labelled cases and each other), ``random`` and ``fg-random`` (random among cases with predicted
+foreground first: nnActive's strong baseline). Self-supervised embeddings (masked pretraining of the encoder) are not
+built yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import numpy as np
+
+from nnunetv2_em import checks, label_store, selection
+from nnunetv2_em.errors import EMInputError
+
+STRATEGIES = ("examine", "entropy", "k-center", "random", "fg-random")
+
+
+def _predictor(model_folder: str, folds, device: str):
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    if not os.path.isfile(os.path.join(model_folder, "plans.json")):
+        raise EMInputError(f"{model_folder}: no plans.json, not a trained nnU-Net model folder. Fix: pass the folder "
+                           f"that holds fold_<f>/ (what nnUNetv2_predict -m takes).")
+    missing = [f for f in folds if not os.path.isfile(os.path.join(model_folder, f"fold_{f}",
+                                                                   "checkpoint_final.pth"))]
+    if missing:
+        raise EMInputError(f"{model_folder}: no checkpoint_final.pth for fold(s) {missing}. Fix: pass --folds of "
+                           f"finished trainings.")
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, use_folds=tuple(folds),
+                                                   checkpoint_name="checkpoint_final.pth")
+    return predictor
+
+
+def case_embedding(predictor, data: np.ndarray) -> np.ndarray:
+    """``(F,)`` the bottleneck features of the first fold's network, pooled over each sliding window (global
+    average) and averaged over the windows.
+
+    Args:
+        data: ``(channels, *spatial)`` a preprocessed case.
+    """
+    import torch
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    network = predictor.network
+    network.load_state_dict(predictor.list_of_parameters[0])
+    network.eval()
+    padded, _ = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
+                             predictor.configuration_manager.patch_size, "constant", {"value": 0}, True, None)
+    pooled = []
+    with torch.inference_mode():
+        for slicer in predictor._internal_get_sliding_window_slicers(padded.shape[1:]):
+            features = network.encoder(padded[slicer][None].to(predictor.device))[-1]
+            pooled.append(features.float().mean(dim=tuple(range(2, features.ndim)))[0].cpu().numpy())
+    return np.mean(pooled, axis=0)
+
+
+def case_prediction_stats(predictor, data: np.ndarray) -> dict:
+    """Mean predictive entropy (nats, voxels inside the image) and predicted foreground voxels of the ensemble."""
+    import torch
+
+    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.ascontiguousarray(data)))
+    probabilities = torch.softmax(logits.float(), dim=0).cpu().numpy()
+    inside = np.any(np.asarray(data) != 0, axis=0)
+    return {"mean_entropy": selection.mean_entropy(probabilities, mask=inside if inside.any() else None),
+            "foreground_voxels": int(np.count_nonzero(probabilities.argmax(axis=0) > 0))}
+
+
+def rankings(embeddings: np.ndarray, stats: list[dict], *, labelled_embeddings: np.ndarray | None, strategies,
+             seed: int) -> dict[str, list[int]]:
+    """Order of the pool's rows (best first) per strategy. ``embeddings``: ``(N, F)`` of the pool;
+    ``labelled_embeddings``: ``(L, F)`` of the labelled cases (k-center starts from them)."""
+    n = embeddings.shape[0]
+    orders = {}
+    rng = np.random.default_rng(seed)
+    for strategy in strategies:
+        if strategy == "examine":
+            scores = selection.examine_scores(embeddings)
+            orders[strategy] = sorted(range(n), key=lambda i: (-scores[i], i))
+        elif strategy == "entropy":
+            orders[strategy] = sorted(range(n), key=lambda i: (-stats[i]["mean_entropy"], i))
+        elif strategy == "k-center":
+            if labelled_embeddings is not None and len(labelled_embeddings):
+                both = np.vstack([labelled_embeddings, embeddings])
+                taken = selection.k_center_greedy(both, n, selected=range(len(labelled_embeddings)))
+                orders[strategy] = [i - len(labelled_embeddings) for i in taken]
+            else:
+                orders[strategy] = selection.k_center_greedy(embeddings, n)
+        elif strategy == "random":
+            orders[strategy] = [int(i) for i in rng.permutation(n)]
+        elif strategy == "fg-random":
+            permutation = [int(i) for i in rng.permutation(n)]
+            orders[strategy] = [i for i in permutation if stats[i]["foreground_voxels"] > 0] + \
+                [i for i in permutation if stats[i]["foreground_voxels"] == 0]
+        else:
+            raise EMInputError(f"--strategy {strategy}: unknown. Fix: one of {', '.join(STRATEGIES)}.")
+    return orders
+
+
+def rank_unlabeled(dataset: str, model_folder: str, out: str, *, folds=(0,), images: str | None = None,
+                   strategies=STRATEGIES, seed: int = 0, device: str = "cpu") -> dict:
+    """Rank the dataset's unlabeled images (``imagesTr`` without a label, and ``images``: a folder of
+    ``<case>_0000<ending>`` files) by each strategy; writes ``out`` (CSV) and the same as JSON beside it."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    from nnunetv2_em.planning import dataset_name
+
+    paths = checks.require_env("nnUNet_raw", "nnUNet_preprocessed")
+    name = dataset_name(dataset)
+    raw = os.path.join(paths["nnUNet_raw"], name)
+    dataset_json = checks.load_dataset_json(os.path.join(raw, "dataset.json"))
+    labelled, pool = checks.split_labelled(get_filenames_of_train_images_and_targets(raw, dataset_json))
+    pool = {case: entry["images"] for case, entry in pool.items()}
+    if images:
+        pool.update(checks.unlabeled_images_in_folder(images, raw, existing=[*labelled, *pool],
+                                                      source=f"--images {images}"))
+    if not pool:
+        raise EMInputError(f"{raw}/imagesTr: every image has a label, and no --images folder was given. Fix: "
+                           f"name a folder of unlabeled images with --images.")
+    predictor = _predictor(model_folder, folds, device)
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+
+    def preprocess(files):
+        data, _, _ = preprocessor.run_case(files, None, predictor.plans_manager, predictor.configuration_manager,
+                                           predictor.dataset_json)
+        return data
+
+    cases = sorted(pool)
+    embeddings, stats = [], []
+    for case in cases:
+        data = preprocess(pool[case])
+        embeddings.append(case_embedding(predictor, data))
+        stats.append(case_prediction_stats(predictor, data))
+    embeddings = np.asarray(embeddings)
+    labelled_embeddings = None
+    if "k-center" in strategies and labelled:
+        labelled_embeddings = np.asarray([case_embedding(predictor, preprocess(entry["images"]))
+                                          for _, entry in sorted(labelled.items())])
+    orders = rankings(embeddings, stats, labelled_embeddings=labelled_embeddings, strategies=strategies, seed=seed)
+    examine = selection.examine_scores(embeddings) if "examine" in strategies else None
+    rows = []
+    for index, case in enumerate(cases):
+        row = {"case": case, **stats[index]}
+        if examine is not None:
+            row["examine_score"] = float(examine[index])
+        for strategy, order in orders.items():
+            row[f"rank_{strategy}"] = order.index(index) + 1
+        rows.append(row)
+    result = {"dataset": name, "model": os.path.abspath(model_folder), "folds": list(folds), "seed": seed,
+              "strategies": list(strategies), "embedding_features": int(embeddings.shape[1]), "cases": rows}
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    label_store.write_text(out, buffer.getvalue())
+    label_store.write_json(os.path.splitext(out)[0] + ".json", result)
+    label_store.atomic_write(os.path.splitext(out)[0] + "_embeddings.npz", lambda temp: np.savez_compressed(
+        temp, cases=np.asarray(cases), embeddings=embeddings), suffix=".npz")
+    return result
