@@ -12,6 +12,8 @@ Label versions (``em_labels/``) are laid out by ``label_store.DatasetLabelVersio
         round_NN/out_of_fold.json        which fold judged which case
         round_NN/cases/<case>.json       per-case scores (its presence: the case is done)
         round_NN/uncertainty/<case>.npz  1 - posterior of the proposed label, uint8 (x 255), preprocessed array
+        round_NN/embeddings/<case>.npy   encoder embeddings of the unlabeled cases
+        round_NN/unlabeled_ranking.csv|json   which unlabeled cases to annotate next (rank_unlabeled strategies)
         round_NN/cases.csv|json          ranked by review score;  round_NN/summary.json
         round_NN/logs/                   child-process logs and prediction specs
     nnUNet_preprocessed/<Dataset>/em_unlabeled/<data_identifier>/   unlabeled cases, preprocessed once
@@ -99,6 +101,10 @@ class RunLayout:
     def uncertainty_file(self, round_index: int, case: str) -> str:
         """The proposal's uncertainty (what ``nnunetv2_em review export`` shows the reviewer)."""
         return os.path.join(self.round_folder(round_index), "uncertainty", f"{case}.npz")
+
+    def embeddings_folder(self, round_index: int) -> str:
+        """Encoder embeddings of the unlabeled cases (``<case>.npy``), for ``unlabeled_ranking.csv``."""
+        return os.path.join(self.round_folder(round_index), "embeddings")
 
     def logs_folder(self, round_index: int) -> str:
         return os.path.join(self.round_folder(round_index), "logs")

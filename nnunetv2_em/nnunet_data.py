@@ -34,6 +34,18 @@ def blosc2_seg_layout(seg_shape, patch_size) -> tuple:
     return comp_blosc2_params(seg_shape, tuple(patch_size), np.dtype(SEG_DTYPE).itemsize)
 
 
+def _reverting_resampling(properties: dict, plans_manager: PlansManager,
+                          configuration_manager: ConfigurationManager) -> tuple:
+    """``(cropped shape, preprocessed spacing, raw spacing)`` (transposed) that revert a case's resampling, as
+    ``convert_predicted_logits_to_segmentation_with_correct_shape`` computes them."""
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    target_shape = properties["shape_after_cropping_and_before_resampling"]
+    current_spacing = (configuration_manager.spacing
+                       if len(configuration_manager.spacing) == len(target_shape)
+                       else [spacing_transposed[0], *configuration_manager.spacing])
+    return target_shape, current_spacing, spacing_transposed
+
+
 def preprocessed_to_raw_geometry(seg: np.ndarray, properties: dict, plans_manager: PlansManager,
                                  configuration_manager: ConfigurationManager) -> np.ndarray:
     """Revert preprocessing of a label map: resample to the cropped shape, undo cropping, undo the transpose.
@@ -50,11 +62,8 @@ def preprocessed_to_raw_geometry(seg: np.ndarray, properties: dict, plans_manage
     seg = np.asarray(seg)
     if seg.ndim == len(properties["shape_before_cropping"]):
         seg = seg[None]
-    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
-    target_shape = properties["shape_after_cropping_and_before_resampling"]
-    current_spacing = (configuration_manager.spacing
-                       if len(configuration_manager.spacing) == len(target_shape)
-                       else [spacing_transposed[0], *configuration_manager.spacing])
+    target_shape, current_spacing, spacing_transposed = _reverting_resampling(properties, plans_manager,
+                                                                              configuration_manager)
     if tuple(seg.shape[1:]) != tuple(target_shape):
         seg = configuration_manager.resampling_fn_seg(seg, target_shape, current_spacing, spacing_transposed)
     seg = np.maximum(np.asarray(seg)[0], 0)
@@ -77,11 +86,8 @@ def preprocessed_map_to_raw_geometry(values: np.ndarray, properties: dict, plans
         ``(*raw_spatial)`` float32 in the raw file's axis order.
     """
     values = np.asarray(values, dtype=np.float32)[None]
-    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
-    target_shape = properties["shape_after_cropping_and_before_resampling"]
-    current_spacing = (configuration_manager.spacing
-                       if len(configuration_manager.spacing) == len(target_shape)
-                       else [spacing_transposed[0], *configuration_manager.spacing])
+    target_shape, current_spacing, spacing_transposed = _reverting_resampling(properties, plans_manager,
+                                                                              configuration_manager)
     if tuple(values.shape[1:]) != tuple(target_shape):
         values = configuration_manager.resampling_fn_probabilities(values, target_shape, current_spacing,
                                                                    spacing_transposed)

@@ -17,11 +17,12 @@ import numpy as np
 
 
 def predict_cases(model_folder: str, folds: list[int], cases: dict[str, str], cache: str, *, mirroring: bool,
-                  device: str, flip_axis: int | None = None) -> list[str]:
+                  device: str, flip_axis: int | None = None, embeddings_cache: str | None = None) -> list[str]:
     """Predict ``cases`` ({case: preprocessed folder holding <case>.b2nd}) into ``cache``; returns the new ones.
 
     ``flip_axis`` (a spatial axis of the preprocessed array): predict the mirrored image and mirror the logits back,
-    a second opinion of the same network (``estep.agree_on_changes``)."""
+    a second opinion of the same network (``estep.agree_on_changes``). ``embeddings_cache``: also write each case's
+    encoder embedding there (``rank_unlabeled.case_embedding``, ``<case>.npy``)."""
     import blosc2
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -41,6 +42,13 @@ def predict_cases(model_folder: str, folds: list[int], cases: dict[str, str], ca
         data = blosc2.open(urlpath=os.path.join(cases[case], f"{case}.b2nd"), mode="r")[:]
         if flip_axis is not None:
             data = np.flip(data, axis=1 + flip_axis)
+        if embeddings_cache is not None:
+            from nnunetv2_em.rank_unlabeled import case_embedding
+
+            os.makedirs(embeddings_cache, exist_ok=True)
+            embedding = case_embedding(predictor, data)
+            label_store.atomic_write(os.path.join(embeddings_cache, f"{case}.npy"),
+                                     lambda temp, e=embedding: np.save(temp, e), suffix=".npy")
         logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.ascontiguousarray(data)))
         array = logits.float().cpu().numpy().astype(np.float16)
         if flip_axis is not None:
@@ -56,7 +64,7 @@ def main(argv=None) -> None:
     with open(argv[0]) as handle:
         spec = json.load(handle)
     predict_cases(spec["model_folder"], spec["folds"], spec["cases"], spec["cache"], mirroring=spec["mirroring"],
-                  device=spec["device"], flip_axis=spec.get("flip_axis"))
+                  device=spec["device"], flip_axis=spec.get("flip_axis"), embeddings_cache=spec.get("embeddings_cache"))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,18 @@ def rankings(embeddings: np.ndarray, stats: list[dict], *, labelled_embeddings: 
     return orders
 
 
+def write_ranking(out: str, rows: list[dict], header: dict) -> dict:
+    """``out`` (CSV, one row per case) and the same with ``header`` as JSON beside it; returns the JSON's content."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    label_store.write_text(out, buffer.getvalue())
+    result = {**header, "cases": rows}
+    label_store.write_json(os.path.splitext(out)[0] + ".json", result)
+    return result
+
+
 def rank_unlabeled(dataset: str, model_folder: str, out: str, *, folds=(0,), images: str | None = None,
                    strategies=STRATEGIES, seed: int = 0, device: str = "cpu") -> dict:
     """Rank the dataset's unlabeled images (``imagesTr`` without a label, and ``images``: a folder of
@@ -157,14 +169,9 @@ def rank_unlabeled(dataset: str, model_folder: str, out: str, *, folds=(0,), ima
         for strategy, order in orders.items():
             row[f"rank_{strategy}"] = order.index(index) + 1
         rows.append(row)
-    result = {"dataset": name, "model": os.path.abspath(model_folder), "folds": list(folds), "seed": seed,
-              "strategies": list(strategies), "embedding_features": int(embeddings.shape[1]), "cases": rows}
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    label_store.write_text(out, buffer.getvalue())
-    label_store.write_json(os.path.splitext(out)[0] + ".json", result)
+    result = write_ranking(out, rows, {"dataset": name, "model": os.path.abspath(model_folder), "folds": list(folds),
+                                       "seed": seed, "strategies": list(strategies),
+                                       "embedding_features": int(embeddings.shape[1])})
     label_store.atomic_write(os.path.splitext(out)[0] + "_embeddings.npz", lambda temp: np.savez_compressed(
         temp, cases=np.asarray(cases), embeddings=embeddings), suffix=".npz")
     return result

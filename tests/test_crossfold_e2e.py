@@ -225,6 +225,14 @@ def test_reports_and_plots_are_written(finished_run):
         ranked = json.load(handle)
     assert sorted(r["case"] for r in ranked) == sorted(ALL)
     assert [r["review_score"] for r in ranked] == sorted((r["review_score"] for r in ranked), reverse=True)
+    # which unlabeled cases to annotate next, per round, from the round's networks
+    for round_folder in ("round_01", "round_02"):
+        with open(os.path.join(run_folder, round_folder, "unlabeled_ranking.json")) as handle:
+            ranking = json.load(handle)
+        assert sorted(row["case"] for row in ranking["cases"]) == sorted([*IN_DATASET_UNLABELED, *EXTRA_UNLABELED])
+        for strategy in ranking["strategies"]:
+            assert sorted(row[f"rank_{strategy}"] for row in ranking["cases"]) == [1, 2, 3]
+        assert all(row["examine_score"] >= 1.0 for row in ranking["cases"])
 
 
 def test_running_a_finished_run_again_changes_nothing(finished_run):

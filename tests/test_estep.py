@@ -351,13 +351,19 @@ def test_change_precision_from_verified_cases():
         estep.change_precision([], [(1, 10)])
 
 
-def test_gate_round_keeps_the_fits_decision_without_verified_cases_and_asks_them_otherwise():
-    rng = np.random.default_rng(3)
+def _eroded_cube(seed=3):
+    """A cube the network sees clearly, and an annotation that misses a third of it: (truth, logits, eroded)."""
+    rng = np.random.default_rng(seed)
     truth = np.zeros((12, 12, 12), np.int64)
     truth[3:9, 3:9, 3:9] = 1
     logits = np.stack([np.zeros(truth.shape), np.where(truth == 1, 4.0, -4.0) + rng.normal(0, 0.1, truth.shape)])
     eroded = truth.copy()
     eroded[3:9, 3:9, 3:5] = 0
+    return truth, logits, eroded
+
+
+def test_gate_round_keeps_the_fits_decision_without_verified_cases_and_asks_them_otherwise():
+    truth, logits, eroded = _eroded_cube()
     arrays = {"clean_a": (logits, truth), "clean_b": (logits, truth), "eroded": (logits, eroded)}
     fit = estep.RoundFit(NoiseModel(np.array([[0.9, 0.1], [0.3, 0.7]]), 1.0), model_dice=0.4, refine=False)
     options = dict(thresholds=RefinementThresholds(), ignore_label=2, case_prior_strength=None,
@@ -627,12 +633,7 @@ def test_a_change_on_a_reviewed_case_is_false_only_where_it_disagrees_with_the_r
 
 
 def test_a_reviewed_case_whose_corrections_the_refinement_repeats_opens_the_precision_gate():
-    rng = np.random.default_rng(3)
-    truth = np.zeros((12, 12, 12), np.int64)
-    truth[3:9, 3:9, 3:9] = 1
-    logits = np.stack([np.zeros(truth.shape), np.where(truth == 1, 4.0, -4.0) + rng.normal(0, 0.1, truth.shape)])
-    eroded = truth.copy()
-    eroded[3:9, 3:9, 3:5] = 0
+    truth, logits, eroded = _eroded_cube()
     arrays = {"reviewed": (logits, eroded), "eroded_b": (logits, eroded)}
     usable = estep.RoundFit(NoiseModel(np.array([[0.9, 0.1], [0.3, 0.7]]), 1.0), model_dice=0.9, refine=True)
     options = dict(thresholds=RefinementThresholds(), ignore_label=2, case_prior_strength=None,

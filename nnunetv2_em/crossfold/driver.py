@@ -302,7 +302,7 @@ class CrossFoldRun:
         if unlabeled:
             predictions.append(client.submit(task_predict, context, round_index, folds,
                                              {case: context.unlabeled_folder() for case in unlabeled}, "unlabeled",
-                                             resources={engine.DEVICE: 1}, pure=False))
+                                             embeddings=True, resources={engine.DEVICE: 1}, pure=False))
         _wait(client, predictions, "predicting out-of-fold")
         predicted = time.time()
         label_store.write_json(context.layout.round_file(round_index, "out_of_fold.json"), out_of_fold)
@@ -377,6 +377,32 @@ class CrossFoldRun:
                                       seed=estep.case_seed(settings.seed, round_index, case),
                                       truth=self._reviewed_truth(context, context.reviewed_labels(), case))
 
+    def _rank_unlabeled(self, context: RunContext, round_index: int, cases: list[str]) -> None:
+        """``unlabeled_ranking.csv|json``: the round's unlabeled cases ranked by EXAMINE (the fold-0 network's
+        encoder embeddings), entropy of the fold ensemble, random and foreground-aware random (``rank_unlabeled``;
+        k-center needs the labelled cases' embeddings from one network and is left to ``rank-unlabeled``)."""
+        from nnunetv2_em import rank_unlabeled, selection
+
+        strategies = ("examine", "entropy", "random", "fg-random")
+        files = [os.path.join(context.layout.embeddings_folder(round_index), f"{case}.npy") for case in cases]
+        if not all(os.path.isfile(path) for path in files):  # predicted by a version without embeddings
+            print(f"round {round_index}: no embeddings of the unlabeled cases; unlabeled_ranking.csv not written",
+                  flush=True)
+            return
+        embeddings = np.asarray([np.load(path) for path in files])
+        stats = []
+        for case in cases:
+            probabilities = estep.softmax(load_logits(context, round_index, case), 1.0)
+            stats.append({"mean_entropy": selection.mean_entropy(probabilities),
+                          "foreground_voxels": int(np.count_nonzero(probabilities.argmax(axis=0) > 0))})
+        orders = rank_unlabeled.rankings(embeddings, stats, labelled_embeddings=None, strategies=strategies,
+                                         seed=(context.options.seed or 0) + round_index)
+        scores = selection.examine_scores(embeddings)
+        rows = [{"case": case, **stats[i], "examine_score": float(scores[i]),
+                 **{f"rank_{s}": order.index(i) + 1 for s, order in orders.items()}} for i, case in enumerate(cases)]
+        rank_unlabeled.write_ranking(context.layout.round_file(round_index, "unlabeled_ranking.csv"), rows,
+                                     {"round": round_index, "strategies": list(strategies)})
+
     def _reviewed_truth(self, context: RunContext, store: label_store.ReviewedLabels, case: str):
         """A reviewed case's labels in the preprocessed array (the truth the fit and the gate use), else None."""
         if case not in self.reviewed:
@@ -396,6 +422,8 @@ class CrossFoldRun:
                    "pseudo_labelled_cases": len(unlabeled), **{k: round(v, 2) for k, v in timings.items()}}
         summary["converged"] = bool(fit["refine"] and
                                     summary["fraction_changed_since_previous"] < context.em.tolerance)
+        if unlabeled:
+            self._rank_unlabeled(context, round_index, sorted(unlabeled))
         to_rank = {c: s for c, s in scores.items() if s["provenance"] != label_store.REVIEWED}  # reviewed: done
         reports.write_round_reports(context.layout.round_folder(round_index), summary, estep.rank_cases(to_rank))
         # cases no fold could judge keep their labels of the previous round, so the round folder stays complete

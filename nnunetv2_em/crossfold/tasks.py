@@ -47,9 +47,10 @@ def task_train(context: RunContext, round_index: int, fold: int) -> int:
 
 
 def task_predict(context: RunContext, round_index: int, folds: list[int], cases: dict[str, str], name: str,
-                 *, mirrored: bool = False) -> int:
+                 *, mirrored: bool = False, embeddings: bool = False) -> int:
     """Logits of ``cases`` ({case: preprocessed folder}) from ``folds`` (a child process); ``mirrored``: of the
-    images mirrored along their last axis, mirrored back (the second opinion)."""
+    images mirrored along their last axis, mirrored back (the second opinion); ``embeddings``: also the cases'
+    encoder embeddings (``round_NN/embeddings/``, for the ranking of unlabeled cases)."""
     cache = (context.layout.mirrored_logits_folder if mirrored else context.layout.logits_folder)(round_index)
     if all(os.path.isfile(os.path.join(cache, f"{case}.npy")) for case in cases):
         return 0
@@ -57,7 +58,9 @@ def task_predict(context: RunContext, round_index: int, folds: list[int], cases:
     os.makedirs(os.path.dirname(spec_file), exist_ok=True)
     label_store.write_json(spec_file, {"model_folder": context.layout.model_folder(round_index), "folds": folds,
                                        "cases": cases, "cache": cache, "mirroring": context.em.mirroring,
-                                       "device": context.options.device, "flip_axis": 2 if mirrored else None})
+                                       "device": context.options.device, "flip_axis": 2 if mirrored else None,
+                                       "embeddings_cache": context.layout.embeddings_folder(round_index)
+                                       if embeddings else None})
     engine.run_child([sys.executable, "-m", "nnunetv2_em.oof", spec_file], env=_child_env(context, round_index),
                      log_file=spec_file[:-len(".json")] + ".log")
     return len(cases)
