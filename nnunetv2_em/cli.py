@@ -109,8 +109,10 @@ def _review_export(args):
     from nnunetv2_em.review import export_review
 
     record = export_review(args.dataset, args.out, run=args.run, round_index=args.round, top=args.top,
-                           budget=args.budget, cases=args.cases, audit=args.audit, seed=args.seed)
-    print(f"exported {len(record['cases'])} case(s) of round {record['round']} of {record['run']} to {args.out}: "
+                           budget=args.budget, cases=args.cases, audit=args.audit, seed=args.seed,
+                           trainer=args.trainer, fold=args.fold, configuration=args.configuration, plans=args.plans)
+    where = record["run"] if record["source"] == "run" else f"{record['run']} fold {record['fold']}"
+    print(f"exported {len(record['cases'])} case(s) of round {record['round']} of {where} to {args.out}: "
           f"open <case>/<case>.itksnap (ITK-SNAP) or <case>/load_in_slicer.py (3D Slicer), save reviewed"
           f"{record['file_ending']} next to the proposal, fill in review.csv, then `nnunetv2_em review import "
           f"{args.out}`.")
@@ -227,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-d", "--dataset", required=True)
     export.add_argument("-o", "--out", required=True, help="new folder to write")
     export.add_argument("--run", help="the run (default: the active run, or the only one)")
+    export.add_argument("--trainer", help="export a round of this EMTrainer's fold instead of a run's (with -c, "
+                        "--fold, --plans)")
+    export.add_argument("--fold", type=int, default=0, help="the EMTrainer fold (with --trainer). Default: 0")
+    export.add_argument("-c", "--configuration", help="the EMTrainer's configuration (with --trainer)")
+    export.add_argument("--plans", default="nnUNetPlans", help="the EMTrainer's plans (with --trainer)")
     export.add_argument("--round", type=int, help="the round (default: the run's last)")
     chosen = export.add_mutually_exclusive_group()
     chosen.add_argument("--top", type=int, help="the N cases with the highest review score")

@@ -330,3 +330,16 @@ def refine_labelled_case(logits, annotations, model: NoiseModel, constraints: Ca
     scores = estep.score_case(annotations, refined, observation_posterior(logits, annotations, model, constraints),
                               np.asarray(logits).argmax(axis=0), previous=previous, ignore_label=ignore_label)
     return refined, {**scores, "weak_labels": {"kind": weak_case_kind(constraints), **report}}
+
+
+def proposal_posterior(logits, annotations, model: NoiseModel, constraints: CaseConstraints | None, *, pseudo: bool,
+                       case_prior_strength: float | None, seed) -> np.ndarray:
+    """The posterior ``(C, *spatial)`` a case's proposal was read from (its uncertainty map, its soft targets): the
+    calibrated network alone for a pseudo-labelled case, under its constraints for a constrained one, the
+    (per-case) noise model otherwise, as the one per-case E-step reads it."""
+    if constraints is not None:
+        return observation_posterior(logits, annotations, model, constraints)
+    if pseudo:
+        return estep.softmax(logits, model.temperature, dtype=np.float32)
+    q, _ = estep.case_posterior(logits, annotations, model, case_prior_strength=case_prior_strength, seed=seed)
+    return q

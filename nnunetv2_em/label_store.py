@@ -119,6 +119,13 @@ def write_label_image(path: str, seg: np.ndarray, properties: dict, reader_write
     atomic_write(path, lambda temp: reader_writer.write_seg(seg, temp, properties), suffix=_full_suffix(path))
 
 
+def write_uncertainty(path: str, uncertainty: np.ndarray) -> None:
+    """A proposal's uncertainty map (``estep.proposal_uncertainty``, values in [0, 1]) as uint8 x 255 (npz)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda temp: np.savez_compressed(
+        temp, uncertainty=np.round(np.clip(uncertainty, 0, 1) * 255).astype(np.uint8)), suffix=".npz")
+
+
 def read_seg_b2nd(path: str) -> np.ndarray:
     return blosc2.open(urlpath=path, mode="r")[:]
 

@@ -36,6 +36,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -252,11 +253,92 @@ def _write_float_like(reference_label: str, values: np.ndarray, path: str) -> bo
     return True
 
 
+@dataclass(frozen=True)
+class RoundSource:
+    """Where a round to review keeps what the export needs: a round of ``nnunetv2_em run`` or of an EMTrainer fold."""
+
+    kind: str  # "run" or "trainer"
+    name: str  # the run (em_run__...) or the trainer folder (<Trainer>__<Plans>__<configuration>)
+    fold: int | None
+    round: int
+    round_folder: str  # results: cases.json, uncertainty/, review.json
+    labels_folder: str  # the round's complete labelsTr
+    dataset_json: str
+    data_identifier: str
+    plans: str
+    configuration: str
+    eligible: tuple  # labelled cases the round judged
+    originals: dict  # {case: label file of the annotation the round started from}
+    properties_folder: str  # <case>.pkl: the preprocessing properties of each case
+
+    def proposal(self, case: str, ending: str) -> str:
+        return os.path.join(self.labels_folder, case + ending)
+
+    def uncertainty_file(self, case: str) -> str:
+        return os.path.join(self.round_folder, "uncertainty", f"{case}.npz")
+
+
+def run_round_source(raw: str, preprocessed: str, results: str, *, run: str | None,
+                     round_index: int | None) -> RoundSource:
+    versions = label_store.dataset_versions(raw, preprocessed)
+    if not versions.has_originals():
+        raise EMInputError(f"{versions.root}: no label versions. Fix: run `nnunetv2_em run` for at least a round, "
+                           f"or export an EMTrainer fold's round with --trainer.")
+    run = _choose_run(versions, run, raw)
+    rounds = versions.runs()[run]
+    round_index = max(rounds) if round_index is None else round_index
+    if round_index not in rounds:
+        raise EMInputError(f"--round {round_index}: run {run} keeps rounds {rounds}. Fix: pick one of them.")
+    manifest = versions.read_manifest(round_index, run)
+    versions = label_store.DatasetLabelVersions(raw, preprocessed, manifest["data_identifier"], versions.file_ending,
+                                                run)
+    layout = run_layout(results, os.path.basename(raw), run)
+    eligible = sorted(case for case, entry in manifest["cases"].items()
+                      if entry.get("provenance") == label_store.REFINED)
+    return RoundSource("run", run, None, round_index, layout.round_folder(round_index),
+                       versions.labels_folder(round_index), os.path.join(versions.round_folder(round_index),
+                                                                         "dataset.json"),
+                       manifest["data_identifier"], layout.plans, layout.configuration, tuple(eligible),
+                       {case: versions.original_label_path(case) for case in eligible},
+                       versions.segmentation_folder(round_index))
+
+
+def trainer_round_source(raw: str, preprocessed: str, results: str, *, trainer: str, fold: int, configuration: str,
+                         plans: str, round_index: int | None) -> RoundSource:
+    """A round of an EMTrainer fold (``fold_<f>/em/round_<r>/``): its judged (validation) cases, the annotation
+    from nnU-Net's ``gt_segmentations``."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    name = f"{trainer}__{plans}__{configuration}"
+    em_folder = os.path.join(results, os.path.basename(raw), name, f"fold_{fold}", "em")
+    rounds = sorted(int(n.split("_")[1]) for n in os.listdir(em_folder) if n.startswith("round_") and
+                    os.path.isfile(os.path.join(em_folder, n, "cases.json"))) if os.path.isdir(em_folder) else []
+    if not rounds:
+        raise EMInputError(f"{em_folder}: no finished EM round. Fix: train the fold with an EMTrainer first "
+                           f"(nnUNetv2_train ... -tr {trainer}).")
+    round_index = max(rounds) if round_index is None else round_index
+    if round_index not in rounds:
+        raise EMInputError(f"--round {round_index}: {em_folder} has rounds {rounds}. Fix: pick one of them.")
+    round_folder = os.path.join(em_folder, f"round_{round_index:02d}")
+    with open(os.path.join(round_folder, "cases.json")) as handle:
+        eligible = sorted(row["case"] for row in json.load(handle))
+    with open(os.path.join(round_folder, "dataset.json")) as handle:
+        ending = json.load(handle)["file_ending"]
+    identifier = PlansManager(os.path.join(preprocessed, plans + ".json")).get_configuration(
+        configuration).data_identifier
+    return RoundSource("trainer", name, fold, round_index, round_folder, os.path.join(round_folder, "labelsTr"),
+                       os.path.join(round_folder, "dataset.json"), identifier, plans, configuration, tuple(eligible),
+                       {case: os.path.join(preprocessed, "gt_segmentations", case + ending) for case in eligible},
+                       os.path.join(preprocessed, identifier))
+
+
 def export_review(dataset: str, out: str, *, run: str | None = None, round_index: int | None = None,
                   top: int | None = None, budget: float | None = None, cases: list[str] | None = None,
-                  audit: int = 0, seed: int = 0) -> dict:
-    """Write a review folder for the top cases of a run's round (see the module docstring). The folder is built
-    beside ``out`` and renamed into place when complete; ``out`` must not exist yet."""
+                  audit: int = 0, seed: int = 0, trainer: str | None = None, fold: int = 0,
+                  configuration: str | None = None, plans: str = "nnUNetPlans") -> dict:
+    """Write a review folder for the top cases of a round (see the module docstring): of a run of
+    ``nnunetv2_em run`` (default), or of an EMTrainer fold (``trainer``, ``fold``, ``configuration``). The folder is
+    built beside ``out`` and renamed into place when complete; ``out`` must not exist yet."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -267,26 +349,24 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
     if os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise EMInputError(f"{out}: exists already. Fix: export into a new folder.")
     label_store.recover_activation(raw, preprocessed)
-    versions = label_store.dataset_versions(raw, preprocessed)
-    if not versions.has_originals():
-        raise EMInputError(f"{versions.root}: no label versions. Fix: run `nnunetv2_em run` for at least a round.")
-    run = _choose_run(versions, run, raw)
-    rounds = versions.runs()[run]
-    round_index = max(rounds) if round_index is None else round_index
-    if round_index not in rounds:
-        raise EMInputError(f"--round {round_index}: run {run} keeps rounds {rounds}. Fix: pick one of them.")
-    manifest = versions.read_manifest(round_index, run)
-    identifier = manifest["data_identifier"]
-    versions = label_store.DatasetLabelVersions(raw, preprocessed, identifier, versions.file_ending, run)
-    layout = run_layout(results, dataset_name, run)
-    ranked_path = layout.round_file(round_index, "cases.json")
+    if trainer is not None:
+        if configuration is None:
+            raise EMInputError("--trainer needs -c CONFIGURATION (and --fold). Fix: e.g. --trainer EMTrainer -c 2d "
+                               "--fold 0.")
+        source = trainer_round_source(raw, preprocessed, results, trainer=trainer, fold=fold,
+                                      configuration=configuration, plans=plans, round_index=round_index)
+    else:
+        source = run_round_source(raw, preprocessed, results, run=run, round_index=round_index)
+    run, round_index, identifier = source.name, source.round, source.data_identifier
+    ranked_path = os.path.join(source.round_folder, "cases.json")
     if not os.path.isfile(ranked_path):
         raise EMInputError(f"{ranked_path}: missing (the run's results folder). Fix: set nnUNet_results to the "
                            f"folder the run wrote to.")
     with open(ranked_path) as handle:
         ranked = json.load(handle)
-    eligible = {case for case, entry in manifest["cases"].items() if entry.get("provenance") == label_store.REFINED}
-    reviewed_store = label_store.ReviewedLabels(raw, preprocessed, versions.file_ending)
+    eligible = set(source.eligible)
+    ending = checks.load_dataset_json(os.path.join(raw, "dataset.json"))["file_ending"]
+    reviewed_store = label_store.ReviewedLabels(raw, preprocessed, ending)
     selection = select_cases(ranked, eligible, top=top, budget=budget, cases=cases,
                              already_reviewed=set(reviewed_store.records()), audit=audit, seed=[seed, round_index])
     chosen = list(selection)
@@ -294,14 +374,13 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
         raise EMInputError(f"{ranked_path}: no case left to review (all reviewed already). Fix: name cases with "
                            f"--cases to review them again.")
 
-    with open(os.path.join(versions.round_folder(round_index), "dataset.json")) as handle:
+    with open(source.dataset_json) as handle:
         dataset_json = checks.with_ignore_label(json.load(handle))
     ignore_label = int(dataset_json["labels"]["ignore"])
-    ending = versions.file_ending
     images = get_filenames_of_train_images_and_targets(raw, dataset_json)
     reader_writer = _reader_writer(dataset_json, images[chosen[0]]["images"][0])
-    plans_manager = PlansManager(os.path.join(preprocessed, layout.plans + ".json"))
-    configuration_manager = plans_manager.get_configuration(layout.configuration)
+    plans_manager = PlansManager(os.path.join(preprocessed, source.plans + ".json"))
+    configuration_manager = plans_manager.get_configuration(source.configuration)
     rows_by_case = {row["case"]: row for row in ranked}
     table = _label_table(dataset_json)
 
@@ -319,20 +398,19 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
                 shutil.copyfile(image, os.path.join(folder, name))
                 image_names.append(name)
             proposal, original = f"proposal{ending}", f"original{ending}"
-            shutil.copyfile(versions.label_path(round_index, case), os.path.join(folder, proposal))
-            shutil.copyfile(versions.original_label_path(case), os.path.join(folder, original))
+            shutil.copyfile(source.proposal(case, ending), os.path.join(folder, proposal))
+            shutil.copyfile(source.originals[case], os.path.join(folder, original))
             proposed, properties = reader_writer.read_seg(os.path.join(folder, proposal))
             annotated, _ = reader_writer.read_seg(os.path.join(folder, original))
             changes = np.where(proposed[0] == ignore_label, 2, np.where(proposed[0] != annotated[0], 1, 0))
             reader_writer.write_seg(changes.astype(np.uint8), os.path.join(folder, f"changes{ending}"), properties)
             uncertainty = ""
-            stored = layout.uncertainty_file(round_index, case)
+            stored = source.uncertainty_file(case)
             if os.path.isfile(stored) and ending in SITK_ENDINGS:
                 from batchgenerators.utilities.file_and_folder_operations import load_pickle
 
                 values = np.load(stored)["uncertainty"].astype(np.float32) / 255.0
-                case_properties = load_pickle(os.path.join(versions.segmentation_folder(round_index),
-                                                           f"{case}.pkl"))
+                case_properties = load_pickle(os.path.join(source.properties_folder, f"{case}.pkl"))
                 raw_values = nnunet_data.preprocessed_map_to_raw_geometry(values, case_properties, plans_manager,
                                                                           configuration_manager)
                 if _write_float_like(os.path.join(folder, proposal), raw_values,
@@ -356,7 +434,8 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
                               "review_score": rows_by_case[case].get("review_score"),
                               "why": _why(rows_by_case[case]), "images": image_names, "uncertainty": uncertainty,
                               "proposal_sha256": label_store.sha256(os.path.join(folder, proposal)),
-                              "original_sha256": label_store.sha256(os.path.join(folder, original))}
+                              "original_sha256": label_store.sha256(os.path.join(folder, original)),
+                              "original_file": source.originals[case]}
         label_store.write_text(os.path.join(staging, "labels_itksnap.txt"),
                                itksnap_label_descriptions(table, ignore_label))
         label_store.write_text(os.path.join(staging, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
@@ -364,8 +443,9 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
             [{"rank": entry["rank"], "case": case, "selection": entry["selection"],
               "review_score": entry["review_score"], "why": entry["why"], "status": "pending", "reviewer": "",
               "minutes": ""} for case, entry in exported.items()]))
-        record = {"format": EXPORT_FORMAT, "dataset": dataset_name, "run": run, "round": round_index,
-                  "data_identifier": identifier, "plans": layout.plans, "configuration": layout.configuration,
+        record = {"format": EXPORT_FORMAT, "dataset": dataset_name, "source": source.kind, "run": run,
+                  "fold": source.fold, "round": round_index, "round_folder": source.round_folder,
+                  "data_identifier": identifier, "plans": source.plans, "configuration": source.configuration,
                   "file_ending": ending, "labels": {str(k): v for k, v in table.items()}, "ignore_label": ignore_label,
                   "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "cases": exported}
         label_store.write_json(os.path.join(staging, "export.json"), record)
@@ -476,8 +556,8 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
     first = next(iter(export["cases"]))
     reader_writer = _reader_writer(dataset_json, os.path.join(folder, first, export["cases"][first]["images"][0]))
     allowed = {int(value) for value in export["labels"]} | {int(export["ignore_label"])}
-    versions = label_store.DatasetLabelVersions(raw, preprocessed, export["data_identifier"], ending, export["run"])
-    originals = versions.read_manifest(0)["cases"]
+    versions = label_store.DatasetLabelVersions(raw, preprocessed, export["data_identifier"], ending,
+                                                export["run"] if export.get("source", "run") == "run" else None)
     returned, skipped = {}, []
     for case, entry in export["cases"].items():
         case_folder = os.path.join(folder, case)
@@ -494,9 +574,10 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
             reviewed_file = proposal_file  # accepted as proposed
         if case not in images:
             raise EMInputError(f"{raw}/imagesTr: no image of {case}. Fix: put its images back, then import again.")
-        if originals.get(case, {}).get("sha256") != entry["original_sha256"]:
-            raise EMInputError(f"{versions.original_label_path(case)}: the annotation of {case} differs from the one "
-                               f"this export was made from. Fix: export the case again from a current round.")
+        original = entry.get("original_file") or versions.original_label_path(case)
+        if not os.path.isfile(original) or label_store.sha256(original) != entry["original_sha256"]:
+            raise EMInputError(f"{original}: the annotation of {case} differs from the one this export was made "
+                               f"from. Fix: export the case again from a current round.")
         labels = _check_returned_label(reviewed_file, os.path.join(case_folder, entry["images"][0]), reader_writer,
                                        allowed)
         proposal, _ = reader_writer.read_seg(proposal_file)
@@ -514,7 +595,8 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
                          "imported": now, "minutes": row.get("minutes"),
                          "status": "accepted" if reviewed_file.endswith(f"proposal{ending}") else "corrected",
                          "selection": export["cases"][case].get("selection", LISTED),
-                         "proposal": {"run": export["run"], "round": export["round"],
+                         "proposal": {"source": export.get("source", "run"), "run": export["run"],
+                                      "fold": export.get("fold"), "round": export["round"],
                                       "sha256": export["cases"][case]["proposal_sha256"]},
                          "export": folder, "effort": effort}
 
@@ -553,7 +635,8 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
                                 for key in ("voxels_edited", "added_path_length")},
                "total_minutes": sum(record["minutes"] or 0.0 for record in kept.values())}
     label_store.write_json(os.path.join(folder, "imported.json"), summary)
-    round_file = run_layout(results, export["dataset"], export["run"]).round_file(export["round"], "review.json")
+    round_file = os.path.join(export.get("round_folder") or run_layout(results, export["dataset"], export["run"])
+                              .round_folder(export["round"]), "review.json")
     previous = {"cases": {}}
     if os.path.isfile(round_file):
         with open(round_file) as handle:

@@ -301,6 +301,30 @@ def test_em_trainer_trains_on_reviewed_labels_never_judges_them_and_trusts_them(
     assert np.array_equal(seg, store.read_segmentation(training[0], identifier))
     assert tree_snapshot(os.path.join(folder, "labelsTr")) == raw_before  # the annotations are never touched
 
+    # a review of the fold's last round: export (top case not reviewed yet), a reviewer's edit, import into the store
+    out = str(tmp_path / "fold_review")
+    workspace.run("nnunetv2_em", "review", "export", "-d", "916", "--trainer", "EMTrainer_tiny", "-c", "2d",
+                  "--fold", "0", "--top", "1", "-o", out)
+    with open(os.path.join(out, "export.json")) as handle:
+        export = json.load(handle)
+    (case,) = export["cases"]
+    assert export["source"] == "trainer" and export["round"] == 2 and case in validation[1:]
+    assert _sha(os.path.join(out, case, "proposal.nii.gz")) == _sha(
+        os.path.join(fold, "em", "round_02", "labelsTr", f"{case}.nii.gz"))
+    assert export["cases"][case]["uncertainty"] == "uncertainty.nii.gz"
+    proposal = os.path.join(out, case, "proposal.nii.gz")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(proposal)).copy()
+    array[array == export["ignore_label"]] = 0
+    array[:2, :2, :2] = 1
+    _write_like(proposal, array, os.path.join(out, case, "reviewed.nii.gz"))
+    workspace.run("nnunetv2_em", "review", "import", out)
+    record = store.records()[case]
+    assert record["proposal"]["source"] == "trainer" and record["proposal"]["fold"] == 0
+    assert _sha(store.label_path(case)) == _sha(os.path.join(out, case, "reviewed.nii.gz"))
+    assert tree_snapshot(os.path.join(folder, "labelsTr")) == raw_before  # stored, not activated: originals stay
+    with open(os.path.join(fold, "em", "round_02", "review.json")) as handle:
+        assert case in json.load(handle)["cases"]
+
 
 def test_rank_unlabeled_orders_new_images_by_every_strategy_from_the_rounds_model(exported):
     from nnunetv2_em import selection

@@ -168,13 +168,11 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
                                                   configuration_manager)
     if weak_report is not None:
         scores = {**scores, "weak_labels": {"kind": constrained.weak_case_kind(weak), **weak_report}}
-    q = _proposal_posterior(settings, model, case, round_index, logits, annotations, converted,
-                            pseudo=kind == label_store.PSEUDO)
-    uncertainty = estep.proposal_uncertainty(q, refined)
-    path = context.layout.uncertainty_file(round_index, case)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    label_store.atomic_write(path, lambda temp: np.savez_compressed(
-        temp, uncertainty=np.round(uncertainty * 255).astype(np.uint8)), suffix=".npz")
+    q = constrained.proposal_posterior(logits, annotations, model, converted, pseudo=kind == label_store.PSEUDO,
+                                       case_prior_strength=settings.case_prior,
+                                       seed=estep.case_seed(settings.seed, round_index, case))
+    label_store.write_uncertainty(context.layout.uncertainty_file(round_index, case),
+                                  estep.proposal_uncertainty(q, refined))
     soft_maps = None
     if settings.soft_targets:
         soft_maps = _soft_maps(q, annotations, refined, case, round_index, settings,
@@ -187,20 +185,6 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
                         patch_size=configuration_manager.patch_size, soft_maps=soft_maps)
     label_store.write_json(marker, {"case": case, "provenance": kind, **scores})
     return case
-
-
-def _proposal_posterior(settings, model, case, round_index, logits, annotations, converted, *, pseudo: bool):
-    """The posterior ``(C, *spatial)`` the case's proposal was read from: the calibrated network alone for a
-    pseudo-labelled case, under its constraints for a constrained one, the (per-case) noise model otherwise.
-    ``annotations`` and ``converted`` (the case's constraints in its array, or None) are what ``task_refine``
-    refined from."""
-    if converted is not None:
-        return constrained.observation_posterior(logits, annotations, model, converted)
-    if pseudo:
-        return estep.softmax(logits, model.temperature, dtype=np.float32)
-    q, _ = estep.case_posterior(logits, annotations, model, case_prior_strength=settings.case_prior,
-                                seed=estep.case_seed(settings.seed, round_index, case))
-    return q
 
 
 def _soft_maps(q, annotations, refined, case, round_index, settings, *, pseudo: bool, changes_allowed: bool,

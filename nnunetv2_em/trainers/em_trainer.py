@@ -278,6 +278,12 @@ class EMTrainer(nnUNetTrainer):
                 apply=refine and case not in verified, allow_changes=gate["changes_allowed"],
                 case_prior_strength=settings.case_prior, mode=settings.weak_mode, samples=settings.weak_samples,
                 agreement=settings.weak_agreement, seed=estep.case_seed(settings.seed, round_index, case))
+            q = constrained.proposal_posterior(logits, original, fit.model, weak[case], pseudo=False,
+                                               case_prior_strength=settings.case_prior,
+                                               seed=estep.case_seed(settings.seed, round_index, case))
+            label_store.write_uncertainty(join(round_folder, "uncertainty", f"{case}.npz"),
+                                          estep.proposal_uncertainty(q, refined))
+            del q
             self._exchange.publish(self.fold, round_index, case, refined[None],
                                    original_seg_path=self._training_labels.original_seg_path(case),
                                    patch_size=self.configuration_manager.patch_size,
