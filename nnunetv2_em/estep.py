@@ -746,7 +746,7 @@ def agree_on_changes(refined, annotations, second_posterior, *, thresholds: Refi
 def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
                 previous=None, apply: bool = True, allow_changes: bool = True,
                 case_prior_strength: float | None = None, seed=0,
-                second_opinion=None) -> tuple[np.ndarray, dict]:
+                second_opinion=None, posterior=None) -> tuple[np.ndarray, dict]:
     """Posterior, refined labels and scores of one case.
 
     Args:
@@ -760,13 +760,18 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
             transition matrix shrunk toward it (``fit_case_transition``, on a stratified sample drawn with ``seed``).
         second_opinion: ``(C, *spatial)`` logits of a second model that did not train on the case (e.g. the mirrored
             image): changes it does not confirm become ignore (``agree_on_changes``).
+        posterior: this case's ``case_posterior(logits, annotations, model, case_prior_strength=..., seed=...)``
+            when the caller has it already (it keeps it for the uncertainty map and soft targets): not recomputed.
 
     Returns:
         ``(refined (*spatial) like annotations, scores dict of score_case)``; with a per-case model the scores add
         ``case_flip_rate``, the share of the case's annotated voxels its ``T`` expects to be mislabelled.
     """
-    probabilities, case_flip_rate = case_posterior(logits, annotations, model,
-                                                   case_prior_strength=case_prior_strength, seed=seed)
+    if posterior is None:
+        posterior = case_posterior(logits, annotations, model, case_prior_strength=case_prior_strength, seed=seed)
+    probabilities, case_flip_rate = posterior
+    if probabilities.shape != np.shape(logits):
+        raise ValueError(f"posterior {probabilities.shape} does not match logits {np.shape(logits)}")
     if apply:
         refined = refine_labels(probabilities, annotations, thresholds=thresholds, ignore_label=ignore_label,
                                 allow_changes=allow_changes)

@@ -519,15 +519,15 @@ class DatasetLabelVersions:
         write_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"), segmentation, patch_size)
         write_pickle(os.path.join(folder, f"{case}.pkl"), properties)
 
-    def copy_case(self, from_round: int, to_round: int, case: str) -> None:
-        """Stage a case unchanged from another round of this run (or round 0)."""
+    def copy_case(self, from_round: int, to_round: int, case: str, *, from_run: str | None = None) -> None:
+        """Stage a case unchanged from another round of this run (or round 0, or a round of ``from_run``)."""
+        source = self.segmentation_folder(from_round, from_run)
         os.makedirs(self.labels_folder(to_round), exist_ok=True)
-        copy_file(self.label_path(from_round, case), self.label_path(to_round, case))
+        copy_file(self.label_path(from_round, case, from_run), self.label_path(to_round, case))
         os.makedirs(self.segmentation_folder(to_round), exist_ok=True)
         for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
-            copy_file(os.path.join(self.segmentation_folder(from_round), name),
-                      os.path.join(self.segmentation_folder(to_round), name))
-        soft = soft_maps_path(self.segmentation_folder(from_round), case)
+            copy_file(os.path.join(source, name), os.path.join(self.segmentation_folder(to_round), name))
+        soft = soft_maps_path(source, case)
         if os.path.isfile(soft):
             copy_file(soft, soft_maps_path(self.segmentation_folder(to_round), case))
 
@@ -650,6 +650,11 @@ class ReviewedLabels:
         """``{case: record}`` of the latest reviewed label per case (``{}`` before any import)."""
         return _read_json(self.index_path)["cases"] if os.path.isfile(self.index_path) else {}
 
+    def provenance(self, case: str) -> dict:
+        """What a label version records of a reviewed case: which review, by whom, when, from which proposal."""
+        record = self.records()[case]
+        return {key: record[key] for key in ("version", "reviewer", "imported", "proposal") if key in record}
+
     def label_path(self, case: str, version: int | None = None) -> str:
         version = self.records()[case]["version"] if version is None else version
         return os.path.join(self.root, case, f"v{version}{self.file_ending}")
@@ -692,6 +697,19 @@ class ReviewedLabels:
         precision of an E-step's changes may be estimated (a ranked choice is not a sample of the dataset)."""
         return sorted(case for case, record in self.records().items() if record.get("selection") == "audit")
 
+    def make_segmentation(self, case: str, image_files: list[str], plans_manager, configuration_manager,
+                          dataset_json: dict, *, record: dict | None = None) -> None:
+        """Preprocess the case's reviewed label into the segmentation nnU-Net trains on, for the configuration's
+        data identifier (nnU-Net's preprocessing; the image is preprocessed in memory, never written).
+        ``record``: a label kept but not yet committed (``keep``); default the case's latest."""
+        from nnunetv2_em.nnunet_data import preprocess_label
+
+        record = self.records()[case] if record is None else record
+        segmentation, properties = preprocess_label(self.label_path(case, record["version"]), image_files,
+                                                    plans_manager, configuration_manager, dataset_json)
+        self.write_segmentation(case, configuration_manager.data_identifier, segmentation, properties,
+                                configuration_manager.patch_size, record["sha256"])
+
     def commit(self, records: dict[str, dict]) -> None:
         """Make kept labels the cases' reviewed labels (one atomic write of the index)."""
         write_json(self.index_path, {"cases": {**self.records(), **records}})
@@ -701,32 +719,21 @@ def stage_review_version(versions: DatasetLabelVersions, reviewed: ReviewedLabel
     """A new ``em_review`` version: the active version with ``cases`` replaced by their reviewed labels, staged
     complete (manifest last); returns its round number. ``versions``: set to the active run and data identifier."""
     active = versions.active()
-    base = DatasetLabelVersions(versions.raw_folder, versions.preprocessed_folder, versions.data_identifier,
-                                versions.file_ending, active["run"])
-    base_manifest = base.read_manifest(active["round"], active["run"])
+    base_manifest = versions.read_manifest(active["round"], active["run"])
     target = DatasetLabelVersions(versions.raw_folder, versions.preprocessed_folder, versions.data_identifier,
                                   versions.file_ending, REVIEW_RUN)
     round_index = max(versions.runs().get(REVIEW_RUN, [0]), default=0) + 1
     shutil.rmtree(target.round_folder(round_index), ignore_errors=True)  # an import killed while staging
     shutil.rmtree(target.segmentation_folder(round_index), ignore_errors=True)
-    records = reviewed.records()
     entries = {}
     for case, entry in base_manifest["cases"].items():
         if case in cases:
             target.stage_reviewed_case(round_index, case, reviewed)
-            entries[case] = {"provenance": REVIEWED, "reviewed": {k: records[case][k] for k in (
-                "version", "reviewer", "imported", "proposal") if k in records[case]}}
+            entries[case] = {"provenance": REVIEWED, "reviewed": reviewed.provenance(case)}
             continue
-        os.makedirs(target.labels_folder(round_index), exist_ok=True)
-        copy_file(base.label_path(active["round"], case), target.label_path(round_index, case))
-        os.makedirs(target.segmentation_folder(round_index), exist_ok=True)
-        source = base.segmentation_folder(active["round"])
-        for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
-            copy_file(os.path.join(source, name), os.path.join(target.segmentation_folder(round_index), name))
-        if os.path.isfile(soft_maps_path(source, case)):
-            copy_file(soft_maps_path(source, case), soft_maps_path(target.segmentation_folder(round_index), case))
+        target.copy_case(active["round"], round_index, case, from_run=active["run"])
         entries[case] = {key: value for key, value in entry.items() if key != "sha256"}
-    dataset_json = _read_json(os.path.join(base.round_folder(active["round"], active["run"]), "dataset.json"))
+    dataset_json = _read_json(os.path.join(versions.round_folder(active["round"], active["run"]), "dataset.json"))
     target.write_round_metadata(round_index, dataset_json, entries,
                                 extra={"base": {"run": active["run"], "round": active["round"]}})
     return round_index

@@ -530,7 +530,6 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    from nnunetv2_em import nnunet_data
     from nnunetv2_em.review_effort import edit_effort
 
     folder = os.path.abspath(folder)
@@ -612,11 +611,8 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
                                f"{export['dataset']}` to a version of the exported run first.")
         kept = store.keep({case: (returned[case][0], records[case]) for case in returned})
         for case, record in kept.items():
-            segmentation, properties = nnunet_data.preprocess_label(
-                store.label_path(case, record["version"]), images[case]["images"], plans_manager,
-                configuration_manager, dataset_json)
-            store.write_segmentation(case, export["data_identifier"], segmentation, properties,
-                                     configuration_manager.patch_size, record["sha256"])
+            store.make_segmentation(case, images[case]["images"], plans_manager, configuration_manager,
+                                    dataset_json, record=record)
         store.commit(kept)
         version = None
         if active["round"]:  # labelsTr holds a run's labels: switch to them with the reviewed ones in

@@ -131,11 +131,8 @@ def simulate_replicate(setting, seed, folder, benchmark, settings, *, gate_polic
             per_case[case] = metrics.label_scores(_read_label(benchmark.cases[case]["label"]), raw,
                                                   classes=benchmark.classes, ignore_label=benchmark.ignore_label,
                                                   annotation=noisy_raw)
-        rows = list(per_case.values())  # as the benchmark summarises: class mean per case, then case mean
-        summary = {key: float(np.mean([np.nanmean([row[f"{key}_{c}"] for c in benchmark.classes]) for row in rows]))
-                   for key in ("dice", "dice_kept")}
-        return {**summary, **{key: float(np.mean([row[key] for row in rows]))
-                              for key in ("fraction_ignored", "fraction_wrong")}}
+        summary = benchmark.summarize_groups(per_case, corrupted)["all"]
+        return {key: summary[key] for key in ("dice", "dice_kept", "fraction_ignored", "fraction_wrong")}
 
     # EM's ranked list: the review scores of the round before any review (what `review export --top` takes)
     first = estep_with_reviews(cases, set(), noisy_of=noisy.get, logits_of=logits.get, truth_of=truth_of,

@@ -645,3 +645,16 @@ def test_a_reviewed_case_whose_corrections_the_refinement_repeats_opens_the_prec
     _, gate = estep.gate_round(usable, list(arrays), ["reviewed"], arrays.__getitem__, **options,
                                truth_of={"reviewed": truth}.get)
     assert gate["changes_allowed"] and gate["false_change_rate"] == 0.0
+
+
+def test_a_posterior_handed_over_gives_the_same_refinement_and_scores_as_one_computed_inside():
+    truth, logits, eroded = _eroded_cube(seed=4)
+    model = NoiseModel(np.array([[0.9, 0.1], [0.3, 0.7]]), 1.0)
+    options = dict(thresholds=RefinementThresholds(), ignore_label=2, case_prior_strength=100.0, seed=[0, 1, 2])
+    inside = estep.refine_case(logits, eroded, model, **options)
+    posterior = estep.case_posterior(logits, eroded, model, case_prior_strength=100.0, seed=[0, 1, 2])
+    handed = estep.refine_case(logits, eroded, model, **options, posterior=posterior)
+    assert np.array_equal(inside[0], handed[0]) and inside[1] == handed[1]
+    assert "case_flip_rate" in handed[1]
+    with pytest.raises(ValueError, match="does not match"):
+        estep.refine_case(logits, eroded, model, **options, posterior=(posterior[0][:, :4], None))

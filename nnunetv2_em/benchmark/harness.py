@@ -468,10 +468,12 @@ class Benchmark:
         if not rows:
             return {"cases": 0}
         summary = {"cases": len(rows)}
-        for key in ("dice", "dice_kept", "hd95", "surface_dice"):
+        # every key the scores have: the surface metrics only when scored with surfaces=True
+        for key in (k for k in ("dice", "dice_kept", "hd95", "surface_dice") if f"{k}_{self.classes[0]}" in rows[0]):
             values = [float(np.nanmean([row[f"{key}_{c}"] for c in self.classes])) for row in rows]
             summary[key] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
-        summary["hd95_undefined"] = int(sum(np.isnan(row[f"hd95_{c}"]) for row in rows for c in self.classes))
+        if "hd95" in summary:
+            summary["hd95_undefined"] = int(sum(np.isnan(row[f"hd95_{c}"]) for row in rows for c in self.classes))
         summary["fraction_ignored"] = float(np.mean([row["fraction_ignored"] for row in rows]))
         if all("fraction_wrong" in row for row in rows):
             summary["fraction_wrong"] = float(np.mean([row["fraction_wrong"] for row in rows]))

@@ -239,8 +239,6 @@ class CrossFoldRun:
         for this configuration (made once from the reviewed label file; images are not preprocessed again)."""
         from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-        from nnunetv2_em import nnunet_data
-
         store = context.reviewed_labels()
         reviewed = sorted(case for case in store.records() if case in self.labelled)
         missing = [case for case in reviewed if not store.has_segmentation(case, context.data_identifier)]
@@ -248,11 +246,8 @@ class CrossFoldRun:
             plans_manager, configuration_manager, dataset_json = managers(context)
             images = get_filenames_of_train_images_and_targets(self.raw, dataset_json)
             for case in missing:
-                segmentation, properties = nnunet_data.preprocess_label(
-                    store.label_path(case), images[case]["images"], plans_manager, configuration_manager,
-                    dataset_json)
-                store.write_segmentation(case, context.data_identifier, segmentation, properties,
-                                         configuration_manager.patch_size, store.records()[case]["sha256"])
+                store.make_segmentation(case, images[case]["images"], plans_manager, configuration_manager,
+                                        dataset_json)
         return reviewed
 
     def _ensure_split(self, context: RunContext) -> list[dict]:

@@ -115,9 +115,7 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     if kind == label_store.REVIEWED:  # frozen: the reviewed label, byte for byte
         reviewed = context.reviewed_labels()
         versions.stage_reviewed_case(round_index, case, reviewed)
-        record = reviewed.records()[case]
-        label_store.write_json(marker, {"case": case, "provenance": kind, "reviewed": {
-            key: record[key] for key in ("version", "reviewer", "imported", "proposal") if key in record}})
+        label_store.write_json(marker, {"case": case, "provenance": kind, "reviewed": reviewed.provenance(case)})
         return case
     plans_manager, configuration_manager, dataset_json = managers(context)
     label_manager = plans_manager.get_label_manager(dataset_json)
@@ -141,6 +139,9 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
                                                                                   logits.shape[1:])
     apply = fit["refine"] and case not in fit.get("verified", ())
     allow_changes = fit["gate"].get("changes_allowed", True)
+    posterior = constrained.proposal_posterior(logits, annotations, model, converted, pseudo=kind == label_store.PSEUDO,
+                                               case_prior_strength=settings.case_prior,
+                                               seed=estep.case_seed(settings.seed, round_index, case))
     if kind == label_store.PSEUDO:
         if weak is None:
             refined = estep.pseudo_label(logits, model, thresholds=settings.thresholds, ignore_label=ignore_label,
@@ -162,20 +163,17 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
             logits, annotations, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
             previous=previous, apply=apply, allow_changes=allow_changes, case_prior_strength=settings.case_prior,
             mode=settings.weak_mode, samples=settings.weak_samples, agreement=settings.weak_agreement,
-            seed=estep.case_seed(settings.seed, round_index, case), second_opinion=second)
+            seed=estep.case_seed(settings.seed, round_index, case), second_opinion=second, posterior=posterior)
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
         raw_label = nnunet_data.refined_raw_label(original_raw, annotations, refined, properties, plans_manager,
                                                   configuration_manager)
     if weak_report is not None:
         scores = {**scores, "weak_labels": {"kind": constrained.weak_case_kind(weak), **weak_report}}
-    q = constrained.proposal_posterior(logits, annotations, model, converted, pseudo=kind == label_store.PSEUDO,
-                                       case_prior_strength=settings.case_prior,
-                                       seed=estep.case_seed(settings.seed, round_index, case))
     label_store.write_uncertainty(context.layout.uncertainty_file(round_index, case),
-                                  estep.proposal_uncertainty(q, refined))
+                                  estep.proposal_uncertainty(posterior[0], refined))
     soft_maps = None
     if settings.soft_targets:
-        soft_maps = _soft_maps(q, annotations, refined, case, round_index, settings,
+        soft_maps = _soft_maps(posterior[0], annotations, refined, case, round_index, settings,
                                pseudo=kind == label_store.PSEUDO or converted is not None,
                                changes_allowed=apply and allow_changes, ignore_label=ignore_label)
     properties = dict(properties)

@@ -272,18 +272,19 @@ class EMTrainer(nnUNetTrainer):
             mine = self._exchange.latest(case, original_seg_path=self._training_labels.original_seg_path(case),
                                          up_to_round=round_index - 1)
             previous = label_store.read_seg_b2nd(mine["seg_path"])[0] if mine else original
+            posterior = constrained.proposal_posterior(logits, original, fit.model, weak[case], pseudo=False,
+                                                       case_prior_strength=settings.case_prior,
+                                                       seed=estep.case_seed(settings.seed, round_index, case))
             refined, scores[case] = constrained.refine_labelled_case(
                 logits, original, fit.model, weak[case],
                 thresholds=settings.thresholds, ignore_label=ignore_label, previous=previous,
                 apply=refine and case not in verified, allow_changes=gate["changes_allowed"],
                 case_prior_strength=settings.case_prior, mode=settings.weak_mode, samples=settings.weak_samples,
-                agreement=settings.weak_agreement, seed=estep.case_seed(settings.seed, round_index, case))
-            q = constrained.proposal_posterior(logits, original, fit.model, weak[case], pseudo=False,
-                                               case_prior_strength=settings.case_prior,
-                                               seed=estep.case_seed(settings.seed, round_index, case))
+                agreement=settings.weak_agreement, seed=estep.case_seed(settings.seed, round_index, case),
+                posterior=posterior)
             label_store.write_uncertainty(join(round_folder, "uncertainty", f"{case}.npz"),
-                                          estep.proposal_uncertainty(q, refined))
-            del q
+                                          estep.proposal_uncertainty(posterior[0], refined))
+            del posterior
             self._exchange.publish(self.fold, round_index, case, refined[None],
                                    original_seg_path=self._training_labels.original_seg_path(case),
                                    patch_size=self.configuration_manager.patch_size,
@@ -343,12 +344,8 @@ class EMTrainer(nnUNetTrainer):
 
                 raw_folder = join(os.environ["nnUNet_raw"], self.plans_manager.dataset_name)
                 images = get_filenames_of_train_images_and_targets(raw_folder, self.dataset_json)[case]["images"]
-                segmentation, properties = nnunet_data.preprocess_label(
-                    self._reviewed.label_path(case), images, self.plans_manager, self.configuration_manager,
-                    self.dataset_json)
-                self._reviewed.write_segmentation(case, identifier, segmentation, properties,
-                                                  self.configuration_manager.patch_size,
-                                                  self._reviewed.records()[case]["sha256"])
+                self._reviewed.make_segmentation(case, images, self.plans_manager, self.configuration_manager,
+                                                 self.dataset_json)
             segmentation = self._reviewed.read_segmentation(case, identifier)
             properties = load_pickle(self._training_labels.original_properties_path(case))
             properties["class_locations"] = nnunet_data.class_locations(segmentation, self.label_manager)
