@@ -76,6 +76,7 @@ ARMS = ("noisy", "em", "cleanlab")
 @dataclass
 class Workspace:
     out: str
+    ids: dict = dataclasses.field(default_factory=lambda: dict(ARM_IDS))  # arm: nnU-Net dataset id
 
     @property
     def nnunet(self) -> str:
@@ -89,7 +90,7 @@ class Workspace:
                    (("nnUNet_def_n_proc", "2"), ("nnUNet_n_proc_DA", "2"), ("nnUNet_compile", "f"))}}
 
     def dataset(self, arm: str) -> str:
-        return f"Dataset{ARM_IDS[arm]}_Bench{arm.capitalize()}"
+        return f"Dataset{self.ids[arm]}_Bench{arm.replace('_', ' ').title().replace(' ', '')}"
 
     def raw(self, arm: str) -> str:
         return os.path.join(self.nnunet, "raw", self.dataset(arm))
@@ -270,11 +271,12 @@ class Benchmark:
         env = self.workspace.env()
         log = os.path.join(self.workspace.out, "logs", f"{arm}_plan.log")
         if arm == "em":
-            command = [_console("nnunetv2_em"), "plan", "-d", str(ARM_IDS[arm]), "-c", self.profile.configuration]
+            command = [_console("nnunetv2_em"), "plan", "-d", str(self.workspace.ids[arm]), "-c",
+                       self.profile.configuration]
             _run_measured(command, env, log)
             self._apply_profile_settings(arm)
         else:  # vanilla and cleanlab: nnU-Net's own planner and preprocessing
-            _run_measured([_console("nnUNetv2_plan_and_preprocess"), "-d", str(ARM_IDS[arm]), "-c",
+            _run_measured([_console("nnUNetv2_plan_and_preprocess"), "-d", str(self.workspace.ids[arm]), "-c",
                            self.profile.configuration, "-np", "2", "-npfp", "2"], env, log)
 
     def _apply_profile_settings(self, arm: str) -> None:
@@ -286,41 +288,18 @@ class Benchmark:
         label_store.write_json(plans_file, plans)
 
     def _train_final(self, arm: str) -> dict:
-        fold = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset(arm),
-                            f"{self.profile.trainer}__nnUNetPlans__{self.profile.configuration}", "fold_all")
-        if os.path.isfile(os.path.join(fold, "em_mstep_done.json")):
-            return {}
-        command = [sys.executable, "-m", "nnunetv2_em.mstep", self.workspace.dataset(arm), self.profile.configuration,
-                   "all", "--trainer", self.profile.trainer, "--device", self.profile.device, "--no-validation",
-                   *self._seed_arguments()]
-        return _run_measured(command, self.workspace.env(), os.path.join(self.workspace.out, "logs",
-                                                                         f"{arm}_train.log"))
+        return train_final(self.workspace, arm, self.profile, log_name=arm, seed_arguments=self._seed_arguments())
 
     def _predict_test(self, arm: str) -> dict:
-        out = os.path.join(self.workspace.out, "predictions", arm)
-        if os.path.isfile(os.path.join(out, "summary.json")):
-            return {}
-        command = [_console("nnUNetv2_predict"), "-i", os.path.join(self.workspace.out, "test", "images"), "-o", out,
-                   "-d", str(ARM_IDS[arm]), "-c", self.profile.configuration, "-tr", self.profile.trainer, "-f",
-                   "all", "-device", self.profile.device, "-npp", "1", "-nps", "1"]
-        if not self.profile.mirroring:
-            command.append("--disable_tta")
-        measured = _run_measured(command, self.workspace.env(), os.path.join(self.workspace.out, "logs",
-                                                                             f"{arm}_predict.log"))
-        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
-        compute_metrics_on_folder(os.path.join(self.workspace.out, "test", "labels"), out,
-                                  os.path.join(out, "summary.json"), SimpleITKIO(), self.ending, self.classes, None,
-                                  num_processes=1)
-        return measured
+        return predict_test(self.workspace, arm, self.profile, classes=self.classes, ending=self.ending)
 
     def _run_em(self) -> dict:
         marker = os.path.join(self.workspace.out, "logs", "em_run.done")
         if os.path.isfile(marker):
             return {}
-        command = [_console("nnunetv2_em"), "run", "-d", str(ARM_IDS["em"]), "-c", self.profile.configuration,
-                   "--folds", *[str(f) for f in range(self.profile.folds)], "--rounds", str(self.profile.rounds),
+        command = [_console("nnunetv2_em"), "run", "-d", str(self.workspace.ids["em"]), "-c",
+                   self.profile.configuration, "--folds", *[str(f) for f in range(self.profile.folds)],
+                   "--rounds", str(self.profile.rounds),
                    "--trainer", self.profile.trainer, "--device", self.profile.device, "--no-validation",
                    "--keep-logits", *self._seed_arguments()]
         measured = _run_measured(command, self.workspace.env(), os.path.join(self.workspace.out, "logs",
@@ -417,20 +396,8 @@ class Benchmark:
     # 4: evaluation
     def test_dice(self) -> dict:
         """Per arm: foreground-mean Dice per test case (for pairing), per-class means and bootstrap intervals."""
-        results = {}
-        for arm in self.arms:
-            with open(os.path.join(self.workspace.out, "predictions", arm, "summary.json")) as handle:
-                summary = json.load(handle)
-            per_case = {os.path.basename(case["reference_file"]).removesuffix(self.ending):
-                        float(np.nanmean([case["metrics"][str(c)]["Dice"] for c in self.classes]))
-                        for case in summary["metric_per_case"]}
-            per_class = {str(c): metrics.bootstrap_ci([case["metrics"][str(c)]["Dice"]
-                                                       for case in summary["metric_per_case"]], seed=self.seed)
-                         for c in self.classes}
-            results[arm] = {"per_case": dict(sorted(per_case.items())), "per_class": per_class,
-                            "foreground": metrics.bootstrap_ci(list(per_case.values()), seed=self.seed),
-                            "cases": len(per_case)}
-        return results
+        return {arm: test_dice(self.workspace, arm, classes=self.classes, ending=self.ending, seed=self.seed)
+                for arm in self.arms}
 
     def label_quality(self, split: dict) -> dict:
         """Training labels vs the clean ones, in the raw geometry: the noisy input, EM after each round, cleanlab's
@@ -533,3 +500,56 @@ class Benchmark:
         results["evaluation_minutes"] = (time.time() - started) / 60
         label_store.write_json(os.path.join(self.workspace.out, "results.json"), results)
         return results
+
+
+# ------------------------------------------------------------- final training and test scores (every benchmark)
+def train_final(workspace: Workspace, arm: str, profile: Profile, *, trainer: str | None = None, log_name: str,
+                seed_arguments: list[str]) -> dict:
+    """The arm's final model: ``trainer`` (default the profile's) on every training case of the arm's dataset
+    (``fold all``, no validation); skipped once done."""
+    trainer = trainer or profile.trainer
+    fold = os.path.join(workspace.nnunet, "results", workspace.dataset(arm),
+                        f"{trainer}__nnUNetPlans__{profile.configuration}", "fold_all")
+    if os.path.isfile(os.path.join(fold, "em_mstep_done.json")):
+        return {}
+    command = [sys.executable, "-m", "nnunetv2_em.mstep", workspace.dataset(arm), profile.configuration, "all",
+               "--trainer", trainer, "--device", profile.device, "--no-validation", *seed_arguments]
+    return _run_measured(command, workspace.env(), os.path.join(workspace.out, "logs", f"{log_name}_train.log"))
+
+
+def predict_test(workspace: Workspace, arm: str, profile: Profile, *, classes, ending: str,
+                 trainer: str | None = None, name: str | None = None) -> dict:
+    """The final model's predictions of the held-out test images (``workspace.out/test``) in
+    ``predictions/<name>`` and nnU-Net's metrics of them (``summary.json``); skipped once done."""
+    trainer = trainer or profile.trainer
+    name = name or arm
+    out = os.path.join(workspace.out, "predictions", name)
+    if os.path.isfile(os.path.join(out, "summary.json")):
+        return {}
+    command = [_console("nnUNetv2_predict"), "-i", os.path.join(workspace.out, "test", "images"), "-o", out,
+               "-d", str(workspace.ids[arm]), "-c", profile.configuration, "-tr", trainer, "-f", "all",
+               "-device", profile.device, "-npp", "1", "-nps", "1"]
+    if not profile.mirroring:
+        command.append("--disable_tta")
+    measured = _run_measured(command, workspace.env(), os.path.join(workspace.out, "logs", f"{name}_predict.log"))
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    compute_metrics_on_folder(os.path.join(workspace.out, "test", "labels"), out, os.path.join(out, "summary.json"),
+                              SimpleITKIO(), ending, classes, None, num_processes=1)
+    return measured
+
+
+def test_dice(workspace: Workspace, name: str, *, classes, ending: str, seed: int) -> dict:
+    """Test Dice of ``predictions/<name>``: foreground-mean Dice per test case (for pairing), per class per case,
+    per-class means and the foreground mean with bootstrap intervals over cases."""
+    with open(os.path.join(workspace.out, "predictions", name, "summary.json")) as handle:
+        summary = json.load(handle)
+    cases = {os.path.basename(case["reference_file"]).removesuffix(ending): case["metrics"]
+             for case in summary["metric_per_case"]}
+    per_case = {case: float(np.nanmean([scores[str(c)]["Dice"] for c in classes])) for case, scores in cases.items()}
+    per_class_case = {str(c): {case: float(scores[str(c)]["Dice"]) for case, scores in sorted(cases.items())}
+                      for c in classes}
+    per_class = {str(c): metrics.bootstrap_ci(list(per_class_case[str(c)].values()), seed=seed) for c in classes}
+    return {"per_case": dict(sorted(per_case.items())), "per_class_case": per_class_case, "per_class": per_class,
+            "foreground": metrics.bootstrap_ci(list(per_case.values()), seed=seed), "cases": len(per_case)}
