@@ -49,6 +49,13 @@ def _run(args):
           f"nnUNet_raw/<dataset>/em_labels/round_00 (`nnunetv2_em status` / `restore`).")
 
 
+def _predict_tags(args):
+    from nnunetv2_em.tag_prediction import predict_tags
+
+    predict_tags(args.model, args.input, args.output, folds=tuple(args.folds), device=args.device,
+                 saliency=args.saliency)
+
+
 def _dataset_folders(dataset: str) -> tuple[str, str, str]:
     import os
 
@@ -263,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--device", default="cpu")
     rank.add_argument("-o", "--out", required=True, help="CSV to write (a JSON and the embeddings beside it)")
     rank.set_defaults(handler=_rank_unlabeled)
+
+    tags = commands.add_parser("predict-tags", help="segmentations, presence-tag probabilities and Grad-CAM saliency "
+                               "maps of a model trained with -tr MultiTaskTrainer")
+    tags.add_argument("-i", "--input", required=True, help="folder of images <case>_0000<ending>")
+    tags.add_argument("-o", "--output", required=True)
+    tags.add_argument("--model", required=True, help="trained model folder (holds fold_<f>/), as nnUNetv2_predict -m")
+    tags.add_argument("--folds", nargs="+", default=[0], type=lambda v: v if v == "all" else int(v),
+                      help="folds to ensemble (or all)")
+    tags.add_argument("--saliency", action="store_true", help="also write <case>_saliency_<class> maps")
+    tags.add_argument("--device", default="cpu")
+    tags.set_defaults(handler=_predict_tags)
 
     from nnunetv2_em.benchmark.harness import PROFILES
     from nnunetv2_em.benchmark.noise import SETTINGS

@@ -23,7 +23,8 @@ from nnunetv2_em.errors import EMInputError
 STRATEGIES = ("examine", "entropy", "k-center", "random", "fg-random")
 
 
-def _predictor(model_folder: str, folds, device: str):
+def load_predictor(model_folder: str, folds, device: str):
+    """nnU-Net's predictor of a trained model folder (checked: plans, final checkpoints of the folds), no mirroring."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -140,7 +141,7 @@ def rank_unlabeled(dataset: str, model_folder: str, out: str, *, folds=(0,), ima
     if not pool:
         raise EMInputError(f"{raw}/imagesTr: every image has a label, and no --images folder was given. Fix: "
                            f"name a folder of unlabeled images with --images.")
-    predictor = _predictor(model_folder, folds, device)
+    predictor = load_predictor(model_folder, folds, device)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
 
     def preprocess(files):

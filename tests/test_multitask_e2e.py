@@ -1,0 +1,104 @@
+"""The multi-task trainer through the stock CLIs on real Hippocampus cases: cases with masks, partial cases with a
+tag for the structure they do not draw, and tag-only cases (label file all ignore) with slice-range and case-level
+tags; ``nnUNetv2_train -tr MultiTaskTrainer_tiny``, ``nnUNetv2_predict`` and ``nnunetv2_em predict-tags``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset
+
+from nnunetv2_em.demo import DEMO_DATA
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 911
+DATASET = "Dataset911_Tags"
+TRAINER = "MultiTaskTrainer_tiny"
+CASES = demo_cases(10)
+MASKED, PARTIAL, TAG_ONLY, TEST = CASES[:4], CASES[4:6], CASES[6:8], CASES[8:]
+
+
+def test_multitask_trainer_predictor_and_tags(tmp_path):
+    workspace = NnUNetWorkspace(str(tmp_path))
+    folder = make_raw_dataset(workspace.raw, DATASET_ID, CASES[:8], name="Tags")
+    with open(os.path.join(folder, "dataset.json")) as handle:
+        dataset_json = json.load(handle)
+    dataset_json["labels"]["ignore"] = 3
+    with open(os.path.join(folder, "dataset.json"), "w") as handle:
+        json.dump(dataset_json, handle)
+    rows = {case: {"annotated_classes": ["Anterior"], "present": ["Posterior"]} for case in PARTIAL}
+    for index, case in enumerate(TAG_ONLY):
+        path = os.path.join(folder, "labelsTr", f"{case}.nii.gz")
+        image = sitk.ReadImage(path)
+        label = sitk.GetArrayFromImage(image)
+        if index == 0:  # slice-level tags: the slices (axis 0) that hold each structure
+            rows[case] = {"present": ["Anterior", "Posterior"], "location": {
+                name: {"slices": [int(np.nonzero((label == value).any(axis=(1, 2)))[0].min()),
+                                  int(np.nonzero((label == value).any(axis=(1, 2)))[0].max()) + 1], "axis": 0}
+                for name, value in (("Anterior", 1), ("Posterior", 2))}}
+        else:
+            rows[case] = {"present": ["Anterior", "Posterior"]}
+        blank = sitk.GetImageFromArray(np.full(label.shape, 3, np.uint8))  # no mask: every voxel ignored
+        blank.CopyInformation(image)
+        sitk.WriteImage(blank, path)
+    for case in PARTIAL:
+        path = os.path.join(folder, "labelsTr", f"{case}.nii.gz")
+        image = sitk.ReadImage(path)
+        label = sitk.GetArrayFromImage(image)
+        label[label == 2] = 0
+        partial = sitk.GetImageFromArray(label)
+        partial.CopyInformation(image)
+        sitk.WriteImage(partial, path)
+    with open(os.path.join(folder, "em_weak_labels.json"), "w") as handle:
+        json.dump({"version": 1, "cases": rows}, handle)
+    test_images = os.path.join(str(tmp_path), "test")
+    os.makedirs(test_images)
+    for case in TEST:
+        shutil.copy(os.path.join(DEMO_DATA, "imagesTr", f"{case}_0000.nii.gz"), test_images)
+
+    workspace.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1")
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", TRAINER, "-device", "cpu")
+    model = os.path.join(workspace.results, DATASET, f"{TRAINER}__nnUNetPlans__2d")
+    fold = os.path.join(model, "fold_all")
+    with open(next(os.path.join(fold, name) for name in sorted(os.listdir(fold)) if name.startswith("training_log"))) \
+            as handle:
+        log = handle.read()
+    assert "multi-task: 2 tag(s), weight 1.0, 4 case(s) with weak labels" in log and "tag loss" in log
+    checkpoint = torch.load(os.path.join(model, "fold_all", "checkpoint_final.pth"), map_location="cpu",
+                            weights_only=False)
+    assert checkpoint["trainer_name"] == TRAINER
+    assert any(key.startswith("head.") for key in checkpoint["network_weights"])
+
+    # the stock predictor rebuilds the same network (segmentation only)
+    stock = os.path.join(str(tmp_path), "stock")
+    workspace.run("nnUNetv2_predict", "-i", test_images, "-o", stock, "-d", str(DATASET_ID), "-c", "2d", "-tr",
+                  TRAINER, "-f", "all", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    out = os.path.join(str(tmp_path), "tags")
+    workspace.run("nnunetv2_em", "predict-tags", "-i", test_images, "-o", out, "--model", model, "--folds", "all",
+                  "--saliency")
+    with open(os.path.join(out, "tags.json")) as handle:
+        predicted = json.load(handle)["tags"]
+    assert sorted(predicted) == TEST
+    for case in TEST:
+        image = sitk.ReadImage(os.path.join(test_images, f"{case}_0000.nii.gz"))
+        assert set(predicted[case]) == {"Anterior", "Posterior"}
+        assert all(0 <= p <= 1 for p in predicted[case].values())
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f"{case}.nii.gz")))
+        theirs = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(stock, f"{case}.nii.gz")))
+        assert np.array_equal(ours, theirs)  # the same segmentation as nnUNetv2_predict
+        for name in ("Anterior", "Posterior"):
+            saliency = sitk.ReadImage(os.path.join(out, f"{case}_saliency_{name}.nii.gz"))
+            assert saliency.GetSize() == image.GetSize()
+            assert np.allclose(saliency.GetSpacing(), image.GetSpacing())
+            assert np.allclose(saliency.GetOrigin(), image.GetOrigin())
+            values = sitk.GetArrayFromImage(saliency)
+            assert values.min() >= 0 and values.max() <= 1 + 1e-5
+        with open(os.path.join(out, f"{case}_tags.json")) as handle:
+            assert json.load(handle)["tags"] == predicted[case]
