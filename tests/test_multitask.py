@@ -138,3 +138,19 @@ def test_grad_cam_has_the_input_geometry(dim):
     cam = grad_cam(network, x, 1)
     assert cam.shape == (2, *([16] * dim))
     assert float(cam.min()) >= 0 and float(cam.max()) <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_bridge_logits_are_the_mean_activation_map_and_run_in_inference_mode(dim):
+    network = MultiTaskNetwork(_unet(dim), num_tags=2, bridge=True).eval()
+    plain = MultiTaskNetwork(_unet(dim), num_tags=2).eval()
+    x = torch.randn(2, 1, *([16] * dim))
+    network.return_tags = True
+    output, logits = network(x)
+    bottleneck = network.encoder(x)[-1]
+    assert torch.allclose(logits, network.head(bottleneck.flatten(2).mean(dim=2)), atol=1e-5)
+    assert network.class_activation_maps(bottleneck).shape == (2, 2, *bottleneck.shape[2:])
+    assert not torch.allclose(output[0], plain(x)[0])  # the saliency reaches the decoder
+    network.return_tags = False
+    with torch.inference_mode():  # nnU-Net's predictor: no gradients needed
+        assert network(x)[0].shape == (2, 3, *([16] * dim))

@@ -70,7 +70,8 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
     with open(next(os.path.join(fold, name) for name in sorted(os.listdir(fold)) if name.startswith("training_log"))) \
             as handle:
         log = handle.read()
-    assert "multi-task: 2 tag(s), weight 1.0, 4 case(s) with weak labels" in log and "tag loss" in log
+    assert "multi-task: 2 tag(s), weight 1.0, 4 case(s) with weak labels, saliency bridge False" in log
+    assert "tag loss" in log
     checkpoint = torch.load(os.path.join(model, "fold_all", "checkpoint_final.pth"), map_location="cpu",
                             weights_only=False)
     assert checkpoint["trainer_name"] == TRAINER

@@ -40,15 +40,27 @@ class MultiTaskNetwork(nn.Module):
     ``forward(x)`` returns what the segmentation network returns, unless ``return_tags`` is set: then
     ``(segmentation output, tag logits (B, T))``. ``recorded``: when a list, every forward appends the tag
     probabilities ``(B, T)`` of its input (the prediction path reads them window by window).
+
+    ``bridge`` (the MultiMix saliency bridge, gradient-free so that it also runs inside nnU-Net's inference mode):
+    the head is linear, so a tag's logit is the spatial mean of its class activation map ``CAM_t = W_t . A + b_t``
+    over the bottleneck features ``A``; the decoder receives ``A * (1 + sigmoid(max_t CAM_t))``, the bottleneck
+    weighted up where the classifier sees a structure.
     """
 
-    def __init__(self, segmentation: nn.Module, num_tags: int, hidden: int = HEAD_HIDDEN):
+    def __init__(self, segmentation: nn.Module, num_tags: int, hidden: int = HEAD_HIDDEN, *, bridge: bool = False):
         super().__init__()
         self.segmentation = segmentation
         channels = int(segmentation.encoder.output_channels[-1])
-        self.head = nn.Sequential(nn.Linear(channels, hidden), nn.LeakyReLU(inplace=True), nn.Linear(hidden, num_tags))
+        self.bridge = bridge
+        self.head = nn.Linear(channels, num_tags) if bridge else \
+            nn.Sequential(nn.Linear(channels, hidden), nn.LeakyReLU(inplace=True), nn.Linear(hidden, num_tags))
         self.return_tags = False
         self.recorded: list | None = None
+
+    def class_activation_maps(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """``(B, F, *spatial)`` -> ``(B, T, *spatial)`` (bridge networks: the linear head at every voxel)."""
+        return torch.einsum("bf...,tf->bt...", bottleneck, self.head.weight) + \
+            self.head.bias[(...,) + (None,) * (bottleneck.ndim - 2)]
 
     @property
     def encoder(self):
@@ -64,10 +76,17 @@ class MultiTaskNetwork(nn.Module):
 
     def forward(self, x):
         skips = self.encoder(x)
+        logits = None
+        if self.bridge:
+            cams = self.class_activation_maps(skips[-1])
+            logits = cams.flatten(2).mean(dim=2)  # = the head on the pooled features (the head is linear)
+            gate = 1 + torch.sigmoid(cams.amax(dim=1, keepdim=True))
+            skips = [*skips[:-1], skips[-1] * gate]
         output = self.decoder(skips)
         if not (self.return_tags or self.recorded is not None):
             return output
-        logits = self.tag_logits_from_bottleneck(skips[-1])
+        if logits is None:
+            logits = self.tag_logits_from_bottleneck(skips[-1])
         if self.recorded is not None:
             self.recorded.append(torch.sigmoid(logits).detach().float().cpu())
         return (output, logits) if self.return_tags else output
@@ -139,6 +158,7 @@ class MultiTaskTrainer(nnUNetTrainer):
     """nnU-Net's trainer with the tag head, the tag-code dataset and the joint loss (everything else unchanged)."""
 
     head_hidden = HEAD_HIDDEN
+    bridge = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -157,7 +177,7 @@ class MultiTaskTrainer(nnUNetTrainer):
                                    num_output_channels, enable_deep_supervision: bool = True):
         segmentation = cls.build_segmentation_network(plans_manager, configuration_manager, num_input_channels,
                                                       num_output_channels, enable_deep_supervision)
-        return MultiTaskNetwork(segmentation, num_output_channels - 1, cls.head_hidden)
+        return MultiTaskNetwork(segmentation, num_output_channels - 1, cls.head_hidden, bridge=cls.bridge)
 
     def initialize(self):
         if self.label_manager.has_regions:
@@ -176,7 +196,7 @@ class MultiTaskTrainer(nnUNetTrainer):
         Dataset.weak, Dataset.plans_manager, Dataset.num_classes = weak, self.plans_manager, num_classes
         self.dataset_class = Dataset
         self.print_to_log_file(f"multi-task: {num_classes - 1} tag(s), weight {self.tag_weight}, "
-                               f"{len(weak)} case(s) with weak labels")
+                               f"{len(weak)} case(s) with weak labels, saliency bridge {self.bridge}")
 
     def _module(self) -> MultiTaskNetwork:
         module = self.network.module if self.is_ddp else self.network
@@ -251,3 +271,17 @@ class MultiTaskTrainer_tiny(MultiTaskTrainer_cpu):
     epochs = 2
     iterations_per_epoch = 5
     val_iterations_per_epoch = 2
+
+
+class MultiTaskBridgeTrainer(MultiTaskTrainer):
+    """``MultiTaskTrainer`` whose classifier's class activation maps weight the decoder's input (the bridge)."""
+
+    bridge = True
+
+
+class MultiTaskBridgeTrainer_cpu(MultiTaskTrainer_cpu):
+    bridge = True
+
+
+class MultiTaskBridgeTrainer_tiny(MultiTaskTrainer_tiny):
+    bridge = True
