@@ -2,7 +2,8 @@
 
 Through nnU-Net's own predictor (preprocessing, sliding windows, fold ensemble, export): the segmentation of each
 case is what ``nnUNetv2_predict`` writes; the network's tag head is read on every sliding window (a class is
-present in the case if some window sees it: the maximum over windows, then the mean over folds); with
+present in the case if some window sees it: the maximum over windows, then the mean over folds; with a 2d
+configuration also per slice, the slices of the image array along ``axis`` from ``first_slice`` on); with
 ``saliency``, the Grad-CAM of each tag on the last encoder stage, the maximum over windows, averaged over folds,
 brought back to the image's geometry as nnU-Net brings back probabilities.
 """
@@ -30,6 +31,37 @@ def window_tags(recorded: list, num_folds: int) -> np.ndarray:
     if windows.shape[0] % num_folds:
         raise RuntimeError(f"{windows.shape[0]} recorded windows do not split into {num_folds} folds")
     return windows.reshape(num_folds, -1, windows.shape[1]).max(axis=1).mean(axis=0)
+
+
+def slice_tags(predictor, data: np.ndarray) -> np.ndarray:
+    """``(D, T)`` tag probabilities of every slice (first axis) of ``data (channels, D, *plane)`` with a 2d
+    configuration: the maximum over the slice's windows, averaged over the folds."""
+    import torch
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    patch_size = predictor.configuration_manager.patch_size
+    if len(patch_size) != data.ndim - 2:
+        raise ValueError(f"slice tags need a 2d configuration (patch {patch_size}, data {data.shape})")
+    network = predictor.network
+    padded, _ = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), patch_size, "constant",
+                             {"value": 0}, True, None)
+    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    num_tags = len(predictor.label_manager.foreground_labels)
+    total = np.zeros((padded.shape[1], num_tags), np.float32)
+    network.return_tags = True
+    try:
+        for parameters in predictor.list_of_parameters:
+            network.load_state_dict(parameters)
+            network.eval()
+            fold = np.zeros_like(total)
+            with torch.inference_mode():
+                for slicer in slicers:
+                    _, logits = network(padded[slicer][None].to(predictor.device))
+                    fold[slicer[1]] = np.maximum(fold[slicer[1]], torch.sigmoid(logits[0]).float().cpu().numpy())
+            total += fold / len(predictor.list_of_parameters)
+    finally:
+        network.return_tags = False
+    return total
 
 
 def case_saliency(predictor, data: np.ndarray) -> np.ndarray:
@@ -112,8 +144,15 @@ def predict_tags(model_folder: str, input_folder: str, output_folder: str, *, fo
                                       predictor.plans_manager, predictor.dataset_json,
                                       os.path.join(output_folder, case), False)
         results[case] = {name: float(p) for name, p in zip(names, probabilities, strict=True)}
-        label_store.write_json(os.path.join(output_folder, f"{case}_tags.json"),
-                               {"case": case, "tags": results[case], "folds": list(folds)})
+        record = {"case": case, "tags": results[case], "folds": list(folds)}
+        if len(predictor.configuration_manager.patch_size) == data.ndim - 2:  # 2d: a tag per slice
+            per_slice = slice_tags(predictor, data)
+            record["per_slice"] = {
+                "axis": int(predictor.plans_manager.transpose_forward[0]),  # of the image array (z, y, x)
+                "first_slice": int(data_properties["bbox_used_for_cropping"][0][0]),
+                "probabilities": {name: [round(float(v), 5) for v in per_slice[:, t]]
+                                  for t, name in enumerate(names)}}
+        label_store.write_json(os.path.join(output_folder, f"{case}_tags.json"), record)
         if saliency:
             maps = case_saliency(predictor, data)
             for name, values in zip(names, maps, strict=True):

@@ -102,4 +102,11 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
             values = sitk.GetArrayFromImage(saliency)
             assert values.min() >= 0 and values.max() <= 1 + 1e-5
         with open(os.path.join(out, f"{case}_tags.json")) as handle:
-            assert json.load(handle)["tags"] == predicted[case]
+            record = json.load(handle)
+        assert record["tags"] == predicted[case]
+        per_slice = record["per_slice"]  # 2d: one probability per slice of the cropped image
+        shape = sitk.GetArrayFromImage(image).shape
+        assert 0 <= per_slice["axis"] < 3 and 0 <= per_slice["first_slice"] < shape[per_slice["axis"]]
+        for name, values in per_slice["probabilities"].items():
+            assert per_slice["first_slice"] + len(values) <= shape[per_slice["axis"]]
+            assert max(values) == pytest.approx(predicted[case][name], abs=1e-4)  # the case tag: the max
