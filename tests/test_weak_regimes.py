@@ -103,3 +103,17 @@ def test_summary_pairs_each_arm_with_naive_and_clean_per_seed():
     assert summary["regimes"]["partial"]["label_quality"]["em_map"]["partial"]["dice_kept"] == pytest.approx(0.52)
     text = weak_regimes.markdown(summary, command="cmd", classes={"1": "Anterior", "2": "Posterior"})
     assert "| em_map |" in text and "1/2" in text and "### full" in text
+
+
+def test_summary_averages_the_tag_auroc_over_seeds():
+    replicates = {}
+    for seed, value in ((0, 0.7), (1, 0.9)):
+        run = _replicate("tags", seed, ["naive", "multitask"], {})
+        run["tag_auroc"] = {"multitask": {"1": {"auroc": value, "slices": 90, "positive": 40},
+                                          "2": {"auroc": float("nan"), "slices": 90, "positive": 0}}}
+        replicates[("tags", seed)] = run
+    entry = weak_regimes.summarize(replicates)["regimes"]["tags"]
+    assert entry["tag_auroc"]["multitask"]["1"]["auroc"] == pytest.approx(0.8)
+    assert entry["tag_auroc"]["multitask"]["1"]["per_seed"] == [0.7, 0.9]
+    text = weak_regimes.markdown({"regimes": {"tags": entry}}, command="cmd", classes={"1": "A", "2": "P"})
+    assert "0.800 (40/90 slices hold it)" in text and "n/a (0/90" in text

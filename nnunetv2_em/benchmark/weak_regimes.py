@@ -9,12 +9,17 @@ Regimes, built from a clean raw dataset's training cases (the split and the regi
   the tags a report would give, derived from the clean mask: present / absent classes, volume within +-20 %
   (``volume_margin``) and the bounding box of each present class.
 * ``full``: every training case with its clean mask (the control, trained once per seed and shared by the regimes).
+* ``tags`` (issue 15): a fifth of the training cases keep their full mask; the rest carry only presence tags
+  (present / absent and each present class's bounding box, so a slice through the box is tagged "contains it").
 
 Arms (same trainer, budget and training seed; test Dice on the same held-out cases):
 
 * ``clean``: vanilla nnU-Net on the clean full masks (the ``full`` regime).
 * ``naive``: vanilla on what users train on today: ``partial`` the partial masks as they are (unannotated classes
   as background); ``weak`` the fully annotated subset only (weak-only cases have no mask to train on).
+* ``multitask`` / ``multitask_bridge`` (``tags``): ``MultiTaskTrainer`` (``MultiTaskBridgeTrainer``) on the masks and
+  the tag-only cases (label files all ignore, tags from the weak-label file), with the tag AUROC per slice of the
+  test cases.
 * ``em_map``: ``nnunetv2_em run`` with the weak-label file (``weak_mode: map``), then the same final training on
   its labels; ``em_soft``: the same run's soft targets (``soft_targets``) with ``SoftTargetTrainer``;
   ``em_sample``: ``weak_mode: sample``. The sample run reuses the map run's fold models and out-of-fold logits
@@ -50,10 +55,17 @@ from nnunetv2_em.benchmark.harness import (
 )
 from nnunetv2_em.errors import EMInputError
 
-REGIMES = ("full", "partial", "weak")
+REGIMES = ("full", "partial", "weak", "tags")
 ARMS = {"full": ("clean",), "partial": ("naive", "em_map", "em_soft", "em_sample"),
-        "weak": ("naive", "em_map", "em_soft", "em_sample")}
-IDS = {"clean": 971, "naive": 972, "em": 973}
+        "weak": ("naive", "em_map", "em_soft", "em_sample"),
+        "tags": ("naive", "multitask", "multitask_bridge", "em_map")}
+IDS = {"clean": 971, "naive": 972, "em": 973, "multitask": 974}
+FULL_FRACTION = {"weak": 0.25, "tags": 0.2}
+MULTITASK_TRAINERS = {"VanillaTrainer_cpu": {"multitask": "MultiTaskTrainer_cpu",
+                                             "multitask_bridge": "MultiTaskBridgeTrainer_cpu"},
+                      "VanillaTrainer_tiny": {"multitask": "MultiTaskTrainer_tiny",
+                                              "multitask_bridge": "MultiTaskBridgeTrainer_tiny"},
+                      "nnUNetTrainer": {"multitask": "MultiTaskTrainer", "multitask_bridge": "MultiTaskBridgeTrainer"}}
 EM_ARMS = ("em_map", "em_soft", "em_sample")
 SOFT_TRAINERS = {"VanillaTrainer_cpu": "SoftTargetTrainer_cpu", "VanillaTrainer_tiny": "SoftTargetTrainer_tiny",
                  "nnUNetTrainer": "SoftTargetTrainer"}
@@ -113,7 +125,7 @@ class RegimeReplicate:
     """One regime with one training seed, in its own folder (``out``); every step skipped once done."""
 
     def __init__(self, dataset_path: str, regime: str, *, seed: int, profile: str, out: str, data_seed: int = 0,
-                 full_fraction: float = 0.25, volume_margin: float = 0.2):
+                 full_fraction: float | None = None, volume_margin: float = 0.2):
         if regime not in REGIMES:
             raise EMInputError(f"--regimes {regime}: unknown. Fix: pick from {list(REGIMES)}.")
         if profile not in PROFILES:
@@ -132,7 +144,11 @@ class RegimeReplicate:
         if regime != "full" and self.profile.trainer not in SOFT_TRAINERS:
             raise EMInputError(f"--profile {profile}: its trainer {self.profile.trainer} has no soft-target twin. "
                                f"Fix: use one of the profiles cpu, smoke, gpu.")
-        self.full_fraction, self.volume_margin = full_fraction, volume_margin
+        self.full_fraction = FULL_FRACTION.get(regime, 1.0) if full_fraction is None else full_fraction
+        self.volume_margin = volume_margin
+        if regime == "tags" and self.profile.trainer not in MULTITASK_TRAINERS:
+            raise EMInputError(f"--profile {profile}: its trainer {self.profile.trainer} has no multi-task twin. "
+                               f"Fix: use one of the profiles cpu, smoke, gpu.")
         self.ending = self.dataset_json["file_ending"]
         self.out = os.path.abspath(out)
         self.workspace = Workspace(self.out, ids=dict(IDS))
@@ -180,15 +196,22 @@ class RegimeReplicate:
                 labels[case] = partial_mask(clean, entry["annotated"])
                 rows[case] = {"annotated_classes": [self.class_names[entry["annotated"]]]}
             else:
-                rows[case] = weak_row_from_mask(clean, class_names=self.class_names,
-                                                volume_margin=self.volume_margin)
+                row = weak_row_from_mask(clean, class_names=self.class_names, volume_margin=self.volume_margin)
+                if self.regime == "tags":  # presence tags only: what a slice-level tag says, no volume
+                    row.pop("volume", None)
+                rows[case] = row
         if self.regime == "full":
             self._write_dataset(self.workspace, "clean", labels)
         else:
             masked = {case: label for case, label in labels.items()}
             self._write_dataset(self.workspace, "naive", masked)  # partial masks as they are / the full subset
-            self._write_dataset(self.workspace, "em", masked, weak_rows=rows, images_only=sorted(
-                case for case, entry in design.items() if entry["kind"] == "weak_only"))
+            weak_only = sorted(case for case, entry in design.items() if entry["kind"] == "weak_only")
+            self._write_dataset(self.workspace, "em", masked, weak_rows=rows, images_only=weak_only)
+            if self.regime == "tags":  # the multi-task trainers: tag-only cases as label files of ignore only
+                blank = {case: np.full(_read_label(self.cases[case]["label"]).shape, self.ignore_label, np.uint8)
+                         for case in weak_only}
+                self._write_dataset(self.workspace, "multitask", {**masked, **blank}, weak_rows=rows,
+                                    with_ignore=True)
         for workspace in (self.workspace, self.sample_workspace):
             self._write_test(workspace, split["test"])
         label_store.write_json(path, {"regime": self.regime, "split": split, "design": design,
@@ -196,7 +219,7 @@ class RegimeReplicate:
         return self.prepare()
 
     def _write_dataset(self, workspace: Workspace, arm: str, labels: dict[str, np.ndarray], *,
-                       weak_rows: dict | None = None, images_only: list[str] = ()) -> None:
+                       weak_rows: dict | None = None, images_only: list[str] = (), with_ignore: bool = False) -> None:
         folder = workspace.raw(arm)
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(os.path.join(folder, "imagesTr"))
@@ -207,6 +230,8 @@ class RegimeReplicate:
         for case, label in labels.items():
             _write_label_like(label, self.cases[case]["label"], os.path.join(folder, "labelsTr", case + self.ending))
         dataset_json = {key: value for key, value in self.dataset_json.items() if key != "dataset"}
+        if with_ignore:
+            dataset_json = checks.with_ignore_label(dataset_json)
         dataset_json["numTraining"] = len(labels)
         label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
         if weak_rows:
@@ -296,6 +321,13 @@ class RegimeReplicate:
                 self._plan_vanilla(arm)
                 train_final(self.workspace, arm, self.profile, log_name=arm, seed_arguments=self._seed_arguments())
                 predict_test(self.workspace, arm, self.profile, classes=self.classes, ending=self.ending)
+            elif arm in ("multitask", "multitask_bridge"):
+                self._plan_vanilla("multitask")
+                trainer = MULTITASK_TRAINERS[self.profile.trainer][arm]
+                train_final(self.workspace, "multitask", self.profile, trainer=trainer, log_name=arm,
+                            seed_arguments=self._seed_arguments())
+                predict_test(self.workspace, "multitask", self.profile, classes=self.classes, ending=self.ending,
+                             trainer=trainer, name=arm)
             elif arm == "em_map":
                 self._plan_em()
                 self._run_em(self.workspace, "em_map")
@@ -328,13 +360,44 @@ class RegimeReplicate:
         return {case: _read_label(os.path.join(folder, case + self.ending))
                 if os.path.isfile(os.path.join(folder, case + self.ending)) else None for case in design}
 
+    def tag_auroc(self, split: dict) -> dict:
+        """Per multi-task arm and class: AUROC of the slice tags of the test cases (``tag_prediction.slice_tags``
+        of the final model) against "the clean mask holds the class in this slice", both in the preprocessed
+        array; with the number of slices and of positive ones."""
+        from sklearn.metrics import roc_auc_score
+
+        from nnunetv2_em.rank_unlabeled import load_predictor
+        from nnunetv2_em.tag_prediction import slice_tags
+
+        result = {}
+        for arm in (a for a in self.arms if a.startswith("multitask")):
+            trainer = MULTITASK_TRAINERS[self.profile.trainer][arm]
+            model = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset("multitask"),
+                                 f"{trainer}__nnUNetPlans__{self.profile.configuration}")
+            predictor = load_predictor(model, ("all",), self.profile.device)
+            preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+            scores, truths = [], []
+            for case in split["test"]:
+                data, seg, _ = preprocessor.run_case(self.cases[case]["images"], self.cases[case]["label"],
+                                                     predictor.plans_manager, predictor.configuration_manager,
+                                                     predictor.dataset_json)
+                scores.append(slice_tags(predictor, data))
+                truths.append(np.stack([(seg[0] == c).reshape(seg.shape[1], -1).any(axis=1) for c in self.classes],
+                                       axis=1))
+            scores, truths = np.concatenate(scores), np.concatenate(truths)
+            result[arm] = {str(c): {"auroc": float(roc_auc_score(truths[:, i], scores[:, i]))
+                                    if 0 < truths[:, i].sum() < len(truths) else float("nan"),
+                                    "slices": int(len(truths)), "positive": int(truths[:, i].sum())}
+                           for i, c in enumerate(self.classes)}
+        return result
+
     def label_quality(self, design: dict) -> dict:
         """Per arm and kind of case: the mean over cases of the foreground-mean ``dice_kept`` and ``dice`` against
         the clean masks, the ignored share, and how many cases the arm trained on."""
         result = {}
         for arm in self.arms:
-            if arm == "em_soft":
-                continue  # its hard labels are em_map's
+            if arm == "em_soft" or arm.startswith("multitask"):
+                continue  # em_soft's hard labels are em_map's; the multi-task arms train on masks and tags
             labels = self.training_labels(arm, design)
             groups = {}
             for case, entry in design.items():
@@ -369,6 +432,7 @@ class RegimeReplicate:
                    "test_case_ids": prepared["split"]["test"],
                    "kinds": {kind: sum(e["kind"] == kind for e in prepared["design"].values())
                              for kind in ("full", "partial", "weak_only")},
+                   **({"tag_auroc": self.tag_auroc(prepared["split"])} if self.regime == "tags" else {}),
                    "arms": timings,
                    "test_dice": {arm: test_dice(self.sample_workspace if arm == "em_sample" else self.workspace,
                                                 arm, classes=self.classes, ending=self.ending, seed=self.seed)
@@ -450,6 +514,13 @@ def summarize(replicates: dict[tuple[str, int], dict]) -> dict:
                             for kind in kinds}
         summary["regimes"][regime] = {"seeds": seeds, "kinds": runs[seeds[0]]["kinds"], "test": arms,
                                       "label_quality": quality}
+        if all("tag_auroc" in runs[s] for s in seeds):
+            first = runs[seeds[0]]["tag_auroc"]
+            summary["regimes"][regime]["tag_auroc"] = {
+                arm: {c: {"auroc": float(np.mean([runs[s]["tag_auroc"][arm][c]["auroc"] for s in seeds])),
+                          "per_seed": [runs[s]["tag_auroc"][arm][c]["auroc"] for s in seeds],
+                          "slices": first[arm][c]["slices"], "positive": first[arm][c]["positive"]}
+                      for c in first[arm]} for arm in first}
     return summary
 
 
@@ -475,6 +546,13 @@ def markdown(summary: dict, *, command: str, classes: dict[str, str]) -> str:
                          + " | ".join(interval(row["per_class"][c]) for c in classes)
                          + f" | {interval(naive['difference']) if naive else '-'} | {won} | "
                          f"{interval(clean['difference']) if clean else '-'} |")
+        if entry.get("tag_auroc"):
+            lines += ["", "| tag AUROC per test slice (mean over seeds) | "
+                      + " | ".join(classes.values()) + " |", "|---|" + "---|" * len(classes)]
+            for arm, per_class in entry["tag_auroc"].items():
+                lines.append(f"| {arm} | " + " | ".join(
+                    f"{f(per_class[c]['auroc'])} ({per_class[c]['positive']}/{per_class[c]['slices']} slices hold it)"
+                    for c in classes) + " |")
         lines += ["", "| training labels vs clean | case kind | cases (trained) | Dice, ignored kept as annotation | "
                   "Dice, ignored left out | ignored share |", "|---|---|---|---|---|---|"]
         for arm, kinds in entry["label_quality"].items():
