@@ -115,15 +115,20 @@ def predict_tags(model_folder: str, input_folder: str, output_folder: str, *, fo
     from nnunetv2_em.rank_unlabeled import load_predictor
     from nnunetv2_em.trainers.multitask import MultiTaskNetwork
 
+    dataset_json_file = os.path.join(model_folder, "dataset.json")
+    if not os.path.isfile(dataset_json_file):
+        raise EMInputError(f"{model_folder}: no dataset.json, not a trained nnU-Net model folder. Fix: pass the "
+                           f"folder that holds fold_<f>/ (what nnUNetv2_predict -m takes).")
+    with open(dataset_json_file) as handle:
+        ending = json.load(handle)["file_ending"]
+    lists = create_lists_from_splitted_dataset_folder(input_folder, ending) if os.path.isdir(input_folder) else []
+    if not lists:
+        raise EMInputError(f"{input_folder}: no images <case>_0000{ending}. Fix: name the folder that holds them.")
     predictor = load_predictor(model_folder, folds, device)
     network = predictor.network
     if not isinstance(network, MultiTaskNetwork):
         raise EMInputError(f"{model_folder}: its network ({type(network).__name__}) has no tag head. Fix: train "
                            f"with -tr MultiTaskTrainer (or _cpu), or use nnUNetv2_predict for segmentations only.")
-    ending = predictor.dataset_json["file_ending"]
-    lists = create_lists_from_splitted_dataset_folder(input_folder, ending)
-    if not lists:
-        raise EMInputError(f"{input_folder}: no images <case>_0000{ending}. Fix: name the folder that holds them.")
     os.makedirs(output_folder, exist_ok=True)
     names = _tag_names(predictor)
     reader = predictor.plans_manager.image_reader_writer_class()

@@ -81,6 +81,23 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
     stock = os.path.join(str(tmp_path), "stock")
     workspace.run("nnUNetv2_predict", "-i", test_images, "-o", stock, "-d", str(DATASET_ID), "-c", "2d", "-tr",
                   TRAINER, "-f", "all", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    empty = os.path.join(str(tmp_path), "empty")
+    os.makedirs(empty)
+    refused = workspace.run("nnunetv2_em", "predict-tags", "-i", empty, "-o", os.path.join(str(tmp_path), "x"),
+                            "--model", model, "--folds", "all", check=False)
+    assert refused.returncode == 2 and f"{empty}: no images <case>_0000.nii.gz" in refused.stderr
+    headless = os.path.join(str(tmp_path), "headless")  # the same model saved as a plain nnU-Net network
+    shutil.copytree(model, headless)
+    checkpoint_file = os.path.join(headless, "fold_all", "checkpoint_final.pth")
+    plain = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    plain["trainer_name"] = "VanillaTrainer_tiny"
+    plain["network_weights"] = {key.removeprefix("segmentation."): value
+                                for key, value in plain["network_weights"].items() if not key.startswith("head.")}
+    torch.save(plain, checkpoint_file)
+    refused = workspace.run("nnunetv2_em", "predict-tags", "-i", test_images, "-o", os.path.join(str(tmp_path), "x"),
+                            "--model", headless, "--folds", "all", check=False)
+    assert refused.returncode == 2 and "has no tag head. Fix: train with -tr MultiTaskTrainer" in refused.stderr
+    assert not os.path.exists(os.path.join(str(tmp_path), "x"))
     out = os.path.join(str(tmp_path), "tags")
     workspace.run("nnunetv2_em", "predict-tags", "-i", test_images, "-o", out, "--model", model, "--folds", "all",
                   "--saliency")
