@@ -145,8 +145,12 @@ def _review_import(args):
 def _rank_unlabeled(args):
     from nnunetv2_em.rank_unlabeled import rank_unlabeled
 
+    if args.embeddings == "ssl" and not args.ssl_model:
+        raise EMInputError("--embeddings ssl: needs --ssl-model (a folder trained with -tr MaskedPretrainTrainer). "
+                           "Fix: pass it, or use --embeddings nnunet.")
     result = rank_unlabeled(args.dataset, args.model, args.out, folds=args.folds, images=args.images,
-                            strategies=args.strategy, seed=args.seed, device=args.device)
+                            strategies=args.strategy, seed=args.seed, device=args.device,
+                            ssl_model=args.ssl_model if args.embeddings == "ssl" else None, ssl_fold=args.ssl_fold)
     print(f"ranked {len(result['cases'])} unlabeled case(s) by {', '.join(result['strategies'])}: {args.out}")
 
 
@@ -262,7 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     rank = commands.add_parser("rank-unlabeled", help="which unlabeled images to annotate next: EXAMINE on the "
                                "model's encoder embeddings, entropy, k-center, random, foreground-aware random")
     rank.add_argument("-d", "--dataset", required=True)
-    rank.add_argument("--model", required=True, help="trained model folder (holds fold_<f>/), as nnUNetv2_predict -m")
+    rank.add_argument("--model", help="trained segmentation model folder (holds fold_<f>/), as nnUNetv2_predict -m; "
+                      "needed for entropy and fg-random, and for the nnunet embeddings")
+    rank.add_argument("--embeddings", choices=("nnunet", "ssl"), default="nnunet",
+                      help="case embeddings from the segmentation model's encoder (nnunet) or from a self-supervised "
+                           "one (ssl: masked-image pretraining, -tr MaskedPretrainTrainer; give --ssl-model)")
+    rank.add_argument("--ssl-model", help="model folder of nnUNetv2_train ... -tr MaskedPretrainTrainer")
+    rank.add_argument("--ssl-fold", default="all", type=lambda v: v if v == "all" else int(v))
     rank.add_argument("--folds", type=int, nargs="+", default=[0], help="folds to ensemble (embeddings: the first)")
     rank.add_argument("--images", help="a folder of unlabeled images <case>_0000<ending> besides imagesTr's")
     rank.add_argument("--strategy", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)

@@ -44,6 +44,31 @@ def load_predictor(model_folder: str, folds, device: str):
     return predictor
 
 
+def _trainer_name(model_folder: str) -> str | None:
+    """The trainer that wrote the model folder's first final checkpoint (None without one)."""
+    import glob
+
+    import torch
+
+    checkpoints = sorted(glob.glob(os.path.join(model_folder, "fold_*", "checkpoint_final.pth")))
+    if not checkpoints:
+        return None
+    return torch.load(checkpoints[0], map_location="cpu", weights_only=False)["trainer_name"]
+
+
+def _is_masked_pretraining(trainer: str | None) -> bool:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_em.trainers.masked_pretraining import MaskedPretrainTrainer
+
+    if trainer is None:
+        return False
+    try:
+        return issubclass(recursive_find_trainer_class_by_name(trainer), MaskedPretrainTrainer)
+    except (AssertionError, TypeError, RuntimeError):
+        return False
+
+
 def case_embedding(predictor, data: np.ndarray) -> np.ndarray:
     """``(F,)`` the bottleneck features of the first fold's network, pooled over each sliding window (global
     average) and averaged over the windows.
@@ -121,10 +146,15 @@ def write_ranking(out: str, rows: list[dict], header: dict) -> dict:
     return result
 
 
-def rank_unlabeled(dataset: str, model_folder: str, out: str, *, folds=(0,), images: str | None = None,
-                   strategies=STRATEGIES, seed: int = 0, device: str = "cpu") -> dict:
+def rank_unlabeled(dataset: str, model_folder: str | None, out: str, *, folds=(0,), images: str | None = None,
+                   strategies=STRATEGIES, seed: int = 0, device: str = "cpu", ssl_model: str | None = None,
+                   ssl_fold="all") -> dict:
     """Rank the dataset's unlabeled images (``imagesTr`` without a label, and ``images``: a folder of
-    ``<case>_0000<ending>`` files) by each strategy; writes ``out`` (CSV) and the same as JSON beside it."""
+    ``<case>_0000<ending>`` files) by each strategy; writes ``out`` (CSV) and the same as JSON beside it.
+
+    Embeddings come from the segmentation model's encoder (``model_folder``, its first fold) or, with
+    ``ssl_model``, from a self-supervised encoder (``-tr MaskedPretrainTrainer``, fold ``ssl_fold``); the
+    strategies that read predictions (entropy, fg-random) need ``model_folder``."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     from nnunetv2_em.planning import dataset_name
@@ -141,24 +171,39 @@ def rank_unlabeled(dataset: str, model_folder: str, out: str, *, folds=(0,), ima
     if not pool:
         raise EMInputError(f"{raw}/imagesTr: every image has a label, and no --images folder was given. Fix: "
                            f"name a folder of unlabeled images with --images.")
-    predictor = load_predictor(model_folder, folds, device)
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    needs_predictions = [s for s in strategies if s in ("entropy", "fg-random")]
+    if model_folder is None and (ssl_model is None or needs_predictions):
+        raise EMInputError(f"--strategy {' '.join(needs_predictions) or '...'}: needs a segmentation model. Fix: "
+                           f"pass --model (or, with --ssl-model, only examine, k-center, random).")
+    if ssl_model is not None:
+        trainer = _trainer_name(ssl_model)
+        if not _is_masked_pretraining(trainer):
+            raise EMInputError(f"{ssl_model}: trained with {trainer or 'no finished fold'}, not -tr "
+                               f"MaskedPretrainTrainer. Fix: pass the self-supervised model folder, or drop "
+                               f"--ssl-model.")
+    predictor = load_predictor(model_folder, folds, device) if model_folder is not None else None
+    embedder = load_predictor(ssl_model, (ssl_fold,), device) if ssl_model is not None else predictor
 
-    def preprocess(files):
-        data, _, _ = preprocessor.run_case(files, None, predictor.plans_manager, predictor.configuration_manager,
-                                           predictor.dataset_json)
+    def preprocess(files, using):
+        data, _, _ = using.configuration_manager.preprocessor_class(verbose=False).run_case(
+            files, None, using.plans_manager, using.configuration_manager, using.dataset_json)
         return data
 
     cases = sorted(pool)
     embeddings, stats = [], []
     for case in cases:
-        data = preprocess(pool[case])
-        embeddings.append(case_embedding(predictor, data))
-        stats.append(case_prediction_stats(predictor, data))
+        data = preprocess(pool[case], embedder)
+        embeddings.append(case_embedding(embedder, data))
+        if predictor is not None:
+            if embedder is not predictor:
+                data = preprocess(pool[case], predictor)
+            stats.append(case_prediction_stats(predictor, data))
+        else:
+            stats.append({})
     embeddings = np.asarray(embeddings)
     labelled_embeddings = None
     if "k-center" in strategies and labelled:
-        labelled_embeddings = np.asarray([case_embedding(predictor, preprocess(entry["images"]))
+        labelled_embeddings = np.asarray([case_embedding(embedder, preprocess(entry["images"], embedder))
                                           for _, entry in sorted(labelled.items())])
     orders = rankings(embeddings, stats, labelled_embeddings=labelled_embeddings, strategies=strategies, seed=seed)
     examine = selection.examine_scores(embeddings) if "examine" in strategies else None
@@ -170,7 +215,10 @@ def rank_unlabeled(dataset: str, model_folder: str, out: str, *, folds=(0,), ima
         for strategy, order in orders.items():
             row[f"rank_{strategy}"] = order.index(index) + 1
         rows.append(row)
-    result = write_ranking(out, rows, {"dataset": name, "model": os.path.abspath(model_folder), "folds": list(folds),
+    result = write_ranking(out, rows, {"dataset": name, "embeddings": "ssl" if ssl_model else "nnunet",
+                                       "ssl_model": os.path.abspath(ssl_model) if ssl_model else None,
+                                       "model": os.path.abspath(model_folder) if model_folder else None,
+                                       "folds": list(folds),
                                        "seed": seed, "strategies": list(strategies),
                                        "embedding_features": int(embeddings.shape[1])})
     label_store.atomic_write(os.path.splitext(out)[0] + "_embeddings.npz", lambda temp: np.savez_compressed(

@@ -360,3 +360,59 @@ def test_rank_unlabeled_orders_new_images_by_every_strategy_from_the_rounds_mode
     refused = workspace.run("nnunetv2_em", "rank-unlabeled", "-d", str(DATASET_ID), "--model", images, "--images",
                             images, "-o", out + ".x", check=False)
     assert refused.returncode == 2 and "not a trained nnU-Net model folder" in refused.stderr
+
+
+def test_rank_unlabeled_with_self_supervised_embeddings_and_the_warm_start_keys(exported):
+    """Masked-image pretraining through the stock CLI, its encoder as the embedding source of rank-unlabeled (alone
+    and beside the segmentation model), and its weights fitting nnU-Net's -pretrained_weights."""
+    import torch
+
+    from nnunetv2_em.demo import DEMO_DATA
+
+    workspace = exported["workspace"]
+    images = os.path.join(workspace.root, "ssl_images")
+    os.makedirs(images, exist_ok=True)
+    new_cases = [c for c in demo_cases(14) if c not in CASES][:3]
+    for case in new_cases:
+        shutil.copy(os.path.join(DEMO_DATA, "imagesTr", f"{case}_0000.nii.gz"), images)
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "MaskedPretrainTrainer_tiny", "-device",
+                  "cpu")
+    ssl_model = os.path.join(workspace.results, DATASET, "MaskedPretrainTrainer_tiny__nnUNetPlans__2d")
+    model = os.path.join(workspace.results, DATASET, RUN_NAME, "round_01", "nnUNet_results", DATASET,
+                         "VanillaTrainer_tiny__nnUNetPlans__2d")
+    out = os.path.join(workspace.root, "ssl_rank.csv")
+    workspace.run("nnunetv2_em", "rank-unlabeled", "-d", str(DATASET_ID), "--embeddings", "ssl", "--ssl-model",
+                  ssl_model, "--strategy", "examine", "k-center", "random", "--images", images, "-o", out)
+    with open(os.path.splitext(out)[0] + ".json") as handle:
+        result = json.load(handle)
+    assert result["embeddings"] == "ssl" and result["model"] is None
+    assert sorted(row["case"] for row in result["cases"]) == sorted(new_cases)
+    assert sorted(row["rank_examine"] for row in result["cases"]) == [1, 2, 3]
+    ssl_embeddings = np.load(os.path.splitext(out)[0] + "_embeddings.npz")["embeddings"]
+    both = os.path.join(workspace.root, "both_rank.csv")  # ssl embeddings, predictions from the segmentation model
+    workspace.run("nnunetv2_em", "rank-unlabeled", "-d", str(DATASET_ID), "--model", model, "--folds", "0",
+                  "--embeddings", "ssl", "--ssl-model", ssl_model, "--images", images, "-o", both)
+    with open(os.path.splitext(both)[0] + ".json") as handle:
+        rows = json.load(handle)["cases"]
+    assert all("mean_entropy" in row for row in rows)
+    assert np.allclose(np.load(os.path.splitext(both)[0] + "_embeddings.npz")["embeddings"], ssl_embeddings)
+    nnunet = os.path.join(workspace.root, "nnunet_rank.csv")
+    workspace.run("nnunetv2_em", "rank-unlabeled", "-d", str(DATASET_ID), "--model", model, "--folds", "0",
+                  "--strategy", "examine", "--images", images, "-o", nnunet)
+    assert not np.allclose(np.load(os.path.splitext(nnunet)[0] + "_embeddings.npz")["embeddings"], ssl_embeddings)
+    for command, message in (
+            (["--embeddings", "ssl", "--ssl-model", model, "--strategy", "examine"], "not -tr MaskedPretrainTrainer"),
+            (["--embeddings", "ssl", "--ssl-model", ssl_model, "--strategy", "entropy"], "needs a segmentation model"),
+            (["--embeddings", "ssl"], "needs --ssl-model")):
+        refused = workspace.run("nnunetv2_em", "rank-unlabeled", "-d", str(DATASET_ID), *command, "--images", images,
+                                "-o", out + ".x", check=False)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert not os.path.exists(out + ".x")
+    # warm start: nnU-Net's -pretrained_weights needs every key but the output layers to match in shape
+    pretrained = torch.load(os.path.join(ssl_model, "fold_all", "checkpoint_final.pth"), map_location="cpu",
+                            weights_only=False)["network_weights"]
+    segmentation = torch.load(os.path.join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu",
+                              weights_only=False)["network_weights"]
+    shared = {k for k in segmentation if ".seg_layers." not in k}
+    assert shared <= set(pretrained)
+    assert all(pretrained[k].shape == segmentation[k].shape for k in shared)
