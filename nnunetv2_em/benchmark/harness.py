@@ -165,6 +165,19 @@ def _write_label_like(array: np.ndarray, reference: str, path: str) -> None:
     label_store.atomic_write(path, lambda temp: sitk.WriteImage(out, temp, True), suffix=".nii.gz")
 
 
+def read_clean_dataset(benchmark, dataset_path: str) -> None:
+    """Check the trusted raw dataset a benchmark starts from and set on ``benchmark``: ``source`` (its path),
+    ``cases`` (nnU-Net's {case: {"images", "label"}}), ``dataset_json``, ``classes`` (foreground values),
+    ``ignore_label`` (the value the arms' ignore label gets) and ``ending``."""
+    benchmark.source = os.path.abspath(dataset_path)
+    benchmark.cases = checks.check_raw_dataset(benchmark.source)
+    benchmark.dataset_json = checks.load_dataset_json(os.path.join(benchmark.source, "dataset.json"))
+    benchmark.classes = checks.label_values(benchmark.dataset_json,
+                                            os.path.join(benchmark.source, "dataset.json"))[1:]
+    benchmark.ignore_label = int(checks.with_ignore_label(benchmark.dataset_json)["labels"]["ignore"])
+    benchmark.ending = benchmark.dataset_json["file_ending"]
+
+
 # ------------------------------------------------------------------------------------------------- the steps
 class Benchmark:
     """One replicate: one noise setting, one training seed, in its own folder; every step skipped once done."""
@@ -175,11 +188,7 @@ class Benchmark:
             raise EMInputError(f"--noise {noise_name}: unknown. Fix: pick one of {sorted(noise.SETTINGS)}.")
         if profile not in PROFILES:
             raise EMInputError(f"--profile {profile}: unknown. Fix: pick one of {sorted(PROFILES)}.")
-        self.source = os.path.abspath(dataset_path)
-        self.cases = checks.check_raw_dataset(self.source)
-        self.dataset_json = checks.load_dataset_json(os.path.join(self.source, "dataset.json"))
-        self.classes = checks.label_values(self.dataset_json, os.path.join(self.source, "dataset.json"))[1:]
-        self.ignore_label = int(checks.with_ignore_label(self.dataset_json)["labels"]["ignore"])
+        read_clean_dataset(self, dataset_path)
         self.setting = noise.SETTINGS[noise_name]
         self.seed = seed
         self.training_seed = training_seed  # every training of every arm (nnunetv2_em.seeding); None: unseeded
@@ -188,7 +197,6 @@ class Benchmark:
         self.profile = PROFILES[profile]
         self.profile_name = profile
         self.workspace = Workspace(os.path.abspath(out))
-        self.ending = self.dataset_json["file_ending"]
         needed = (self.profile.train_cases or 0) + (self.profile.test_cases or 0)
         if needed > len(self.cases):
             raise EMInputError(f"{self.source}: {len(self.cases)} cases, profile {profile} needs {needed}. Fix: use "

@@ -150,14 +150,15 @@ def _mean_dicts(rows: list[dict]) -> dict:
     return mean
 
 
-def load_replicates(out: str) -> dict:
-    """``{(setting, seed): results}`` of every finished replicate under ``out`` (for reports of partial suites)."""
+def load_replicates(out: str, *, known=noise.SETTINGS) -> dict:
+    """``{(setting, seed): results}`` of every finished replicate under ``out/<setting>/seed_<s>`` for the settings in
+    ``known`` (for reports of partial suites)."""
     import json
 
     found = {}
     for setting in sorted(os.listdir(out)) if os.path.isdir(out) else []:
         folder = os.path.join(out, setting)
-        if setting not in noise.SETTINGS or not os.path.isdir(folder):
+        if setting not in known or not os.path.isdir(folder):
             continue
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name, "results.json")

@@ -41,7 +41,7 @@ import time
 import numpy as np
 
 from nnunetv2_em import checks, label_store, weak_labels
-from nnunetv2_em.benchmark import metrics
+from nnunetv2_em.benchmark import metrics, suite
 from nnunetv2_em.benchmark.harness import (
     PROFILES,
     Workspace,
@@ -50,6 +50,7 @@ from nnunetv2_em.benchmark.harness import (
     _run_measured,
     _write_label_like,
     predict_test,
+    read_clean_dataset,
     test_dice,
     train_final,
 )
@@ -130,10 +131,7 @@ class RegimeReplicate:
             raise EMInputError(f"--regimes {regime}: unknown. Fix: pick from {list(REGIMES)}.")
         if profile not in PROFILES:
             raise EMInputError(f"--profile {profile}: unknown. Fix: pick one of {sorted(PROFILES)}.")
-        self.source = os.path.abspath(dataset_path)
-        self.cases = checks.check_raw_dataset(self.source)
-        self.dataset_json = checks.load_dataset_json(os.path.join(self.source, "dataset.json"))
-        self.classes = checks.label_values(self.dataset_json, os.path.join(self.source, "dataset.json"))[1:]
+        read_clean_dataset(self, dataset_path)
         if len(self.classes) < 2 and regime == "partial":
             raise EMInputError(f"{self.source}: the partial regime needs 2 foreground classes. Fix: use another "
                                f"dataset or drop the regime.")
@@ -149,11 +147,9 @@ class RegimeReplicate:
         if regime == "tags" and self.profile.trainer not in MULTITASK_TRAINERS:
             raise EMInputError(f"--profile {profile}: its trainer {self.profile.trainer} has no multi-task twin. "
                                f"Fix: use one of the profiles cpu, smoke, gpu.")
-        self.ending = self.dataset_json["file_ending"]
         self.out = os.path.abspath(out)
         self.workspace = Workspace(self.out, ids=dict(IDS))
         self.sample_workspace = Workspace(os.path.join(self.out, "sample"), ids=dict(IDS))
-        self.ignore_label = int(checks.with_ignore_label(self.dataset_json)["labels"]["ignore"])
 
     @property
     def arms(self) -> tuple[str, ...]:
@@ -460,17 +456,7 @@ def run_suite(dataset: str, *, regimes, seeds, profile: str, out: str, data_seed
 
 
 def load_replicates(out: str) -> dict[tuple[str, int], dict]:
-    replicates = {}
-    for regime in REGIMES:
-        folder = os.path.join(out, regime)
-        if not os.path.isdir(folder):
-            continue
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name, "results.json")
-            if name.startswith("seed_") and os.path.isfile(path):
-                with open(path) as handle:
-                    replicates[(regime, int(name.removeprefix("seed_")))] = json.load(handle)
-    return replicates
+    return suite.load_replicates(out, known=REGIMES)
 
 
 def summarize(replicates: dict[tuple[str, int], dict]) -> dict:

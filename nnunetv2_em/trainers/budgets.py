@@ -70,6 +70,37 @@ class FixedEpochsBudget(_SmallMachineBudget):
         self.num_epochs = self.epochs
 
 
+class WrappedNetworkBudget(FixedEpochsBudget):
+    """Mixin for trainers that build their network around the plans' one (classmethods ``build_base_network`` and
+    ``build_network_architecture``): the small-machine budget with the narrow base network, wrapped as they wrap."""
+
+    @classmethod
+    def build_base_network(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                           enable_deep_supervision):
+        return narrow_network(configuration_manager, num_input_channels, num_output_channels,
+                              enable_deep_supervision)
+
+    @classmethod
+    def build_network_architecture(cls, *args, **kwargs):
+        # skip _SmallMachineBudget's plain narrow network: the trainer's own builder wraps build_base_network
+        return super(_SmallMachineBudget, cls).build_network_architecture(*args, **kwargs)
+
+
+def optimizer_step(trainer, loss: torch.Tensor) -> None:
+    """nnU-Net's update after a training loss: backward (through the grad scaler on CUDA), gradient norm clipped at
+    12, optimiser step (as ``nnUNetTrainer.train_step`` does it)."""
+    if trainer.grad_scaler is not None:
+        trainer.grad_scaler.scale(loss).backward()
+        trainer.grad_scaler.unscale_(trainer.optimizer)
+        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
+        trainer.grad_scaler.step(trainer.optimizer)
+        trainer.grad_scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
+        trainer.optimizer.step()
+
+
 class VanillaTrainer_cpu(FixedEpochsBudget, nnUNetTrainer):
     """Plain nnU-Net training with the CPU budget: the baseline for ``EMTrainer_cpu``."""
 

@@ -19,7 +19,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunetv2_em.trainers.budgets import FixedEpochsBudget, narrow_network
+from nnunetv2_em.trainers.budgets import WrappedNetworkBudget, optimizer_step
 
 MASK_RATIO = 0.6
 BLOCK = 8
@@ -86,16 +86,7 @@ class MaskedPretrainTrainer(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._step(batch)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        optimizer_step(self, loss)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
@@ -113,16 +104,8 @@ class MaskedPretrainTrainer(nnUNetTrainer):
         self.print_to_log_file("masked pretraining: no segmentation to validate")
 
 
-class MaskedPretrainTrainer_cpu(FixedEpochsBudget, MaskedPretrainTrainer):
+class MaskedPretrainTrainer_cpu(WrappedNetworkBudget, MaskedPretrainTrainer):
     """``MaskedPretrainTrainer`` with the CPU budget of ``VanillaTrainer_cpu`` (20 x 40 iterations, narrow network)."""
-
-    @classmethod
-    def build_base_network(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                           enable_deep_supervision):
-        return narrow_network(configuration_manager, num_input_channels, num_output_channels,
-                              enable_deep_supervision)
-
-    build_network_architecture = MaskedPretrainTrainer.__dict__["build_network_architecture"]
 
 
 class MaskedPretrainTrainer_tiny(MaskedPretrainTrainer_cpu):

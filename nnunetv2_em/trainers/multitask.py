@@ -28,7 +28,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
 from nnunetv2_em import nnunet_data, tags, weak_labels
-from nnunetv2_em.trainers.budgets import FixedEpochsBudget, narrow_network
+from nnunetv2_em.trainers.budgets import WrappedNetworkBudget, optimizer_step
 
 DEFAULT_WEIGHT = 1.0
 HEAD_HIDDEN = 32
@@ -167,7 +167,7 @@ class MultiTaskTrainer(nnUNetTrainer):
         self._tag_losses: list[float] = []
 
     @classmethod
-    def build_segmentation_network(cls, plans_manager, configuration_manager, num_input_channels,
+    def build_base_network(cls, plans_manager, configuration_manager, num_input_channels,
                                    num_output_channels, enable_deep_supervision):
         return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                         num_output_channels, enable_deep_supervision)
@@ -175,7 +175,7 @@ class MultiTaskTrainer(nnUNetTrainer):
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
                                    num_output_channels, enable_deep_supervision: bool = True):
-        segmentation = cls.build_segmentation_network(plans_manager, configuration_manager, num_input_channels,
+        segmentation = cls.build_base_network(plans_manager, configuration_manager, num_input_channels,
                                                       num_output_channels, enable_deep_supervision)
         return MultiTaskNetwork(segmentation, num_output_channels - 1, cls.head_hidden, bridge=cls.bridge)
 
@@ -229,16 +229,7 @@ class MultiTaskTrainer(nnUNetTrainer):
                 loss = segmentation_loss + self.tag_weight * tags_loss
         finally:
             module.return_tags = False
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        optimizer_step(self, loss)
         self._tag_losses.append(float(tags_loss.detach().cpu()))
         return {"loss": loss.detach().cpu().numpy()}
 
@@ -253,16 +244,8 @@ class MultiTaskTrainer(nnUNetTrainer):
         return super().validation_step({**batch, "target": segmentation_target})
 
 
-class MultiTaskTrainer_cpu(FixedEpochsBudget, MultiTaskTrainer):
+class MultiTaskTrainer_cpu(WrappedNetworkBudget, MultiTaskTrainer):
     """``MultiTaskTrainer`` with the CPU budget of ``VanillaTrainer_cpu`` (20 x 40 iterations, narrow network)."""
-
-    @classmethod
-    def build_segmentation_network(cls, plans_manager, configuration_manager, num_input_channels,
-                                   num_output_channels, enable_deep_supervision):
-        return narrow_network(configuration_manager, num_input_channels, num_output_channels,
-                              enable_deep_supervision)
-
-    build_network_architecture = MultiTaskTrainer.__dict__["build_network_architecture"]
 
 
 class MultiTaskTrainer_tiny(MultiTaskTrainer_cpu):
