@@ -154,3 +154,14 @@ def test_bridge_logits_are_the_mean_activation_map_and_run_in_inference_mode(dim
     network.return_tags = False
     with torch.inference_mode():  # nnU-Net's predictor: no gradients needed
         assert network(x)[0].shape == (2, 3, *([16] * dim))
+
+
+def test_wrapped_trainers_keep_the_signature_nnunet_looks_for():
+    """nnU-Net calls build_network_architecture with the new signature only if it names "plans_manager"."""
+    import inspect
+
+    from nnunetv2_em.trainers import masked_pretraining, multitask
+
+    for trainer in (multitask.MultiTaskTrainer, multitask.MultiTaskTrainer_cpu, multitask.MultiTaskBridgeTrainer_tiny,
+                    masked_pretraining.MaskedPretrainTrainer, masked_pretraining.MaskedPretrainTrainer_cpu):
+        assert "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters, trainer

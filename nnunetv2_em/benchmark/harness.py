@@ -512,21 +512,21 @@ class Benchmark:
 
 # ------------------------------------------------------------- final training and test scores (every benchmark)
 def train_final(workspace: Workspace, arm: str, profile: Profile, *, trainer: str | None = None, log_name: str,
-                seed_arguments: list[str]) -> dict:
+                seed_arguments: list[str], fold: str = "all") -> dict:
     """The arm's final model: ``trainer`` (default the profile's) on every training case of the arm's dataset
-    (``fold all``, no validation); skipped once done."""
+    (``fold all``; or the cases of split ``fold`` of its splits_final.json), no validation; skipped once done."""
     trainer = trainer or profile.trainer
-    fold = os.path.join(workspace.nnunet, "results", workspace.dataset(arm),
-                        f"{trainer}__nnUNetPlans__{profile.configuration}", "fold_all")
-    if os.path.isfile(os.path.join(fold, "em_mstep_done.json")):
+    folder = os.path.join(workspace.nnunet, "results", workspace.dataset(arm),
+                          f"{trainer}__nnUNetPlans__{profile.configuration}", f"fold_{fold}")
+    if os.path.isfile(os.path.join(folder, "em_mstep_done.json")):
         return {}
-    command = [sys.executable, "-m", "nnunetv2_em.mstep", workspace.dataset(arm), profile.configuration, "all",
+    command = [sys.executable, "-m", "nnunetv2_em.mstep", workspace.dataset(arm), profile.configuration, str(fold),
                "--trainer", trainer, "--device", profile.device, "--no-validation", *seed_arguments]
     return _run_measured(command, workspace.env(), os.path.join(workspace.out, "logs", f"{log_name}_train.log"))
 
 
 def predict_test(workspace: Workspace, arm: str, profile: Profile, *, classes, ending: str,
-                 trainer: str | None = None, name: str | None = None) -> dict:
+                 trainer: str | None = None, name: str | None = None, fold: str = "all") -> dict:
     """The final model's predictions of the held-out test images (``workspace.out/test``) in
     ``predictions/<name>`` and nnU-Net's metrics of them (``summary.json``); skipped once done."""
     trainer = trainer or profile.trainer
@@ -535,7 +535,7 @@ def predict_test(workspace: Workspace, arm: str, profile: Profile, *, classes, e
     if os.path.isfile(os.path.join(out, "summary.json")):
         return {}
     command = [_console("nnUNetv2_predict"), "-i", os.path.join(workspace.out, "test", "images"), "-o", out,
-               "-d", str(workspace.ids[arm]), "-c", profile.configuration, "-tr", trainer, "-f", "all",
+               "-d", str(workspace.ids[arm]), "-c", profile.configuration, "-tr", trainer, "-f", str(fold),
                "-device", profile.device, "-npp", "1", "-nps", "1"]
     if not profile.mirroring:
         command.append("--disable_tta")

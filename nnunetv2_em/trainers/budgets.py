@@ -81,9 +81,12 @@ class WrappedNetworkBudget(FixedEpochsBudget):
                               enable_deep_supervision)
 
     @classmethod
-    def build_network_architecture(cls, *args, **kwargs):
-        # skip _SmallMachineBudget's plain narrow network: the trainer's own builder wraps build_base_network
-        return super(_SmallMachineBudget, cls).build_network_architecture(*args, **kwargs)
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True):
+        # the parameter names matter: nnU-Net picks the call signature by looking for "plans_manager". Skip
+        # _SmallMachineBudget's plain narrow network: the trainer's own builder wraps build_base_network
+        return super(_SmallMachineBudget, cls).build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
 
 
 def optimizer_step(trainer, loss: torch.Tensor) -> None:

@@ -1,0 +1,279 @@
+"""Simulated labelling loop (issue 14): which unlabeled cases to annotate next, measured by test Dice after retraining.
+
+From a clean raw dataset: a fixed held-out test set and a pool (``data_seed``). Per seed, ``initial`` pool cases are
+labelled at random; then ``steps`` times: train on the labelled cases (the profile's trainer and budget, training
+seed = the seed), score the test set, rank the rest of the pool with a strategy and "annotate" the top ``add``
+(their clean labels join). Strategies (``rank_unlabeled``): ``examine`` (EXAMINE on the step's model's encoder
+embeddings), ``examine-ssl`` (EXAMINE on a masked-image-pretrained encoder, trained once per seed on the pool's
+images, labels unused), ``entropy`` (mean predictive entropy of the step's model), ``fg-random`` (random among cases
+with predicted foreground first, nnActive's strong baseline), ``k-center`` (diversity on the step's embeddings,
+from the labelled cases), ``random``. Step 0 is shared by every strategy of a seed.
+
+One nnU-Net dataset holds the pool and the test cases, planned and preprocessed once; every training is one split
+of its ``splits_final.json`` (appended, never changed), so each step costs one training and one prediction. Every
+step is written down (``<out>/loop/<strategy>/seed_<s>/step_<k>.json``: the labelled cases, the picks with their
+scores, test Dice) and skipped once done: the loop resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from nnunetv2_em import label_store, rank_unlabeled
+from nnunetv2_em.benchmark import metrics
+from nnunetv2_em.benchmark.harness import (
+    PROFILES,
+    Workspace,
+    _console,
+    _run_measured,
+    predict_test,
+    read_clean_dataset,
+    test_dice,
+    train_final,
+)
+from nnunetv2_em.errors import EMInputError
+
+STRATEGIES = ("examine", "examine-ssl", "entropy", "fg-random", "k-center", "random")
+IDS = {"pool": 981}
+SSL_TRAINERS = {"VanillaTrainer_cpu": "MaskedPretrainTrainer_cpu", "VanillaTrainer_tiny": "MaskedPretrainTrainer_tiny",
+                "nnUNetTrainer": "MaskedPretrainTrainer"}
+
+
+def pick(strategy: str, candidates: list[str], *, embeddings: np.ndarray | None, stats: list[dict],
+         labelled_embeddings: np.ndarray | None, add: int, seed: int) -> list[str]:
+    """The ``add`` candidates a strategy annotates next (``rank_unlabeled.rankings`` on the candidates' rows).
+
+    Args:
+        embeddings: ``(N, F)`` of ``candidates`` (``None`` for strategies without). stats: per candidate
+            ``mean_entropy`` / ``foreground_voxels``. labelled_embeddings: ``(L, F)`` of the labelled cases.
+    """
+    if add > len(candidates):
+        raise ValueError(f"{add} cases requested, {len(candidates)} left in the pool")
+    name = "examine" if strategy == "examine-ssl" else strategy
+    rows = embeddings if embeddings is not None else np.zeros((len(candidates), 1))
+    order = rank_unlabeled.rankings(rows, stats, labelled_embeddings=labelled_embeddings, strategies=[name],
+                                    seed=seed)[name]
+    return [candidates[i] for i in order[:add]]
+
+
+class LabellingLoop:
+    """The whole simulated loop in ``out``: one dataset, strategies x seeds x steps; every step skipped once done."""
+
+    def __init__(self, dataset_path: str, *, out: str, profile: str = "cpu", strategies=STRATEGIES, pool: int = 100,
+                 test: int = 20, initial: int = 10, add: int = 5, steps: int = 4, data_seed: int = 0):
+        if profile not in PROFILES:
+            raise EMInputError(f"--profile {profile}: unknown. Fix: pick one of {sorted(PROFILES)}.")
+        unknown = [s for s in strategies if s not in STRATEGIES]
+        if unknown:
+            raise EMInputError(f"--strategies {unknown[0]}: unknown. Fix: pick from {', '.join(STRATEGIES)}.")
+        read_clean_dataset(self, dataset_path)
+        if pool + test > len(self.cases) or initial + add * steps > pool:
+            raise EMInputError(f"{self.source}: {len(self.cases)} cases; pool {pool} + test {test}, and {initial} + "
+                               f"{add} x {steps} labelled from the pool, do not fit. Fix: smaller --pool/--steps.")
+        self.profile, self.profile_name = PROFILES[profile], profile
+        self.strategies = tuple(strategies)
+        self.pool_size, self.test_size, self.initial, self.add, self.steps = pool, test, initial, add, steps
+        self.data_seed = data_seed
+        self.out = os.path.abspath(out)
+        self.workspace = Workspace(self.out, ids=dict(IDS))
+
+    # data -------------------------------------------------------------------------------------------------
+    def prepare(self) -> dict:
+        """The pool and test split, the dataset (pool cases with their clean labels), planned and preprocessed."""
+        path = os.path.join(self.out, "split.json")
+        if not os.path.isfile(path):
+            order = [str(c) for c in np.random.default_rng(self.data_seed).permutation(sorted(self.cases))]
+            split = {"data_seed": self.data_seed, "pool": sorted(order[:self.pool_size]),
+                     "test": sorted(order[self.pool_size:self.pool_size + self.test_size])}
+            folder = self.workspace.raw("pool")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(os.path.join(folder, "imagesTr"))
+            os.makedirs(os.path.join(folder, "labelsTr"))
+            for case in split["pool"]:
+                for index, image in enumerate(self.cases[case]["images"]):
+                    os.symlink(image, os.path.join(folder, "imagesTr", f"{case}_{index:04d}{self.ending}"))
+                os.symlink(self.cases[case]["label"], os.path.join(folder, "labelsTr", case + self.ending))
+            dataset_json = {k: v for k, v in self.dataset_json.items() if k != "dataset"}
+            dataset_json["numTraining"] = len(split["pool"])
+            label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
+            test = os.path.join(self.out, "test")
+            for sub in ("images", "labels"):
+                os.makedirs(os.path.join(test, sub), exist_ok=True)
+            for case in split["test"]:
+                for index, image in enumerate(self.cases[case]["images"]):
+                    target = os.path.join(test, "images", f"{case}_{index:04d}{self.ending}")
+                    if not os.path.lexists(target):
+                        os.symlink(image, target)
+                label_store.copy_file(self.cases[case]["label"], os.path.join(test, "labels", case + self.ending))
+            label_store.write_json(path, split)
+        with open(path) as handle:
+            split = json.load(handle)
+        if not os.path.isdir(os.path.join(self.workspace.preprocessed("pool"),
+                                          f"nnUNetPlans_{self.profile.configuration}")):
+            _run_measured([_console("nnUNetv2_plan_and_preprocess"), "-d", str(IDS["pool"]), "-c",
+                           self.profile.configuration, "-np", "2", "-npfp", "2"], self.workspace.env(),
+                          os.path.join(self.out, "logs", "plan.log"))
+        return split
+
+    def _split_index(self, labelled: list[str]) -> int:
+        """The index of the split that trains on ``labelled`` (appended to splits_final.json when new)."""
+        path = os.path.join(self.workspace.preprocessed("pool"), "splits_final.json")
+        splits = []
+        if os.path.isfile(path):
+            with open(path) as handle:
+                splits = json.load(handle)
+        wanted = sorted(labelled)
+        for index, split in enumerate(splits):
+            if split["train"] == wanted:
+                return index
+        splits.append({"train": wanted, "val": wanted[:2]})  # validation is off; nnU-Net wants a non-empty list
+        label_store.write_json(path, splits)
+        return len(splits) - 1
+
+    # steps ------------------------------------------------------------------------------------------------
+    def _train_and_test(self, labelled: list[str], seed: int, name: str) -> dict:
+        fold = str(self._split_index(labelled))
+        train_final(self.workspace, "pool", self.profile, log_name=name, seed_arguments=["--seed", str(seed)],
+                    fold=fold)
+        predict_test(self.workspace, "pool", self.profile, classes=self.classes, ending=self.ending, name=name,
+                     fold=fold)
+        return {"fold": int(fold), **{k: v for k, v in test_dice(self.workspace, name, classes=self.classes,
+                                                                   ending=self.ending, seed=seed).items()
+                                        if k in ("foreground", "per_class", "per_case")}}
+
+    def _model(self, trainer: str | None = None) -> str:
+        return os.path.join(self.workspace.nnunet, "results", self.workspace.dataset("pool"),
+                            f"{trainer or self.profile.trainer}__nnUNetPlans__{self.profile.configuration}")
+
+    def _ssl_model(self, seed: int) -> str:
+        """A masked-image-pretrained network on the pool's images (labels unused), one per seed (``fold all``)."""
+        trainer = SSL_TRAINERS.get(self.profile.trainer)
+        if trainer is None:
+            raise EMInputError(f"--profile {self.profile_name}: no masked-pretraining twin of "
+                               f"{self.profile.trainer}. Fix: drop examine-ssl or use the cpu/smoke/gpu profile.")
+        train_final(self.workspace, "pool", self.profile, trainer=trainer, log_name=f"ssl_seed_{seed}",
+                    seed_arguments=["--seed", str(seed)])
+        return self._model(trainer)
+
+    def _features(self, model: str, fold, cases: list[str], *, embeddings: bool, stats: bool):
+        predictor = rank_unlabeled.load_predictor(model, (fold,), self.profile.device)
+        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        rows, numbers = [], []
+        for case in cases:
+            data, _, _ = preprocessor.run_case(self.cases[case]["images"], None, predictor.plans_manager,
+                                               predictor.configuration_manager, predictor.dataset_json)
+            if embeddings:
+                rows.append(rank_unlabeled.case_embedding(predictor, data))
+            numbers.append(rank_unlabeled.case_prediction_stats(predictor, data) if stats else {})
+        return (np.asarray(rows) if embeddings else None), numbers
+
+    def step_file(self, strategy: str, seed: int, step: int) -> str:
+        return os.path.join(self.out, "loop", "shared" if step == 0 else strategy, f"seed_{seed}", f"step_{step}.json")
+
+    def _record(self, path: str, labelled: list[str], seed: int, step: int, name: str) -> dict:
+        """The step's record (trained and tested on ``labelled`` once; read back afterwards)."""
+        if not os.path.isfile(path):
+            label_store.write_json(path, {"seed": seed, "step": step, "labelled": labelled,
+                                          **self._train_and_test(labelled, seed, name)})
+        with open(path) as handle:
+            return json.load(handle)
+
+    def run_seed(self, seed: int, split: dict) -> None:
+        """Step 0 (shared: ``initial`` random pool cases), then per strategy ``steps`` rounds of pick and retrain."""
+        start = sorted(str(c) for c in np.random.default_rng(seed).choice(split["pool"], self.initial,
+                                                                           replace=False))
+        first = self._record(self.step_file("shared", seed, 0), start, seed, 0, f"seed_{seed}_step_0")
+        for strategy in self.strategies:
+            record = first
+            for step in range(1, self.steps + 1):
+                labelled = sorted(record["labelled"] + self._pick(strategy, seed, record))
+                record = self._record(self.step_file(strategy, seed, step), labelled, seed, step,
+                                      f"seed_{seed}_step_{step}_{strategy}")
+
+    def run(self, seeds) -> dict:
+        """Every seed (each a whole loop), then the learning curves and their summary (``summary.json``)."""
+        split = self.prepare()
+        for seed in seeds:
+            self.run_seed(seed, split)
+        curves = learning_curves(self.out)
+        summary = {"profile": self.profile_name, "pool": self.pool_size, "test": self.test_size,
+                   "initial": self.initial, "add": self.add, "steps": self.steps, "curves": summarize(curves)}
+        label_store.write_json(os.path.join(self.out, "summary.json"), summary)
+        return summary
+
+    def _pick(self, strategy: str, seed: int, record: dict) -> list[str]:
+        """The cases ``strategy`` annotates after the step of ``record`` (chosen once, kept in picks_<step>.json)."""
+        picks_file = os.path.join(self.out, "loop", strategy, f"seed_{seed}", f"picks_{record['step']}.json")
+        if os.path.isfile(picks_file):
+            with open(picks_file) as handle:
+                return json.load(handle)
+        with open(os.path.join(self.out, "split.json")) as handle:
+            pool = json.load(handle)["pool"]
+        candidates = sorted(set(pool) - set(record["labelled"]))
+        model, fold = self._model(), record["fold"]
+        embeddings, labelled_embeddings, stats = None, None, [{}] * len(candidates)
+        if strategy in ("examine", "k-center", "entropy", "fg-random"):
+            embeddings, stats = self._features(model, fold, candidates, embeddings=strategy in ("examine", "k-center"),
+                                               stats=strategy in ("entropy", "fg-random"))
+            if strategy == "k-center":
+                labelled_embeddings, _ = self._features(model, fold, record["labelled"], embeddings=True, stats=False)
+        elif strategy == "examine-ssl":
+            embeddings, _ = self._features(self._ssl_model(seed), "all", candidates, embeddings=True, stats=False)
+        picked = pick(strategy, candidates, embeddings=embeddings, stats=stats,
+                      labelled_embeddings=labelled_embeddings, add=self.add, seed=seed * 1000 + record["step"])
+        label_store.write_json(picks_file, picked)
+        return picked
+
+
+def learning_curves(out: str) -> dict:
+    """``{strategy: {seed: [(labelled cases, test Dice), ...]}}`` of the recorded steps, step 0 under every
+    strategy."""
+    curves: dict = {}
+    loop = os.path.join(out, "loop")
+    shared = {}
+    for seed_folder in sorted(os.listdir(os.path.join(loop, "shared"))) if os.path.isdir(
+            os.path.join(loop, "shared")) else []:
+        with open(os.path.join(loop, "shared", seed_folder, "step_0.json")) as handle:
+            shared[seed_folder] = json.load(handle)
+    for strategy in sorted(os.listdir(loop)) if os.path.isdir(loop) else []:
+        if strategy == "shared":
+            continue
+        for seed_folder in sorted(os.listdir(os.path.join(loop, strategy))):
+            steps = [shared[seed_folder]] if seed_folder in shared else []
+            for name in sorted(os.listdir(os.path.join(loop, strategy, seed_folder))):
+                if name.startswith("step_"):
+                    with open(os.path.join(loop, strategy, seed_folder, name)) as handle:
+                        steps.append(json.load(handle))
+            curves.setdefault(strategy, {})[int(seed_folder.removeprefix("seed_"))] = sorted(
+                (len(s["labelled"]), s["foreground"][0], s["per_case"]) for s in steps)
+    return curves
+
+
+def summarize(curves: dict, *, baseline: str = "fg-random") -> dict:
+    """Per strategy and labelled-set size: mean test Dice over seeds (bootstrap interval over seeds x cases) and the
+    paired difference to ``baseline`` on the same seeds and test cases."""
+    summary = {}
+    for strategy, seeds in curves.items():
+        sizes = sorted({n for steps in seeds.values() for n, _, _ in steps})
+        rows = {}
+        for size in sizes:
+            per_seed = {s: next(c for n, _, c in steps if n == size) for s, steps in seeds.items()
+                        if any(n == size for n, _, _ in steps)}
+            cases = sorted(next(iter(per_seed.values())))
+            row = {"seeds": sorted(per_seed),
+                   "dice": metrics.bootstrap_ci([v for c in per_seed.values() for v in c.values()])}
+            theirs = {s: next((c for n, _, c in curves.get(baseline, {}).get(s, []) if n == size), None)
+                      for s in per_seed}
+            paired = [s for s in per_seed if theirs[s] is not None]
+            if strategy != baseline and paired:
+                differences = np.array([[per_seed[s][c] - theirs[s][c] for c in cases] for s in paired])
+                row[f"vs_{baseline}"] = {"difference": metrics.paired_bootstrap(differences),
+                                         "seeds_won": int(sum(d.mean() > 0 for d in differences)),
+                                         "seeds": paired}
+            rows[size] = row
+        summary[strategy] = rows
+    return summary

@@ -1,0 +1,84 @@
+"""The simulated labelling loop's bookkeeping with training, prediction and features stubbed: shared step 0, picks
+only from the rest of the pool, one split per labelled set, resumption without retraining, curves and summary."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from nnunetv2_em.benchmark import labelling_loop
+from nnunetv2_em.benchmark.labelling_loop import LabellingLoop, pick
+
+
+def test_pick_follows_each_strategy():
+    candidates = ["a", "b", "c", "d"]
+    stats = [{"mean_entropy": e, "foreground_voxels": f} for e, f in ((0.1, 0), (0.9, 5), (0.5, 0), (0.7, 3))]
+    assert pick("entropy", candidates, embeddings=None, stats=stats, labelled_embeddings=None, add=2,
+                seed=0) == ["b", "d"]
+    assert set(pick("fg-random", candidates, embeddings=None, stats=stats, labelled_embeddings=None, add=2,
+                    seed=0)) == {"b", "d"}  # cases with predicted foreground first
+    embeddings = np.eye(4)[[0, 0, 1, 2]] + 0.01 * np.arange(4)[:, None]
+    assert pick("k-center", candidates, embeddings=embeddings, stats=stats,
+                labelled_embeddings=np.eye(4)[[0]], add=1, seed=0) in (["c"], ["d"])  # far from the labelled one
+    assert pick("examine-ssl", candidates, embeddings=embeddings, stats=stats, labelled_embeddings=None, add=4,
+                seed=0) == pick("examine", candidates, embeddings=embeddings, stats=stats,
+                                labelled_embeddings=None, add=4, seed=0)
+    with pytest.raises(ValueError, match="left in the pool"):
+        pick("random", candidates, embeddings=None, stats=stats, labelled_embeddings=None, add=5, seed=0)
+
+
+def test_loop_bookkeeping_and_resumption(tmp_path, monkeypatch):
+    from conftest import demo_cases, make_raw_dataset
+
+    source = make_raw_dataset(str(tmp_path / "raw"), 4, demo_cases(14))
+    trained = []
+
+    def train_and_test(self, labelled, seed, name):
+        trained.append((name, tuple(labelled)))
+        fold = self._split_index(labelled)
+        score = 0.5 + 0.01 * len(labelled)
+        return {"fold": fold, "foreground": [score, score, score], "per_class": {},
+                "per_case": {"t1": score, "t2": score - 0.1}}
+
+    def features(self, model, fold, cases, *, embeddings, stats):
+        rng = np.random.default_rng(len(cases))
+        return (rng.random((len(cases), 3)) if embeddings else None,
+                [{"mean_entropy": float(sum(map(ord, c)) % 7), "foreground_voxels": 1} for c in cases])
+
+    monkeypatch.setattr(LabellingLoop, "_train_and_test", train_and_test)
+    monkeypatch.setattr(LabellingLoop, "_features", features)
+    monkeypatch.setattr(LabellingLoop, "_ssl_model", lambda self, seed: "ssl")
+    monkeypatch.setattr(labelling_loop, "_run_measured", lambda *a, **k: {})  # no planning
+
+    def loop():
+        return LabellingLoop(source, out=str(tmp_path / "loop"), profile="smoke", pool=10, test=3, initial=4, add=2,
+                             steps=2, strategies=("examine", "entropy", "fg-random"))
+
+    summary = loop().run([0, 1])
+    assert len(trained) == 2 * (1 + 3 * 2)  # per seed: a shared step 0, then 2 steps per strategy
+    with open(tmp_path / "loop" / "split.json") as handle:
+        split = json.load(handle)
+    for seed in (0, 1):
+        for strategy in ("examine", "entropy", "fg-random"):
+            sizes = []
+            previous = None
+            for step in range(3):
+                with open(loop().step_file(strategy, seed, step)) as handle:
+                    record = json.load(handle)
+                assert set(record["labelled"]) <= set(split["pool"])
+                if previous is not None:
+                    assert set(previous) < set(record["labelled"])  # picks are new pool cases
+                previous = record["labelled"]
+                sizes.append(len(record["labelled"]))
+            assert sizes == [4, 6, 8]
+    with open(os.path.join(tmp_path / "loop", "nnunet", "preprocessed", "Dataset981_BenchPool",
+                           "splits_final.json")) as handle:
+        splits = json.load(handle)
+    assert len({tuple(s["train"]) for s in splits}) == len(splits)  # one split per distinct labelled set
+    trained.clear()
+    again = loop().run([0, 1])
+    assert trained == [] and again == summary  # resumed: nothing retrained, the same curves
+    rows = summary["curves"]["examine"]
+    assert sorted(rows) == [4, 6, 8] and rows[4]["seeds"] == [0, 1]
+    assert rows[8]["vs_fg-random"]["difference"][0] == pytest.approx(0.0)  # same stub score at the same size
