@@ -1,6 +1,7 @@
 """The multi-task trainer through the stock CLIs on real Hippocampus cases: cases with masks, partial cases with a
 tag for the structure they do not draw, and tag-only cases (label file all ignore) with slice-range and case-level
-tags; ``nnUNetv2_train -tr MultiTaskTrainer_tiny``, ``nnUNetv2_predict`` and ``nnunetv2_em predict-tags``."""
+tags; ``nnUNetv2_train -tr MultiTaskTrainer_tiny``, ``nnUNetv2_predict`` and ``nnunetv2_em predict-tags``; the
+marginal-loss trainer on the same dataset."""
 
 from __future__ import annotations
 
@@ -76,6 +77,17 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
                             weights_only=False)
     assert checkpoint["trainer_name"] == TRAINER
     assert any(key.startswith("head.") for key in checkpoint["network_weights"])
+
+    # the marginal loss on the same dataset: partial cases train background as "background or Posterior"
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "MarginalTrainer_tiny", "-device", "cpu")
+    marginal = os.path.join(workspace.results, DATASET, "MarginalTrainer_tiny__nnUNetPlans__2d", "fold_all")
+    with open(next(os.path.join(marginal, name) for name in sorted(os.listdir(marginal))
+                   if name.startswith("training_log"))) as handle:
+        assert "marginal loss: 2 partially annotated case(s)" in handle.read()
+    workspace.run("nnUNetv2_predict", "-i", test_images, "-o", os.path.join(str(tmp_path), "marginal"), "-d",
+                  str(DATASET_ID), "-c", "2d", "-tr", "MarginalTrainer_tiny", "-f", "all", "-device", "cpu",
+                  "--disable_tta", "-npp", "1", "-nps", "1")
+    assert all(os.path.isfile(os.path.join(str(tmp_path), "marginal", f"{case}.nii.gz")) for case in TEST)
 
     # the stock predictor rebuilds the same network (segmentation only)
     stock = os.path.join(str(tmp_path), "stock")

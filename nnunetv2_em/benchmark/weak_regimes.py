@@ -17,6 +17,8 @@ Arms (same trainer, budget and training seed; test Dice on the same held-out cas
 * ``clean``: vanilla nnU-Net on the clean full masks (the ``full`` regime).
 * ``naive``: vanilla on what users train on today: ``partial`` the partial masks as they are (unannotated classes
   as background); ``weak`` the fully annotated subset only (weak-only cases have no mask to train on).
+* ``marginal`` (``partial``): the naive arm's partial masks with ``MarginalTrainer`` (background of a partial case
+  trained as "background or the unannotated class", Shi et al. 2021): the peer that needs no E-step.
 * ``multitask`` / ``multitask_bridge`` (``tags``): ``MultiTaskTrainer`` (``MultiTaskBridgeTrainer``) on the masks and
   the tag-only cases (label files all ignore, tags from the weak-label file), with the tag AUROC per slice of the
   test cases.
@@ -57,11 +59,13 @@ from nnunetv2_em.benchmark.harness import (
 from nnunetv2_em.errors import EMInputError
 
 REGIMES = ("full", "partial", "weak", "tags")
-ARMS = {"full": ("clean",), "partial": ("naive", "em_map", "em_soft", "em_sample"),
+ARMS = {"full": ("clean",), "partial": ("naive", "em_map", "em_soft", "em_sample", "marginal"),
         "weak": ("naive", "em_map", "em_soft", "em_sample"),
         "tags": ("naive", "multitask", "multitask_bridge", "em_map")}
 IDS = {"clean": 971, "naive": 972, "em": 973, "multitask": 974}
 FULL_FRACTION = {"weak": 0.25, "tags": 0.2}
+MARGINAL_TRAINERS = {"VanillaTrainer_cpu": "MarginalTrainer_cpu", "VanillaTrainer_tiny": "MarginalTrainer_tiny",
+                     "nnUNetTrainer": "MarginalTrainer"}
 MULTITASK_TRAINERS = {"VanillaTrainer_cpu": {"multitask": "MultiTaskTrainer_cpu",
                                              "multitask_bridge": "MultiTaskBridgeTrainer_cpu"},
                       "VanillaTrainer_tiny": {"multitask": "MultiTaskTrainer_tiny",
@@ -139,9 +143,10 @@ class RegimeReplicate:
                             if name not in ("background", "ignore") and int(v) > 0}
         self.regime, self.seed, self.data_seed = regime, seed, data_seed
         self.profile, self.profile_name = PROFILES[profile], profile
-        if regime != "full" and self.profile.trainer not in SOFT_TRAINERS:
-            raise EMInputError(f"--profile {profile}: its trainer {self.profile.trainer} has no soft-target twin. "
-                               f"Fix: use one of the profiles cpu, smoke, gpu.")
+        if regime != "full" and self.profile.trainer not in SOFT_TRAINERS or \
+                regime == "partial" and self.profile.trainer not in MARGINAL_TRAINERS:
+            raise EMInputError(f"--profile {profile}: its trainer {self.profile.trainer} has no soft-target or "
+                               f"marginal-loss twin. Fix: use one of the profiles cpu, smoke, gpu.")
         self.full_fraction = FULL_FRACTION.get(regime, 1.0) if full_fraction is None else full_fraction
         self.volume_margin = volume_margin
         if regime == "tags" and self.profile.trainer not in MULTITASK_TRAINERS:
@@ -317,6 +322,18 @@ class RegimeReplicate:
                 self._plan_vanilla(arm)
                 train_final(self.workspace, arm, self.profile, log_name=arm, seed_arguments=self._seed_arguments())
                 predict_test(self.workspace, arm, self.profile, classes=self.classes, ending=self.ending)
+            elif arm == "marginal":
+                weak_file = weak_labels.weak_labels_path(self.workspace.raw("naive"))
+                if not os.path.isfile(weak_file):  # which classes each partial case annotates (vanilla ignores it)
+                    with open(os.path.join(self.out, "design.json")) as handle:
+                        rows = json.load(handle)["weak_labels"]
+                    label_store.write_json(weak_file, {"version": weak_labels.FORMAT_VERSION, "cases": rows})
+                self._plan_vanilla("naive")
+                trainer = MARGINAL_TRAINERS[self.profile.trainer]
+                train_final(self.workspace, "naive", self.profile, trainer=trainer, log_name=arm,
+                            seed_arguments=self._seed_arguments())
+                predict_test(self.workspace, "naive", self.profile, classes=self.classes, ending=self.ending,
+                             trainer=trainer, name=arm)
             elif arm in ("multitask", "multitask_bridge"):
                 self._plan_vanilla("multitask")
                 trainer = MULTITASK_TRAINERS[self.profile.trainer][arm]
@@ -392,8 +409,8 @@ class RegimeReplicate:
         the clean masks, the ignored share, and how many cases the arm trained on."""
         result = {}
         for arm in self.arms:
-            if arm == "em_soft" or arm.startswith("multitask"):
-                continue  # em_soft's hard labels are em_map's; the multi-task arms train on masks and tags
+            if arm in ("em_soft", "marginal") or arm.startswith("multitask"):
+                continue  # em_soft's hard labels are em_map's, marginal's naive's; multi-task: masks and tags
             labels = self.training_labels(arm, design)
             groups = {}
             for case, entry in design.items():

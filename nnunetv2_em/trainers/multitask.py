@@ -154,6 +154,29 @@ class TagCodeDataset(nnUNetDatasetBlosc2):
         return data, np.concatenate([seg, codes], axis=0), seg_prev, properties
 
 
+def tag_code_dataset(trainer: nnUNetTrainer) -> tuple[type, dict]:
+    """A ``TagCodeDataset`` class for ``trainer``'s dataset (its weak labels read from ``nnUNet_raw``, checked) and
+    the weak labels ``{case: CaseConstraints}``; call after ``nnUNetTrainer.initialize``."""
+    raw_folder = join(os.environ.get("nnUNet_raw", ""), trainer.plans_manager.dataset_name)
+    cases = nnUNetDatasetBlosc2.get_identifiers(trainer.preprocessed_dataset_folder)
+    weak = (weak_labels.load_weak_labels(raw_folder, trainer.dataset_json, labelled=cases, images=cases)
+            if os.environ.get("nnUNet_raw") and os.path.isfile(weak_labels.weak_labels_path(raw_folder)) else {})
+
+    class Dataset(TagCodeDataset):
+        pass
+
+    Dataset.weak, Dataset.plans_manager = weak, trainer.plans_manager
+    Dataset.num_classes = len(trainer.label_manager.foreground_labels) + 1
+    return Dataset, weak
+
+
+def split_target(target):
+    """``(B, 2, ...)`` (or a list over scales) -> the segmentation part and the full-resolution tag codes."""
+    if isinstance(target, list):
+        return [t[:, :1] for t in target], target[0][:, 1]
+    return target[:, :1], target[:, 1]
+
+
 class MultiTaskTrainer(nnUNetTrainer):
     """nnU-Net's trainer with the tag head, the tag-code dataset and the joint loss (everything else unchanged)."""
 
@@ -182,39 +205,23 @@ class MultiTaskTrainer(nnUNetTrainer):
     def initialize(self):
         if self.label_manager.has_regions:
             raise RuntimeError("MultiTaskTrainer tags classes of label maps, not regions")
-        num_classes = len(self.label_manager.foreground_labels) + 1
-        tags.check_num_classes(num_classes)
+        tags.check_num_classes(len(self.label_manager.foreground_labels) + 1)
         super().initialize()
-        raw_folder = join(os.environ.get("nnUNet_raw", ""), self.plans_manager.dataset_name)
-        cases = nnUNetDatasetBlosc2.get_identifiers(self.preprocessed_dataset_folder)
-        weak = (weak_labels.load_weak_labels(raw_folder, self.dataset_json, labelled=cases, images=cases)
-                if os.environ.get("nnUNet_raw") and os.path.isfile(weak_labels.weak_labels_path(raw_folder)) else {})
-
-        class Dataset(TagCodeDataset):
-            pass
-
-        Dataset.weak, Dataset.plans_manager, Dataset.num_classes = weak, self.plans_manager, num_classes
-        self.dataset_class = Dataset
-        self.print_to_log_file(f"multi-task: {num_classes - 1} tag(s), weight {self.tag_weight}, "
-                               f"{len(weak)} case(s) with weak labels, saliency bridge {self.bridge}")
+        self.dataset_class, weak = tag_code_dataset(self)
+        self.print_to_log_file(f"multi-task: {len(self.label_manager.foreground_labels)} tag(s), weight "
+                               f"{self.tag_weight}, {len(weak)} case(s) with weak labels, saliency bridge "
+                               f"{self.bridge}")
 
     def _module(self) -> MultiTaskNetwork:
         module = self.network.module if self.is_ddp else self.network
         return getattr(module, "_orig_mod", module)
-
-    @staticmethod
-    def _split_target(target):
-        """``(B, 2, ...)`` (or a list over scales) -> the segmentation part and the full-resolution codes."""
-        if isinstance(target, list):
-            return [t[:, :1] for t in target], target[0][:, 1]
-        return target[:, :1], target[:, 1]
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
             target.to(self.device, non_blocking=True)
-        segmentation_target, codes = self._split_target(target)
+        segmentation_target, codes = split_target(target)
         full = segmentation_target[0] if isinstance(segmentation_target, list) else segmentation_target
         tag_targets, known = patch_tags_torch(full[:, 0], codes, num_classes=len(self.label_manager.foreground_labels)
                                               + 1, ignore_label=self.label_manager.ignore_label)
@@ -240,7 +247,7 @@ class MultiTaskTrainer(nnUNetTrainer):
         self._tag_losses = []
 
     def validation_step(self, batch: dict) -> dict:
-        segmentation_target, _ = self._split_target(batch["target"])
+        segmentation_target, _ = split_target(batch["target"])
         return super().validation_step({**batch, "target": segmentation_target})
 
 
