@@ -165,6 +165,20 @@ def _write_label_like(array: np.ndarray, reference: str, path: str) -> None:
     label_store.atomic_write(path, lambda temp: sitk.WriteImage(out, temp, True), suffix=".nii.gz")
 
 
+def write_test_folder(out: str, cases: dict, test_cases: list[str], ending: str) -> None:
+    """``out/test/images`` (links to the test cases' images) and ``out/test/labels`` (copies of their clean labels),
+    what ``predict_test`` predicts and scores."""
+    test = os.path.join(out, "test")
+    for sub in ("images", "labels"):
+        os.makedirs(os.path.join(test, sub), exist_ok=True)
+    for case in test_cases:
+        for index, image in enumerate(cases[case]["images"]):
+            target = os.path.join(test, "images", f"{case}_{index:04d}{ending}")
+            if not os.path.lexists(target):
+                os.symlink(image, target)
+        label_store.copy_file(cases[case]["label"], os.path.join(test, "labels", case + ending))
+
+
 def read_clean_dataset(benchmark, dataset_path: str) -> None:
     """Check the trusted raw dataset a benchmark starts from and set on ``benchmark``: ``source`` (its path),
     ``cases`` (nnU-Net's {case: {"images", "label"}}), ``dataset_json``, ``classes`` (foreground values),
@@ -239,15 +253,7 @@ class Benchmark:
             chosen = np.random.default_rng(self.seed).choice(untouched, size=self.verified_cases, replace=False)
             label_store.write_json(os.path.join(self.workspace.raw("em"), checks.VERIFIED_CASES_FILE),
                                    sorted(str(case) for case in chosen))
-        test = os.path.join(self.workspace.out, "test")
-        for sub in ("images", "labels"):
-            os.makedirs(os.path.join(test, sub), exist_ok=True)
-        for case in split["test"]:
-            for index, image in enumerate(self.cases[case]["images"]):
-                target = os.path.join(test, "images", f"{case}_{index:04d}{self.ending}")
-                if not os.path.lexists(target):
-                    os.symlink(image, target)
-            label_store.copy_file(self.cases[case]["label"], os.path.join(test, "labels", case + self.ending))
+        write_test_folder(self.workspace.out, self.cases, split["test"], self.ending)
         label_store.write_json(path, split)  # last: marks the preparation complete
         return split
 

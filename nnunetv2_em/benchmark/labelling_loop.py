@@ -34,6 +34,7 @@ from nnunetv2_em.benchmark.harness import (
     read_clean_dataset,
     test_dice,
     train_final,
+    write_test_folder,
 )
 from nnunetv2_em.errors import EMInputError
 
@@ -100,15 +101,7 @@ class LabellingLoop:
             dataset_json = {k: v for k, v in self.dataset_json.items() if k != "dataset"}
             dataset_json["numTraining"] = len(split["pool"])
             label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
-            test = os.path.join(self.out, "test")
-            for sub in ("images", "labels"):
-                os.makedirs(os.path.join(test, sub), exist_ok=True)
-            for case in split["test"]:
-                for index, image in enumerate(self.cases[case]["images"]):
-                    target = os.path.join(test, "images", f"{case}_{index:04d}{self.ending}")
-                    if not os.path.lexists(target):
-                        os.symlink(image, target)
-                label_store.copy_file(self.cases[case]["label"], os.path.join(test, "labels", case + self.ending))
+            write_test_folder(self.out, self.cases, split["test"], self.ending)
             label_store.write_json(path, split)
         with open(path) as handle:
             split = json.load(handle)

@@ -55,6 +55,7 @@ from nnunetv2_em.benchmark.harness import (
     read_clean_dataset,
     test_dice,
     train_final,
+    write_test_folder,
 )
 from nnunetv2_em.errors import EMInputError
 
@@ -214,7 +215,7 @@ class RegimeReplicate:
                 self._write_dataset(self.workspace, "multitask", {**masked, **blank}, weak_rows=rows,
                                     with_ignore=True)
         for workspace in (self.workspace, self.sample_workspace):
-            self._write_test(workspace, split["test"])
+            write_test_folder(workspace.out, self.cases, split["test"], self.ending)
         label_store.write_json(path, {"regime": self.regime, "split": split, "design": design,
                                       "weak_labels": rows})
         return self.prepare()
@@ -238,17 +239,6 @@ class RegimeReplicate:
         if weak_rows:
             label_store.write_json(weak_labels.weak_labels_path(folder),
                                    {"version": weak_labels.FORMAT_VERSION, "cases": weak_rows})
-
-    def _write_test(self, workspace: Workspace, cases: list[str]) -> None:
-        test = os.path.join(workspace.out, "test")
-        for sub in ("images", "labels"):
-            os.makedirs(os.path.join(test, sub), exist_ok=True)
-        for case in cases:
-            for index, image in enumerate(self.cases[case]["images"]):
-                target = os.path.join(test, "images", f"{case}_{index:04d}{self.ending}")
-                if not os.path.lexists(target):
-                    os.symlink(image, target)
-            label_store.copy_file(self.cases[case]["label"], os.path.join(test, "labels", case + self.ending))
 
     # steps ------------------------------------------------------------------------------------------------
     def _seed_arguments(self) -> list[str]:
