@@ -104,6 +104,26 @@ def optimizer_step(trainer, loss: torch.Tensor) -> None:
         trainer.optimizer.step()
 
 
+def deep_supervision_loss(trainer, loss):
+    """``loss`` wrapped as nnU-Net wraps its own when the trainer uses deep supervision (weights 1/2^i over the
+    scales, the lowest 0, normalised); unchanged otherwise."""
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    if not trainer.enable_deep_supervision:
+        return loss
+    weights = np.array([1 / (2 ** i) for i in range(len(trainer._get_deep_supervision_scales()))])
+    weights[-1] = 0
+    return DeepSupervisionWrapper(loss, weights / weights.sum())
+
+
+def split_target(target):
+    """A target whose first channel is the segmentation and whose next ones travel with it (soft-target maps, tag
+    codes), ``(B, 1 + K, ...)`` or a list over scales -> (the segmentation part, channel 1 at full resolution)."""
+    if isinstance(target, list):
+        return [t[:, :1] for t in target], target[0][:, 1]
+    return target[:, :1], target[:, 1]
+
+
 class VanillaTrainer_cpu(FixedEpochsBudget, nnUNetTrainer):
     """Plain nnU-Net training with the CPU budget: the baseline for ``EMTrainer_cpu``."""
 

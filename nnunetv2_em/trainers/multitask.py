@@ -28,7 +28,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
 from nnunetv2_em import nnunet_data, tags, weak_labels
-from nnunetv2_em.trainers.budgets import WrappedNetworkBudget, optimizer_step
+from nnunetv2_em.trainers.budgets import WrappedNetworkBudget, optimizer_step, split_target
 
 DEFAULT_WEIGHT = 1.0
 HEAD_HIDDEN = 32
@@ -168,13 +168,6 @@ def tag_code_dataset(trainer: nnUNetTrainer) -> tuple[type, dict]:
     Dataset.weak, Dataset.plans_manager = weak, trainer.plans_manager
     Dataset.num_classes = len(trainer.label_manager.foreground_labels) + 1
     return Dataset, weak
-
-
-def split_target(target):
-    """``(B, 2, ...)`` (or a list over scales) -> the segmentation part and the full-resolution tag codes."""
-    if isinstance(target, list):
-        return [t[:, :1] for t in target], target[0][:, 1]
-    return target[:, :1], target[:, 1]
 
 
 class MultiTaskTrainer(nnUNetTrainer):

@@ -13,16 +13,14 @@ the tag codes of ``nnunetv2_em.tags`` (``COVERS``), like the multi-task trainer'
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunetv2_em import tags
-from nnunetv2_em.trainers.budgets import FixedEpochsBudget
-from nnunetv2_em.trainers.multitask import split_target, tag_code_dataset
+from nnunetv2_em.trainers.budgets import FixedEpochsBudget, deep_supervision_loss, split_target
+from nnunetv2_em.trainers.multitask import tag_code_dataset
 
 
 def unannotated_classes(codes: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -92,11 +90,7 @@ class MarginalTrainer(nnUNetTrainer):
                                    "do_bg": False, "ddp": self.is_ddp},
                                   ignore_label=self.label_manager.ignore_label,
                                   num_classes=len(self.label_manager.foreground_labels) + 1)
-        if self.enable_deep_supervision:
-            weights = np.array([1 / (2 ** i) for i in range(len(self._get_deep_supervision_scales()))])
-            weights[-1] = 0
-            loss = DeepSupervisionWrapper(loss, weights / weights.sum())
-        return loss
+        return deep_supervision_loss(self, loss)
 
     def validation_step(self, batch: dict) -> dict:
         segmentation_target, _ = split_target(batch["target"])

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_em.label_store import soft_maps_path  # the one place that names the folder
-from nnunetv2_em.trainers.budgets import FixedEpochsBudget
+from nnunetv2_em.trainers.budgets import FixedEpochsBudget, deep_supervision_loss, split_target
 
 DEFAULT_SAMPLES = 4
 
@@ -113,16 +112,11 @@ class SoftTargetTrainer(nnUNetTrainer):
         loss = SoftDiceCELoss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
                                "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=1,
                               ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
-        if self.enable_deep_supervision:
-            weights = np.array([1 / (2 ** i) for i in range(len(self._get_deep_supervision_scales()))])
-            weights[-1] = 0
-            loss = DeepSupervisionWrapper(loss, weights / weights.sum())
-        return loss
+        return deep_supervision_loss(self, loss)
 
     def validation_step(self, batch: dict) -> dict:
-        target = batch["target"]  # the pseudo-Dice reads the segmentation, channel 0
-        first = [t[:, :1] for t in target] if isinstance(target, list) else target[:, :1]
-        return super().validation_step({**batch, "target": first})
+        segmentation_target, _ = split_target(batch["target"])  # the pseudo-Dice reads the segmentation
+        return super().validation_step({**batch, "target": segmentation_target})
 
 
 class SoftTargetTrainer_cpu(FixedEpochsBudget, SoftTargetTrainer):
