@@ -1,7 +1,7 @@
 """The multi-task trainer through the stock CLIs on real Hippocampus cases: cases with masks, partial cases with a
 tag for the structure they do not draw, and tag-only cases (label file all ignore) with slice-range and case-level
 tags; ``nnUNetv2_train -tr MultiTaskTrainer_tiny``, ``nnUNetv2_predict`` and ``nnunetv2_em predict-tags``; the
-marginal-loss trainer on the same dataset."""
+marginal-loss trainer and the EM variant (``EMMultiTaskTrainer_tiny``) on the same dataset."""
 
 from __future__ import annotations
 
@@ -139,3 +139,28 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
         for name, values in per_slice["probabilities"].items():
             assert per_slice["first_slice"] + len(values) <= shape[per_slice["axis"]]
             assert max(values) == pytest.approx(predicted[case][name], abs=1e-4)  # the case tag: the max
+
+    # the EM variant: EMTrainer's rounds with the tag head; fold 0 judges a tag-only case and a masked one
+    split = [{"train": sorted(set(CASES[:8]) - {TAG_ONLY[1], MASKED[0]}), "val": sorted([TAG_ONLY[1], MASKED[0]])}]
+    with open(os.path.join(workspace.preprocessed, DATASET, "splits_final.json"), "w") as handle:
+        json.dump(split, handle)
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "EMMultiTaskTrainer_tiny", "-device", "cpu")
+    em_fold = os.path.join(workspace.results, DATASET, "EMMultiTaskTrainer_tiny__nnUNetPlans__2d", "fold_0")
+    with open(next(os.path.join(em_fold, name) for name in sorted(os.listdir(em_fold))
+                   if name.startswith("training_log"))) as handle:
+        log = handle.read()
+    assert "multi-task: 2 tag(s)" in log and "tag loss" in log
+    for round_index in (1, 2):
+        with open(os.path.join(em_fold, "em", f"round_{round_index:02d}", "summary.json")) as handle:
+            assert json.load(handle)["judged_cases"] == split[0]["val"]
+        with open(os.path.join(em_fold, "em", f"round_{round_index:02d}", "cases.json")) as handle:
+            rows = {row["case"]: row for row in json.load(handle)}
+        assert rows[TAG_ONLY[1]]["weak_labels"]["kind"] == "tagged"  # the E-step read its tags as constraints
+        assert "weak_labels" not in rows[MASKED[0]]
+        exported = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(
+            em_fold, "em", f"round_{round_index:02d}", "labelsTr", f"{TAG_ONLY[1]}.nii.gz")))
+        assert set(np.unique(exported)) <= {0, 1, 2, 3}  # pseudo-labels where sure, ignore elsewhere
+    em_out = os.path.join(str(tmp_path), "em_multitask")
+    workspace.run("nnUNetv2_predict", "-i", test_images, "-o", em_out, "-d", str(DATASET_ID), "-c", "2d", "-tr",
+                  "EMMultiTaskTrainer_tiny", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    assert all(os.path.isfile(os.path.join(em_out, f"{case}.nii.gz")) for case in TEST)

@@ -70,9 +70,10 @@ class FixedEpochsBudget(_SmallMachineBudget):
         self.num_epochs = self.epochs
 
 
-class WrappedNetworkBudget(FixedEpochsBudget):
+class WrappedNetwork(_SmallMachineBudget):
     """Mixin for trainers that build their network around the plans' one (classmethods ``build_base_network`` and
-    ``build_network_architecture``): the small-machine budget with the narrow base network, wrapped as they wrap."""
+    ``build_network_architecture``): the small-machine budget with the narrow base network, wrapped as they wrap.
+    The epochs are the trainer's (fixed: ``WrappedNetworkBudget``; EM rounds: the EM variants)."""
 
     @classmethod
     def build_base_network(cls, plans_manager, configuration_manager, num_input_channels, num_output_channels,
@@ -87,6 +88,10 @@ class WrappedNetworkBudget(FixedEpochsBudget):
         # _SmallMachineBudget's plain narrow network: the trainer's own builder wraps build_base_network
         return super(_SmallMachineBudget, cls).build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
+
+
+class WrappedNetworkBudget(WrappedNetwork, FixedEpochsBudget):
+    """``WrappedNetwork`` with the fixed-epochs budget of ``VanillaTrainer_cpu``."""
 
 
 def optimizer_step(trainer, loss: torch.Tensor) -> None:

@@ -28,7 +28,15 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
 from nnunetv2_em import nnunet_data, tags, weak_labels
-from nnunetv2_em.trainers.budgets import WrappedNetworkBudget, optimizer_step, split_target
+from nnunetv2_em.trainers.budgets import (
+    EMTrainer_cpu,
+    EMTrainer_tiny,
+    WrappedNetwork,
+    WrappedNetworkBudget,
+    optimizer_step,
+    split_target,
+)
+from nnunetv2_em.trainers.em_trainer import EMTrainer
 
 DEFAULT_WEIGHT = 1.0
 HEAD_HIDDEN = 32
@@ -268,3 +276,29 @@ class MultiTaskBridgeTrainer_cpu(MultiTaskTrainer_cpu):
 
 class MultiTaskBridgeTrainer_tiny(MultiTaskTrainer_tiny):
     bridge = True
+
+
+class EMMultiTaskTrainer(EMTrainer, MultiTaskTrainer):
+    """``EMTrainer``'s rounds with ``MultiTaskTrainer``'s tag head and joint loss: after each round the E-step
+    refines the held-out cases under their weak labels (a tag-only case's ignored voxels get pseudo-labels where
+    the tags allow them and the model is sure), and the next round trains the segmentation on those and the head
+    on the tags. The E-step reads the segmentation output only."""
+
+
+class EMMultiTaskTrainer_cpu(WrappedNetwork, EMMultiTaskTrainer):
+    """``EMMultiTaskTrainer`` with ``EMTrainer_cpu``'s budget (2 rounds x 10 epochs x 40 iterations, narrow network)."""
+
+    em_overrides = EMTrainer_cpu.em_overrides
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._apply_budget()
+
+
+class EMMultiTaskTrainer_tiny(EMMultiTaskTrainer_cpu):
+    """Smoke-test budget of ``EMTrainer_tiny`` (2 rounds x 1 epoch x 5 iterations, every step of the loop runs)."""
+
+    em_overrides = EMTrainer_tiny.em_overrides
+    iterations_per_epoch = 5
+    val_iterations_per_epoch = 2
