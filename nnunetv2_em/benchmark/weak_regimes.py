@@ -22,6 +22,8 @@ Arms (same trainer, budget and training seed; test Dice on the same held-out cas
 * ``multitask`` / ``multitask_bridge`` (``tags``): ``MultiTaskTrainer`` (``MultiTaskBridgeTrainer``) on the masks and
   the tag-only cases (label files all ignore, tags from the weak-label file), with the tag AUROC per slice of the
   test cases.
+* ``em_multitask`` (``tags``): ``MultiTaskTrainer`` on the ``em_map`` run's labels (pseudo-labels of the tag-only
+  cases) and the same tags: whether EM's pseudo-labels and the tag head add up.
 * ``em_map``: ``nnunetv2_em run`` with the weak-label file (``weak_mode: map``), then the same final training on
   its labels; ``em_soft``: the same run's soft targets (``soft_targets``) with ``SoftTargetTrainer``;
   ``em_sample``: ``weak_mode: sample``. The sample run reuses the map run's fold models and out-of-fold logits
@@ -62,16 +64,20 @@ from nnunetv2_em.errors import EMInputError
 REGIMES = ("full", "partial", "weak", "tags")
 ARMS = {"full": ("clean",), "partial": ("naive", "em_map", "em_soft", "em_sample", "marginal"),
         "weak": ("naive", "em_map", "em_soft", "em_sample"),
-        "tags": ("naive", "multitask", "multitask_bridge", "em_map")}
+        "tags": ("naive", "multitask", "multitask_bridge", "em_map", "em_multitask")}
 IDS = {"clean": 971, "naive": 972, "em": 973, "multitask": 974}
 FULL_FRACTION = {"weak": 0.25, "tags": 0.2}
 MARGINAL_TRAINERS = {"VanillaTrainer_cpu": "MarginalTrainer_cpu", "VanillaTrainer_tiny": "MarginalTrainer_tiny",
                      "nnUNetTrainer": "MarginalTrainer"}
 MULTITASK_TRAINERS = {"VanillaTrainer_cpu": {"multitask": "MultiTaskTrainer_cpu",
+                                             "em_multitask": "MultiTaskTrainer_cpu",
                                              "multitask_bridge": "MultiTaskBridgeTrainer_cpu"},
                       "VanillaTrainer_tiny": {"multitask": "MultiTaskTrainer_tiny",
+                                              "em_multitask": "MultiTaskTrainer_tiny",
                                               "multitask_bridge": "MultiTaskBridgeTrainer_tiny"},
-                      "nnUNetTrainer": {"multitask": "MultiTaskTrainer", "multitask_bridge": "MultiTaskBridgeTrainer"}}
+                      "nnUNetTrainer": {"multitask": "MultiTaskTrainer", "em_multitask": "MultiTaskTrainer",
+                                        "multitask_bridge": "MultiTaskBridgeTrainer"}}
+TAG_HEAD_DATASETS = {"multitask": "multitask", "multitask_bridge": "multitask", "em_multitask": "em"}
 EM_ARMS = ("em_map", "em_soft", "em_sample")
 SOFT_TRAINERS = {"VanillaTrainer_cpu": "SoftTargetTrainer_cpu", "VanillaTrainer_tiny": "SoftTargetTrainer_tiny",
                  "nnUNetTrainer": "SoftTargetTrainer"}
@@ -324,12 +330,17 @@ class RegimeReplicate:
                             seed_arguments=self._seed_arguments())
                 predict_test(self.workspace, "naive", self.profile, classes=self.classes, ending=self.ending,
                              trainer=trainer, name=arm)
-            elif arm in ("multitask", "multitask_bridge"):
-                self._plan_vanilla("multitask")
+            elif arm in TAG_HEAD_DATASETS:
+                dataset = TAG_HEAD_DATASETS[arm]
+                if dataset == "em":  # after em_map's run: its labels, pseudo-labels included
+                    self._plan_em()
+                    self._run_em(self.workspace, "em_map")
+                else:
+                    self._plan_vanilla(dataset)
                 trainer = MULTITASK_TRAINERS[self.profile.trainer][arm]
-                train_final(self.workspace, "multitask", self.profile, trainer=trainer, log_name=arm,
+                train_final(self.workspace, dataset, self.profile, trainer=trainer, log_name=arm,
                             seed_arguments=self._seed_arguments())
-                predict_test(self.workspace, "multitask", self.profile, classes=self.classes, ending=self.ending,
+                predict_test(self.workspace, dataset, self.profile, classes=self.classes, ending=self.ending,
                              trainer=trainer, name=arm)
             elif arm == "em_map":
                 self._plan_em()
@@ -373,9 +384,9 @@ class RegimeReplicate:
         from nnunetv2_em.tag_prediction import slice_tags
 
         result = {}
-        for arm in (a for a in self.arms if a.startswith("multitask")):
+        for arm in (a for a in self.arms if a in TAG_HEAD_DATASETS):
             trainer = MULTITASK_TRAINERS[self.profile.trainer][arm]
-            model = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset("multitask"),
+            model = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset(TAG_HEAD_DATASETS[arm]),
                                  f"{trainer}__nnUNetPlans__{self.profile.configuration}")
             predictor = load_predictor(model, ("all",), self.profile.device)
             preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
@@ -399,8 +410,9 @@ class RegimeReplicate:
         the clean masks, the ignored share, and how many cases the arm trained on."""
         result = {}
         for arm in self.arms:
-            if arm in ("em_soft", "marginal") or arm.startswith("multitask"):
-                continue  # em_soft's hard labels are em_map's, marginal's naive's; multi-task: masks and tags
+            if arm in ("em_soft", "marginal", "em_multitask") or arm.startswith("multitask"):
+                continue  # em_soft's / em_multitask's hard labels are em_map's, marginal's naive's; multi-task: masks
+                # and tags
             labels = self.training_labels(arm, design)
             groups = {}
             for case, entry in design.items():
