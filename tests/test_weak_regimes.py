@@ -1,10 +1,15 @@
 """The weak-label benchmark's regimes (pure arrays) and its summary arithmetic."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
 from nnunetv2_em import constraints, weak_labels
 from nnunetv2_em.benchmark import weak_regimes
+from nnunetv2_em.demo import DEMO_DATA
+from nnunetv2_em.errors import EMInputError
 
 NAMES = {1: "Anterior", 2: "Posterior"}
 
@@ -117,3 +122,33 @@ def test_summary_averages_the_tag_auroc_over_seeds():
     assert entry["tag_auroc"]["multitask"]["1"]["per_seed"] == [0.7, 0.9]
     text = weak_regimes.markdown({"regimes": {"tags": entry}}, command="cmd", classes={"1": "A", "2": "P"})
     assert "0.800 (40/90 slices hold it)" in text and "n/a (0/90" in text
+
+
+def _write_plans(folder, batch_size):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "nnUNetPlans.json"), "w") as handle:
+        json.dump({"configurations": {"2d": {"batch_size": batch_size, "patch_size": [56, 40]}}}, handle)
+
+
+def test_tags_arms_train_with_the_clean_plans_batch_size(tmp_path):
+    out = str(tmp_path)
+    replicate = weak_regimes.RegimeReplicate(DEMO_DATA, "tags", seed=3, profile="cpu",
+                                             out=weak_regimes.replicate_folder(out, "tags", 3))
+    naive = replicate.workspace.preprocessed("naive")
+    _write_plans(naive, 11)  # nnU-Net's plan for the 8 masked cases
+    with pytest.raises(EMInputError, match="include full in --regimes"):
+        replicate._pin_batch(replicate.workspace, "naive")
+    full = weak_regimes.RegimeReplicate(DEMO_DATA, "full", seed=3, profile="cpu",
+                                        out=weak_regimes.replicate_folder(out, "full", 3))
+    _write_plans(full.workspace.preprocessed("clean"), 54)
+    replicate._pin_batch(replicate.workspace, "naive")
+    with open(os.path.join(naive, "nnUNetPlans.json")) as handle:
+        plans = json.load(handle)
+    assert plans["configurations"]["2d"] == {"batch_size": 54, "patch_size": [56, 40]}
+    assert replicate.reference_batch_size() == 54 and full.reference_batch_size() is None
+    partial = weak_regimes.RegimeReplicate(DEMO_DATA, "partial", seed=3, profile="cpu",
+                                           out=weak_regimes.replicate_folder(out, "partial", 3))
+    _write_plans(partial.workspace.preprocessed("naive"), 20)
+    partial._pin_batch(partial.workspace, "naive")  # regimes whose arms share one dataset size keep nnU-Net's plan
+    with open(os.path.join(partial.workspace.preprocessed("naive"), "nnUNetPlans.json")) as handle:
+        assert json.load(handle)["configurations"]["2d"]["batch_size"] == 20

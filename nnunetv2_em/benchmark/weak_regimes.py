@@ -82,6 +82,9 @@ EM_ARMS = ("em_map", "em_soft", "em_sample")
 SOFT_TRAINERS = {"VanillaTrainer_cpu": "SoftTargetTrainer_cpu", "VanillaTrainer_tiny": "SoftTargetTrainer_tiny",
                  "nnUNetTrainer": "SoftTargetTrainer"}
 SOFT_SAMPLES = 8
+# regimes whose arms train on datasets of different sizes (tags: 8 masks vs 40 label files), for which nnU-Net
+# plans different batch sizes (11 vs 54 patches): every arm gets the clean dataset's, so they differ by labels only
+PINNED_BATCH_REGIMES = ("tags",)
 
 
 # ------------------------------------------------------------------------------------ the regimes (pure arrays)
@@ -251,11 +254,38 @@ class RegimeReplicate:
         return ["--seed", str(self.seed)]
 
     def _plan_vanilla(self, arm: str) -> None:
-        if os.path.isdir(os.path.join(self.workspace.preprocessed(arm), f"nnUNetPlans_{self.profile.configuration}")):
+        if not os.path.isdir(os.path.join(self.workspace.preprocessed(arm),
+                                          f"nnUNetPlans_{self.profile.configuration}")):
+            _run_measured([_console("nnUNetv2_plan_and_preprocess"), "-d", str(IDS[arm]), "-c",
+                           self.profile.configuration, "-np", "2", "-npfp", "2"], self.workspace.env(),
+                          os.path.join(self.out, "logs", f"{arm}_plan.log"))
+        self._pin_batch(self.workspace, arm)
+
+    def reference_batch_size(self) -> int | None:
+        """The batch size nnU-Net plans for the clean training set (the ``full`` replicate of this seed), which
+        every arm of a ``PINNED_BATCH_REGIMES`` regime trains with; None for the other regimes."""
+        if self.regime not in PINNED_BATCH_REGIMES:
+            return None
+        full = Workspace(replicate_folder(os.path.dirname(os.path.dirname(self.out)), "full", self.seed),
+                         ids=dict(IDS))
+        plans_file = os.path.join(full.preprocessed("clean"), "nnUNetPlans.json")
+        if not os.path.isfile(plans_file):
+            raise EMInputError(f"{plans_file}: not found; the {self.regime} regime trains every arm with the batch "
+                               f"size of the clean dataset's plans. Fix: include full in --regimes (it runs first).")
+        with open(plans_file) as handle:
+            return int(json.load(handle)["configurations"][self.profile.configuration]["batch_size"])
+
+    def _pin_batch(self, workspace: Workspace, arm: str) -> None:
+        batch_size = self.reference_batch_size()
+        if batch_size is None:
             return
-        _run_measured([_console("nnUNetv2_plan_and_preprocess"), "-d", str(IDS[arm]), "-c",
-                       self.profile.configuration, "-np", "2", "-npfp", "2"], self.workspace.env(),
-                      os.path.join(self.out, "logs", f"{arm}_plan.log"))
+        plans_file = os.path.join(workspace.preprocessed(arm), "nnUNetPlans.json")
+        with open(plans_file) as handle:
+            plans = json.load(handle)
+        configuration = plans["configurations"][self.profile.configuration]
+        if configuration["batch_size"] != batch_size:
+            configuration["batch_size"] = batch_size
+            label_store.write_json(plans_file, plans)
 
     def _plan_em(self) -> None:
         """Plan the EM dataset once, then copy it for the sample run (the same plans, ``weak_mode: sample``)."""
@@ -264,6 +294,7 @@ class RegimeReplicate:
             return
         _run_measured([_console("nnunetv2_em"), "plan", "-d", str(IDS["em"]), "-c", self.profile.configuration],
                       self.workspace.env(), os.path.join(self.out, "logs", "em_plan.log"))
+        self._pin_batch(self.workspace, "em")
         self._set_em(self.workspace, weak_mode="map", soft_targets=SOFT_SAMPLES)
         for source, target in ((self.workspace.raw("em"), self.sample_workspace.raw("em")),
                                (self.workspace.preprocessed("em"), self.sample_workspace.preprocessed("em"))):
@@ -444,6 +475,7 @@ class RegimeReplicate:
         timings = self.run_arms()
         results = {"regime": self.regime, "seed": self.seed, "data_seed": self.data_seed,
                    "profile": self.profile_name, "train_cases": len(prepared["split"]["train"]),
+                   "pinned_batch_size": self.reference_batch_size(),
                    "test_case_ids": prepared["split"]["test"],
                    "kinds": {kind: sum(e["kind"] == kind for e in prepared["design"].values())
                              for kind in ("full", "partial", "weak_only")},
