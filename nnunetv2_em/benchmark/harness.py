@@ -165,6 +165,15 @@ def _write_label_like(array: np.ndarray, reference: str, path: str) -> None:
     label_store.atomic_write(path, lambda temp: sitk.WriteImage(out, temp, True), suffix=".nii.gz")
 
 
+def update_plans(workspace: Workspace, arm: str, edit) -> None:
+    """Read the arm's ``nnUNetPlans.json``, let ``edit(plans)`` change it in place, write it back atomically."""
+    plans_file = os.path.join(workspace.preprocessed(arm), "nnUNetPlans.json")
+    with open(plans_file) as handle:
+        plans = json.load(handle)
+    edit(plans)
+    label_store.write_json(plans_file, plans)
+
+
 def write_test_folder(out: str, cases: dict, test_cases: list[str], ending: str) -> None:
     """``out/test/images`` (links to the test cases' images) and ``out/test/labels`` (copies of their clean labels),
     what ``predict_test`` predicts and scores."""
@@ -294,12 +303,11 @@ class Benchmark:
                            self.profile.configuration, "-np", "2", "-npfp", "2"], env, log)
 
     def _apply_profile_settings(self, arm: str) -> None:
-        plans_file = os.path.join(self.workspace.preprocessed(arm), "nnUNetPlans.json")
-        with open(plans_file) as handle:
-            plans = json.load(handle)
-        plans["em"]["mirroring"] = self.profile.mirroring
-        plans["em"].update(dict(self.profile.em_overrides))
-        label_store.write_json(plans_file, plans)
+        def settings(plans: dict) -> None:
+            plans["em"]["mirroring"] = self.profile.mirroring
+            plans["em"].update(dict(self.profile.em_overrides))
+
+        update_plans(self.workspace, arm, settings)
 
     def _train_final(self, arm: str) -> dict:
         return train_final(self.workspace, arm, self.profile, log_name=arm, seed_arguments=self._seed_arguments())

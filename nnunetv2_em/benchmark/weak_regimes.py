@@ -57,6 +57,7 @@ from nnunetv2_em.benchmark.harness import (
     read_clean_dataset,
     test_dice,
     train_final,
+    update_plans,
     write_test_folder,
 )
 from nnunetv2_em.errors import EMInputError
@@ -70,14 +71,13 @@ FULL_FRACTION = {"weak": 0.25, "tags": 0.2}
 MARGINAL_TRAINERS = {"VanillaTrainer_cpu": "MarginalTrainer_cpu", "VanillaTrainer_tiny": "MarginalTrainer_tiny",
                      "nnUNetTrainer": "MarginalTrainer"}
 MULTITASK_TRAINERS = {"VanillaTrainer_cpu": {"multitask": "MultiTaskTrainer_cpu",
-                                             "em_multitask": "MultiTaskTrainer_cpu",
                                              "multitask_bridge": "MultiTaskBridgeTrainer_cpu"},
                       "VanillaTrainer_tiny": {"multitask": "MultiTaskTrainer_tiny",
-                                              "em_multitask": "MultiTaskTrainer_tiny",
                                               "multitask_bridge": "MultiTaskBridgeTrainer_tiny"},
-                      "nnUNetTrainer": {"multitask": "MultiTaskTrainer", "em_multitask": "MultiTaskTrainer",
-                                        "multitask_bridge": "MultiTaskBridgeTrainer"}}
-TAG_HEAD_DATASETS = {"multitask": "multitask", "multitask_bridge": "multitask", "em_multitask": "em"}
+                      "nnUNetTrainer": {"multitask": "MultiTaskTrainer", "multitask_bridge": "MultiTaskBridgeTrainer"}}
+# arms with a tag head: (the dataset they train on, their trainer's key in MULTITASK_TRAINERS)
+TAG_HEAD_ARMS = {"multitask": ("multitask", "multitask"), "multitask_bridge": ("multitask", "multitask_bridge"),
+                 "em_multitask": ("em", "multitask")}
 EM_ARMS = ("em_map", "em_soft", "em_sample")
 SOFT_TRAINERS = {"VanillaTrainer_cpu": "SoftTargetTrainer_cpu", "VanillaTrainer_tiny": "SoftTargetTrainer_tiny",
                  "nnUNetTrainer": "SoftTargetTrainer"}
@@ -279,13 +279,8 @@ class RegimeReplicate:
         batch_size = self.reference_batch_size()
         if batch_size is None:
             return
-        plans_file = os.path.join(workspace.preprocessed(arm), "nnUNetPlans.json")
-        with open(plans_file) as handle:
-            plans = json.load(handle)
-        configuration = plans["configurations"][self.profile.configuration]
-        if configuration["batch_size"] != batch_size:
-            configuration["batch_size"] = batch_size
-            label_store.write_json(plans_file, plans)
+        update_plans(workspace, arm,
+                     lambda plans: plans["configurations"][self.profile.configuration].update(batch_size=batch_size))
 
     def _plan_em(self) -> None:
         """Plan the EM dataset once, then copy it for the sample run (the same plans, ``weak_mode: sample``)."""
@@ -304,11 +299,8 @@ class RegimeReplicate:
         label_store.write_json(marker, {"planned": True})
 
     def _set_em(self, workspace: Workspace, **settings) -> None:
-        plans_file = os.path.join(workspace.preprocessed("em"), "nnUNetPlans.json")
-        with open(plans_file) as handle:
-            plans = json.load(handle)
-        plans["em"].update({"mirroring": self.profile.mirroring, **settings})
-        label_store.write_json(plans_file, plans)
+        update_plans(workspace, "em", lambda plans: plans["em"].update({"mirroring": self.profile.mirroring,
+                                                                        **settings}))
 
     def _run_em(self, workspace: Workspace, name: str) -> dict:
         marker = os.path.join(self.out, "logs", f"{name}_run.done")
@@ -361,14 +353,14 @@ class RegimeReplicate:
                             seed_arguments=self._seed_arguments())
                 predict_test(self.workspace, "naive", self.profile, classes=self.classes, ending=self.ending,
                              trainer=trainer, name=arm)
-            elif arm in TAG_HEAD_DATASETS:
-                dataset = TAG_HEAD_DATASETS[arm]
+            elif arm in TAG_HEAD_ARMS:
+                dataset, head = TAG_HEAD_ARMS[arm]
                 if dataset == "em":  # after em_map's run: its labels, pseudo-labels included
                     self._plan_em()
                     self._run_em(self.workspace, "em_map")
                 else:
                     self._plan_vanilla(dataset)
-                trainer = MULTITASK_TRAINERS[self.profile.trainer][arm]
+                trainer = MULTITASK_TRAINERS[self.profile.trainer][head]
                 train_final(self.workspace, dataset, self.profile, trainer=trainer, log_name=arm,
                             seed_arguments=self._seed_arguments())
                 predict_test(self.workspace, dataset, self.profile, classes=self.classes, ending=self.ending,
@@ -415,9 +407,10 @@ class RegimeReplicate:
         from nnunetv2_em.tag_prediction import slice_tags
 
         result = {}
-        for arm in (a for a in self.arms if a in TAG_HEAD_DATASETS):
-            trainer = MULTITASK_TRAINERS[self.profile.trainer][arm]
-            model = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset(TAG_HEAD_DATASETS[arm]),
+        for arm in (a for a in self.arms if a in TAG_HEAD_ARMS):
+            dataset, head = TAG_HEAD_ARMS[arm]
+            trainer = MULTITASK_TRAINERS[self.profile.trainer][head]
+            model = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset(dataset),
                                  f"{trainer}__nnUNetPlans__{self.profile.configuration}")
             predictor = load_predictor(model, ("all",), self.profile.device)
             preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
@@ -441,7 +434,7 @@ class RegimeReplicate:
         the clean masks, the ignored share, and how many cases the arm trained on."""
         result = {}
         for arm in self.arms:
-            if arm in ("em_soft", "marginal", "em_multitask") or arm.startswith("multitask"):
+            if arm in ("em_soft", "marginal") or arm in TAG_HEAD_ARMS:
                 continue  # em_soft's / em_multitask's hard labels are em_map's, marginal's naive's; multi-task: masks
                 # and tags
             labels = self.training_labels(arm, design)
