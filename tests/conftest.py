@@ -13,8 +13,12 @@ import pytest
 
 from nnunetv2_em.demo import DEMO_DATA
 
+# The device the end-to-end tests train and predict on: the CPU here and in CI; NNUNETV2_EM_TEST_DEVICE=cuda runs
+# the same tests on a GPU with nnU-Net's defaults there (torch.compile on), see scripts/device_check.sh.
+TEST_DEVICE = os.environ.get("NNUNETV2_EM_TEST_DEVICE", "cpu")
 # small worker pools: on 2 cores nnU-Net's default of 8 processes makes validation 5-9x slower
-NNUNET_TEST_ENV = {"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "2", "nnUNet_compile": "f"}
+NNUNET_TEST_ENV = {"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "2",
+                   "nnUNet_compile": "f" if TEST_DEVICE == "cpu" else "t"}
 
 
 def make_raw_dataset(root: str, dataset_id: int, cases: list[str], name: str = "Hippo") -> str:
@@ -71,15 +75,29 @@ class NnUNetWorkspace:
         return {**os.environ, **NNUNET_TEST_ENV, "nnUNet_raw": self.raw, "nnUNet_preprocessed": self.preprocessed,
                 "nnUNet_results": self.results}
 
-    def run(self, *command: str, check: bool = True, env: dict | None = None, timeout: float = 1800):
-        """Run a console script of this environment (the stock nnU-Net CLIs included) in a fresh process."""
+    def run(self, *command: str, check: bool = True, env: dict | None = None, timeout: float | None = None):
+        """Run a console script of this environment (the stock nnU-Net CLIs included) in a fresh process.
+
+        A command that outlasts ``timeout`` (default NNUNETV2_EM_TEST_COMMAND_TIMEOUT, else 1800 s) fails the test
+        with the output it had written, so that a hang shows where it stopped.
+        """
+        timeout = timeout or float(os.environ.get("NNUNETV2_EM_TEST_COMMAND_TIMEOUT", 1800))
         executable = os.path.join(os.path.dirname(sys.executable), command[0])
-        result = subprocess.run([executable, *command[1:]], env=env or self.env, capture_output=True, text=True,
-                                timeout=timeout)
+        try:
+            result = subprocess.run([executable, *command[1:]], env=env or self.env, capture_output=True, text=True,
+                                    timeout=timeout)
+        except subprocess.TimeoutExpired as expired:
+            raise AssertionError(f"{' '.join(command)} did not finish in {timeout:.0f} s:\n"
+                                 f"{_text(expired.stdout)[-4000:]}\n{_text(expired.stderr)[-4000:]}") from None
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                                  f"{result.stderr[-4000:]}")
         return result
+
+
+def _text(output: bytes | str | None) -> str:
+    # subprocess hands back the output captured before a timeout as bytes even with text=True
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 @pytest.fixture

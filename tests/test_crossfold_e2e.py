@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
+from conftest import TEST_DEVICE, NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
 
 from nnunetv2_em.demo import DEMO_DATA
 
@@ -31,7 +31,7 @@ LABELLED, IN_DATASET_UNLABELED, EXTRA_UNLABELED = ALL[:12], ALL[12:14], ALL[14:]
 VERIFIED = LABELLED[:2]
 RUN_NAME = "em_run__VanillaTrainer_tiny__nnUNetPlans__2d"
 RUN = ["nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1", "--rounds", "2", "--trainer",
-       "VanillaTrainer_tiny", "--device", "cpu", "--no-validation", "--keep-logits"]
+       "VanillaTrainer_tiny", "--device", TEST_DEVICE, "--no-validation", "--keep-logits"]
 
 
 def _sha(path):

@@ -18,7 +18,7 @@ import blosc2
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
+from conftest import TEST_DEVICE, NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def planned(tmp_path_factory) -> NnUNetWorkspace:
 def trained(planned) -> NnUNetWorkspace:
     raw_before = tree_snapshot(os.path.join(planned.raw, DATASET))
     preprocessed_before = _original_preprocessed_snapshot(planned)
-    planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "EMTrainer_tiny", "-device", TEST_DEVICE)
     planned.raw_before, planned.preprocessed_before = raw_before, preprocessed_before
     return planned
 
@@ -102,7 +102,7 @@ def test_em_planner_plans_exactly_like_the_default_planner_and_other_plans_still
     with open(os.path.join(workspace.raw, "Dataset906_Other", "em_verified_cases.json"), "w") as handle:
         json.dump(verified, handle)
     workspace.run("nnUNetv2_train", "906", "3d_fullres", "0", "-tr", "EMTrainer_tiny", "-p", "DefaultPlans",
-                  "-device", "cpu")
+                  "-device", TEST_DEVICE)
     fold = os.path.join(workspace.results, "Dataset906_Other", "EMTrainer_tiny__DefaultPlans__3d_fullres", "fold_0")
     with open(os.path.join(fold, "em", "state.json")) as handle:
         assert len(json.load(handle)["rounds"]) == 2
@@ -218,7 +218,7 @@ def test_refinements_of_held_out_cases_go_to_the_exchange_and_the_originals_stay
 
 
 def test_a_second_fold_trains_on_the_first_folds_out_of_fold_refinements(trained):
-    trained.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    trained.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "EMTrainer_tiny", "-device", TEST_DEVICE)
     first, second = _split(trained, 0), _split(trained, 1)
     work = os.path.join(trained.preprocessed, DATASET, "em_training_labels", TRAINER_DIR, "fold_1")
     fold = _fold_folder(trained).replace("fold_0", "fold_1")
@@ -261,7 +261,7 @@ def test_stock_predict_uses_the_em_trainer(trained, tmp_path):
         os.symlink(os.path.join(source, f"{case}_0000.nii.gz"), images / f"{case}_0000.nii.gz")
     out = tmp_path / "out"
     trained.run("nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres",
-                "-f", "0", "-tr", "EMTrainer_tiny", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+                "-f", "0", "-tr", "EMTrainer_tiny", "-device", TEST_DEVICE, "--disable_tta", "-npp", "1", "-nps", "1")
     for case in CASES[:2]:
         prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
         reference = sitk.ReadImage(os.path.join(source, f"{case}_0000.nii.gz"))
@@ -270,8 +270,8 @@ def test_stock_predict_uses_the_em_trainer(trained, tmp_path):
 
 
 def test_builtin_trainer_still_works_with_the_plugin_installed(planned):
-    planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "VanillaTrainer_tiny", "-device", "cpu",
-                "--disable_checkpointing")
+    planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "VanillaTrainer_tiny", "-device",
+                TEST_DEVICE, "--disable_checkpointing")
     lookup = planned.run(sys.executable.rsplit("/", 1)[-1], "-c",
                          "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f;"
                          "print(f('nnUNetTrainer_5epochs').__module__)")
@@ -299,7 +299,7 @@ def test_resume_after_a_kill_continues_and_keeps_the_originals(planned, kill_poi
     fold = _fold_folder(planned)
     env = {**planned.env}
     command = [os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0",
-               "-tr", trainer, "-device", "cpu"]
+               "-tr", trainer, "-device", TEST_DEVICE]
     raw_before = tree_snapshot(os.path.join(planned.raw, DATASET))
     preprocessed_before = _original_preprocessed_snapshot(planned)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -310,7 +310,7 @@ def test_resume_after_a_kill_continues_and_keeps_the_originals(planned, kill_poi
     else:  # in round 2's M-step: round 1 complete
         _kill_when(process, lambda: os.path.isfile(os.path.join(fold, "em", "round_01", "summary.json"))
                    and not os.path.isdir(cache))
-    resumed = planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu",
+    resumed = planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", TEST_DEVICE,
                           "--c")
     if kill_point == "estep":
         assert "resuming the interrupted E-step of round 1" in resumed.stdout
@@ -336,7 +336,7 @@ def test_impossible_em_settings_fail_cleanly_through_the_stock_cli(planned):
     try:
         before = tree_snapshot(planned.root)
         result = planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "EMTrainer", "-device",
-                             "cpu", check=False)
+                             TEST_DEVICE, check=False)
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         error_lines = [line for line in result.stderr.splitlines() if line.startswith("nnunetv2_em: error:")]
@@ -351,15 +351,15 @@ def test_impossible_em_settings_fail_cleanly_through_the_stock_cli(planned):
 def test_missing_results_variable_fails_cleanly(planned):
     env = {key: value for key, value in planned.env.items() if key != "nnUNet_results"}
     before = tree_snapshot(planned.root)
-    result = planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "EMTrainer", "-device", "cpu",
-                         check=False, env=env)
+    result = planned.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "EMTrainer", "-device",
+                         TEST_DEVICE, check=False, env=env)
     assert result.returncode != 0
     assert "nnUNet_results" in result.stderr
     assert tree_snapshot(planned.root) == before
 
 
 def test_fold_all_judges_nothing_and_trains_on_every_folds_refinements(trained):
-    trained.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "all", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    trained.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", "all", "-tr", "EMTrainer_tiny", "-device", TEST_DEVICE)
     fold = _fold_folder(trained).replace("fold_0", "fold_all")
     published = {}
     for source in (0, 1):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset
+from conftest import TEST_DEVICE, NnUNetWorkspace, demo_cases, make_raw_dataset
 
 from nnunetv2_em.demo import DEMO_DATA
 
@@ -65,7 +65,7 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
         shutil.copy(os.path.join(DEMO_DATA, "imagesTr", f"{case}_0000.nii.gz"), test_images)
 
     workspace.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1")
-    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", TRAINER, "-device", "cpu")
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", TRAINER, "-device", TEST_DEVICE)
     model = os.path.join(workspace.results, DATASET, f"{TRAINER}__nnUNetPlans__2d")
     fold = os.path.join(model, "fold_all")
     with open(next(os.path.join(fold, name) for name in sorted(os.listdir(fold)) if name.startswith("training_log"))) \
@@ -79,20 +79,20 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
     assert any(key.startswith("head.") for key in checkpoint["network_weights"])
 
     # the marginal loss on the same dataset: partial cases train background as "background or Posterior"
-    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "MarginalTrainer_tiny", "-device", "cpu")
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "MarginalTrainer_tiny", "-device", TEST_DEVICE)
     marginal = os.path.join(workspace.results, DATASET, "MarginalTrainer_tiny__nnUNetPlans__2d", "fold_all")
     with open(next(os.path.join(marginal, name) for name in sorted(os.listdir(marginal))
                    if name.startswith("training_log"))) as handle:
         assert "marginal loss: 2 partially annotated case(s)" in handle.read()
     workspace.run("nnUNetv2_predict", "-i", test_images, "-o", os.path.join(str(tmp_path), "marginal"), "-d",
-                  str(DATASET_ID), "-c", "2d", "-tr", "MarginalTrainer_tiny", "-f", "all", "-device", "cpu",
+                  str(DATASET_ID), "-c", "2d", "-tr", "MarginalTrainer_tiny", "-f", "all", "-device", TEST_DEVICE,
                   "--disable_tta", "-npp", "1", "-nps", "1")
     assert all(os.path.isfile(os.path.join(str(tmp_path), "marginal", f"{case}.nii.gz")) for case in TEST)
 
     # the stock predictor rebuilds the same network (segmentation only)
     stock = os.path.join(str(tmp_path), "stock")
     workspace.run("nnUNetv2_predict", "-i", test_images, "-o", stock, "-d", str(DATASET_ID), "-c", "2d", "-tr",
-                  TRAINER, "-f", "all", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+                  TRAINER, "-f", "all", "-device", TEST_DEVICE, "--disable_tta", "-npp", "1", "-nps", "1")
     empty = os.path.join(str(tmp_path), "empty")
     os.makedirs(empty)
     refused = workspace.run("nnunetv2_em", "predict-tags", "-i", empty, "-o", os.path.join(str(tmp_path), "x"),
@@ -144,7 +144,8 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
     split = [{"train": sorted(set(CASES[:8]) - {TAG_ONLY[1], MASKED[0]}), "val": sorted([TAG_ONLY[1], MASKED[0]])}]
     with open(os.path.join(workspace.preprocessed, DATASET, "splits_final.json"), "w") as handle:
         json.dump(split, handle)
-    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "EMMultiTaskTrainer_tiny", "-device", "cpu")
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "EMMultiTaskTrainer_tiny", "-device",
+                  TEST_DEVICE)
     em_fold = os.path.join(workspace.results, DATASET, "EMMultiTaskTrainer_tiny__nnUNetPlans__2d", "fold_0")
     with open(next(os.path.join(em_fold, name) for name in sorted(os.listdir(em_fold))
                    if name.startswith("training_log"))) as handle:
@@ -162,5 +163,6 @@ def test_multitask_trainer_predictor_and_tags(tmp_path):
         assert set(np.unique(exported)) <= {0, 1, 2, 3}  # pseudo-labels where sure, ignore elsewhere
     em_out = os.path.join(str(tmp_path), "em_multitask")
     workspace.run("nnUNetv2_predict", "-i", test_images, "-o", em_out, "-d", str(DATASET_ID), "-c", "2d", "-tr",
-                  "EMMultiTaskTrainer_tiny", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+                  "EMMultiTaskTrainer_tiny", "-f", "0", "-device", TEST_DEVICE, "--disable_tta", "-npp", "1",
+                  "-nps", "1")
     assert all(os.path.isfile(os.path.join(em_out, f"{case}.nii.gz")) for case in TEST)

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ElementTree
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
+from conftest import TEST_DEVICE, NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ DATASET = "Dataset915_Hippo"
 CASES = demo_cases(10)
 RUN_NAME = "em_run__VanillaTrainer_tiny__nnUNetPlans__2d"
 RUN = ["nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1", "--trainer",
-       "VanillaTrainer_tiny", "--device", "cpu", "--no-validation", "--seed", "0"]
+       "VanillaTrainer_tiny", "--device", TEST_DEVICE, "--no-validation", "--seed", "0"]
 
 
 def _sha(path):
@@ -279,7 +279,7 @@ def test_em_trainer_trains_on_reviewed_labels_never_judges_them_and_trusts_them(
                              for case, path in reviewed.items()}))
     raw_before = tree_snapshot(os.path.join(folder, "labelsTr"))
 
-    workspace.run("nnUNetv2_train", "916", "2d", "0", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    workspace.run("nnUNetv2_train", "916", "2d", "0", "-tr", "EMTrainer_tiny", "-device", TEST_DEVICE)
     fold = os.path.join(workspace.results, dataset, "EMTrainer_tiny__nnUNetPlans__2d", "fold_0")
     training_labels = os.path.join(workspace.preprocessed, dataset, "em_training_labels",
                                    "EMTrainer_tiny__nnUNetPlans__2d", "fold_0")
@@ -376,7 +376,7 @@ def test_rank_unlabeled_with_self_supervised_embeddings_and_the_warm_start_keys(
     for case in new_cases:
         shutil.copy(os.path.join(DEMO_DATA, "imagesTr", f"{case}_0000.nii.gz"), images)
     workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "MaskedPretrainTrainer_tiny", "-device",
-                  "cpu")
+                  TEST_DEVICE)
     ssl_model = os.path.join(workspace.results, DATASET, "MaskedPretrainTrainer_tiny__nnUNetPlans__2d")
     model = os.path.join(workspace.results, DATASET, RUN_NAME, "round_01", "nnUNet_results", DATASET,
                          "VanillaTrainer_tiny__nnUNetPlans__2d")

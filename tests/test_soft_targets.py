@@ -93,7 +93,7 @@ def test_augmentation_moves_each_sampled_map_exactly_like_a_segmentation(monkeyp
 def test_the_soft_target_trainer_trains_and_validates_through_the_stock_command(workspace):
     import os
 
-    from conftest import demo_cases, make_raw_dataset
+    from conftest import TEST_DEVICE, demo_cases, make_raw_dataset
 
     from nnunetv2_em import label_store
     from nnunetv2_em.trainers.soft_targets import DEFAULT_SAMPLES, soft_targets_path
@@ -122,7 +122,7 @@ def test_the_soft_target_trainer_trains_and_validates_through_the_stock_command(
             assert not np.array_equal(seg[1], seg[3])
         else:  # no maps: the segmentation repeated, i.e. nnU-Net's hard target
             assert all(np.array_equal(seg[k], original[0]) for k in range(1, 1 + DEFAULT_SAMPLES))
-    workspace.run("nnUNetv2_train", "912", "2d", "0", "-tr", "SoftTargetTrainer_tiny", "-device", "cpu")
+    workspace.run("nnUNetv2_train", "912", "2d", "0", "-tr", "SoftTargetTrainer_tiny", "-device", TEST_DEVICE)
     fold = os.path.join(workspace.results, "Dataset912_Soft", "SoftTargetTrainer_tiny__nnUNetPlans__2d", "fold_0")
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset
+from conftest import TEST_DEVICE, NnUNetWorkspace, demo_cases, make_raw_dataset
 from scipy import ndimage
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,8 @@ def weak_run(tmp_path_factory):
     with open(plans_file, "w") as handle:
         json.dump(plans, handle)
     result = workspace.run("nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1",
-                           "--rounds", "1", "--trainer", "VanillaTrainer_tiny", "--device", "cpu", "--no-validation")
+                           "--rounds", "1", "--trainer", "VanillaTrainer_tiny", "--device", TEST_DEVICE,
+                           "--no-validation")
     run_folder = os.path.join(workspace.results, DATASET, "em_run__VanillaTrainer_tiny__nnUNetPlans__2d")
     with open(os.path.join(run_folder, "round_01", "cases.json")) as handle:
         rows = {row["case"]: row for row in json.load(handle)}
@@ -124,7 +125,7 @@ def test_em_trainer_judges_held_out_partial_cases_under_their_constraints(tmp_pa
     with open(os.path.join(folder, "em_weak_labels.json"), "w") as handle:
         json.dump({"version": 1, "cases": {case: {"annotated_classes": ["Anterior"]} for case in partial}}, handle)
     workspace.run("nnunetv2_em", "plan", "-d", "910", "-c", "2d")
-    workspace.run("nnUNetv2_train", "910", "2d", "0", "-tr", "EMTrainer_tiny", "-device", "cpu")
+    workspace.run("nnUNetv2_train", "910", "2d", "0", "-tr", "EMTrainer_tiny", "-device", TEST_DEVICE)
     fold = os.path.join(workspace.results, "Dataset910_Partial", "EMTrainer_tiny__nnUNetPlans__2d", "fold_0")
     with open(os.path.join(fold, "em", "round_02", "cases.json")) as handle:
         rows = {row["case"]: row for row in json.load(handle)}
@@ -154,7 +155,7 @@ def test_sampled_maps_travel_with_the_version_and_the_soft_target_trainer_trains
                if np.any(label_store.read_seg_b2nd(os.path.join(live, f"{case}_seg.b2nd")) == 3)]
     assert doubted and all(not np.all(label_store.read_seg_b2nd(label_store.soft_maps_path(live, case)) == 3)
                            for case in doubted)  # the ignored voxels became a distribution
-    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "SoftTargetTrainer_tiny", "-device", "cpu")
+    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "SoftTargetTrainer_tiny", "-device", TEST_DEVICE)
     assert os.path.isfile(os.path.join(workspace.results, DATASET, "SoftTargetTrainer_tiny__nnUNetPlans__2d",
                                        "fold_0", "checkpoint_final.pth"))
     workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")

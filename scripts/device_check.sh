@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The plugin on a GPU: the end-to-end tests (real nnU-Net trainings and predictions through the stock CLIs) with
+# NNUNETV2_EM_TEST_DEVICE=cuda, i.e. `-device cuda` and nnU-Net's default torch.compile there. CI has no GPU and
+# never runs this. On the lent GPU machine (the device tool), after scripts/make_devkit.sh here:
+#   run(command="bash scripts/device_check.sh", carry=[".devkit"], timeout_s=560)
+# Installs .devkit/ into the image's Python, then runs the tests under a time limit (TEST_SECONDS); the log and
+# the per-test durations land in $OUT.
+# Seen on an H200 (2026-11-29, torch 2.11.0+cu130): the install takes 14 s and nnUNetv2_plan_and_preprocess with
+# EMPlanner 29 s; test_multitask_e2e on cuda failed once and, rerun alone, had not finished after 170 s. Its output
+# was lost (one pytest run over all files, killed by the time limit before its report), hence the per-command
+# timeout and the per-file runs below. Whether the CUDA paths work is therefore not established yet.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_check}
+mkdir -p "$OUT"
+started=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .devkit/wheels/*.whl 2>&1 | tail -3
+site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+tar xJf .devkit/simpleitk.tar.xz -C "$site" && tar xf .devkit/acvl_utils.tar -C "$site" || exit 1
+python3 - <<'PY' || exit 1
+import torch, SimpleITK, nnunetv2, nnunetv2_em, distributed
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class  # noqa: F401
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "| SimpleITK", SimpleITK.__version__,
+      "| nnunetv2_em from", nnunetv2_em.__file__)
+PY
+echo "setup: $(( $(date +%s) - started )) s"
+# Each command a test runs fails it after COMMAND_SECONDS with the output it had written (a hang shows where it
+# stopped); each file is its own pytest run, so its failures are reported before the time limit ends the next.
+export NNUNETV2_EM_TEST_DEVICE=cuda PYTHONUNBUFFERED=1 NNUNETV2_EM_TEST_COMMAND_TIMEOUT=${COMMAND_SECONDS:-150}
+files=${TESTS:-tests/test_multitask_e2e.py tests/test_em_trainer_e2e.py tests/test_soft_targets.py \
+       tests/test_weak_labels_e2e.py tests/test_review_e2e.py tests/test_crossfold_e2e.py}
+deadline=$(( started + ${TEST_SECONDS:-420} ))
+for file in $files; do
+    left=$(( deadline - $(date +%s) ))
+    [ "$left" -gt 30 ] || { echo "not run (time): $file"; continue; }
+    log="$OUT/$(basename "$file" .py).log"
+    timeout "$left" python3 -m pytest -x -rfE --tb=short -p no:cacheprovider --durations=5 "$file" > "$log" 2>&1
+    echo "== $file: rc $? after $(( $(date +%s) - started )) s"
+    grep -E "^(FAILED|ERROR)|did not finish|Error:|error:| (passed|failed)" "$log" | cut -c1-300 | tail -12
+done
+echo "total: $(( $(date +%s) - started )) s"
