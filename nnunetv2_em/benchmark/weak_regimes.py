@@ -562,7 +562,10 @@ def markdown(summary: dict, *, command: str, classes: dict[str, str]) -> str:
     def interval(triple):
         return f"{f(triple[0])} [{f(triple[1])}, {f(triple[2])}]"
 
-    lines = [f"`{command}`", ""]
+    # the report covers every finished replicate under --out, also those an earlier command (other regimes or
+    # seeds) trained: the command that wrote it is not the only one behind it
+    lines = [f"Written by `{command}` from every finished replicate under its `--out` (each section names its "
+             "seeds; earlier commands may have trained some of them).", ""]
     for regime, entry in summary["regimes"].items():
         lines += [f"### {regime} ({', '.join(f'{n} {k}' for k, n in entry['kinds'].items() if n)}; seeds "
                   f"{entry['seeds']})", "",
