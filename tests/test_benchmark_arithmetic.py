@@ -170,6 +170,8 @@ def test_report_does_not_claim_what_one_seed_or_a_harmed_control_shows():
     assert "do-no-harm control failed" in text
     assert "not established" in text and "fewer than 3 seeds" in text
     assert "lower in 1 of 1 seeds" in text
+    # one seed's interval excludes 0 (every test case lost 0.01) yet holds no training spread: no claim
+    assert "excludes 0 over 1 seed(s)" in text and "]: established" not in text
 
 
 def test_suite_rejects_unknown_settings_and_bad_seeds():

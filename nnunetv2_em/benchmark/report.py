@@ -122,9 +122,16 @@ def reading(summary: dict) -> list[str]:
         out.append(f"- `{name}`: {verdict}.")
         for pair, row in entry.get("paired", {}).items():
             if pair == "em - noisy":
-                out.append(f"  Test Dice, EM − vanilla {_interval(row)}: "
-                           f"{'established' if row['excludes_zero'] else 'not established (the interval covers 0)'}"
-                           f"{'' if seeds >= 3 else '; fewer than 3 seeds'}.")
+                # the interval resamples test cases within the seeds run: with fewer than 3 seeds it cannot hold the
+                # spread between trainings, so excluding 0 does not establish anything yet
+                if not row["excludes_zero"]:
+                    verdict = "not established (the interval covers 0)"
+                elif seeds >= 3:
+                    verdict = "established"
+                else:
+                    verdict = (f"the interval excludes 0 over {seeds} seed(s), but fewer than 3 seeds do not measure "
+                               f"the spread between trainings: not established")
+                out.append(f"  Test Dice, EM − vanilla {_interval(row)}: {verdict}.")
     return out
 
 
