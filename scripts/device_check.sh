@@ -5,7 +5,7 @@
 #   run(command="bash scripts/device_check.sh", carry=[".devkit"], timeout_s=590)
 # Installs .devkit/ into the image's Python, then runs the tests under a time limit (TEST_SECONDS); the log and
 # the per-test durations land in $OUT.
-# Seen on an H200 (2026-11-29, torch 2.11.0+cu130; .ci-less image, install 13 s): nnUNetv2_plan_and_preprocess with
+# Seen on an H200 (2026-11-29, torch 2.11.0+cu130 in the image, install 13 s): nnUNetv2_plan_and_preprocess with
 # EMPlanner 29 s; `nnUNetv2_train ... -tr MultiTaskTrainer_tiny -device cuda` compiled, trained both epochs (58 s
 # for the first, compile included; 0.12 s for the second; tag loss logged) and was validating when a 90 s command
 # limit stopped it. An earlier run of the same test failed at a step whose output was lost. With compile on, each
