@@ -14,11 +14,12 @@ import pytest
 from nnunetv2_em.demo import DEMO_DATA
 
 # The device the end-to-end tests train and predict on: the CPU here and in CI; NNUNETV2_EM_TEST_DEVICE=cuda runs
-# the same tests on a GPU with nnU-Net's defaults there (torch.compile on), see scripts/device_check.sh.
+# the same tests on a GPU with nnU-Net's defaults there (torch.compile on unless nnUNet_compile says otherwise), see
+# scripts/device_check.sh.
 TEST_DEVICE = os.environ.get("NNUNETV2_EM_TEST_DEVICE", "cpu")
 # small worker pools: on 2 cores nnU-Net's default of 8 processes makes validation 5-9x slower
 NNUNET_TEST_ENV = {"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "2",
-                   "nnUNet_compile": "f" if TEST_DEVICE == "cpu" else "t"}
+                   "nnUNet_compile": "f" if TEST_DEVICE == "cpu" else os.environ.get("nnUNet_compile", "t")}
 
 
 def make_raw_dataset(root: str, dataset_id: int, cases: list[str], name: str = "Hippo") -> str:
