@@ -5,8 +5,8 @@ Per case, from a trained nnU-Net model (a fold folder's parent, as ``nnUNetv2_pr
 prediction's mean entropy and foreground size. Strategies (``selection``): ``examine`` (EXAMINE score on the
 unlabeled pool's embeddings), ``entropy`` (mean predictive entropy of the fold ensemble), ``k-center`` (diversity:
 farthest from the labelled cases and each other), ``random`` and ``fg-random`` (random among cases with predicted
-foreground first: nnActive's strong baseline). Self-supervised embeddings (masked pretraining of the encoder) are not
-built yet.
+foreground first: nnActive's strong baseline). With ``ssl_model`` the embeddings come from a self-supervised
+encoder instead (``-tr MaskedPretrainTrainer``: masked-image pretraining on the dataset's own images).
 """
 
 from __future__ import annotations
@@ -103,6 +103,38 @@ def case_prediction_stats(predictor, data: np.ndarray) -> dict:
             "foreground_voxels": int(np.count_nonzero(probabilities.argmax(axis=0) > 0))}
 
 
+def preprocess_case(predictor, images: list[str]) -> np.ndarray:
+    """``(channels, *spatial)`` one case's image files (one per channel) preprocessed as ``predictor``'s plans say."""
+    data, _, _ = predictor.configuration_manager.preprocessor_class(verbose=False).run_case(
+        images, None, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+    return data
+
+
+def case_features(images: dict[str, list[str]], *, embedder=None, predictor=None) -> tuple[np.ndarray | None,
+                                                                                           list[dict]]:
+    """Per case of ``images`` (``{case: image files}``, in its order): the ``embedder``'s embedding and the
+    ``predictor``'s prediction stats; each case is preprocessed once per distinct network.
+
+    Returns:
+        ``(N, F)`` embeddings (``None`` without an embedder) and N dicts of ``case_prediction_stats`` (empty without
+        a predictor).
+    """
+    first = embedder if embedder is not None else predictor
+    if first is None:
+        raise ValueError("case_features needs an embedder, a predictor or both")
+    embeddings, stats = [], []
+    for files in images.values():
+        data = preprocess_case(first, files)
+        if embedder is not None:
+            embeddings.append(case_embedding(embedder, data))
+        if predictor is not None:
+            stats.append(case_prediction_stats(predictor, data if predictor is first
+                                               else preprocess_case(predictor, files)))
+        else:
+            stats.append({})
+    return (np.asarray(embeddings) if embedder is not None else None), stats
+
+
 def rankings(embeddings: np.ndarray, stats: list[dict], *, labelled_embeddings: np.ndarray | None, strategies,
              seed: int) -> dict[str, list[int]]:
     """Order of the pool's rows (best first) per strategy. ``embeddings``: ``(N, F)`` of the pool;
@@ -184,27 +216,12 @@ def rank_unlabeled(dataset: str, model_folder: str | None, out: str, *, folds=(0
     predictor = load_predictor(model_folder, folds, device) if model_folder is not None else None
     embedder = load_predictor(ssl_model, (ssl_fold,), device) if ssl_model is not None else predictor
 
-    def preprocess(files, using):
-        data, _, _ = using.configuration_manager.preprocessor_class(verbose=False).run_case(
-            files, None, using.plans_manager, using.configuration_manager, using.dataset_json)
-        return data
-
     cases = sorted(pool)
-    embeddings, stats = [], []
-    for case in cases:
-        data = preprocess(pool[case], embedder)
-        embeddings.append(case_embedding(embedder, data))
-        if predictor is not None:
-            if embedder is not predictor:
-                data = preprocess(pool[case], predictor)
-            stats.append(case_prediction_stats(predictor, data))
-        else:
-            stats.append({})
-    embeddings = np.asarray(embeddings)
+    embeddings, stats = case_features({case: pool[case] for case in cases}, embedder=embedder, predictor=predictor)
     labelled_embeddings = None
     if "k-center" in strategies and labelled:
-        labelled_embeddings = np.asarray([case_embedding(embedder, preprocess(entry["images"], embedder))
-                                          for _, entry in sorted(labelled.items())])
+        labelled_embeddings, _ = case_features({case: entry["images"] for case, entry in sorted(labelled.items())},
+                                               embedder=embedder)
     orders = rankings(embeddings, stats, labelled_embeddings=labelled_embeddings, strategies=strategies, seed=seed)
     examine = selection.examine_scores(embeddings) if "examine" in strategies else None
     rows = []

@@ -154,15 +154,9 @@ class LabellingLoop:
 
     def _features(self, model: str, fold, cases: list[str], *, embeddings: bool, stats: bool):
         predictor = rank_unlabeled.load_predictor(model, (fold,), self.profile.device)
-        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-        rows, numbers = [], []
-        for case in cases:
-            data, _, _ = preprocessor.run_case(self.cases[case]["images"], None, predictor.plans_manager,
-                                               predictor.configuration_manager, predictor.dataset_json)
-            if embeddings:
-                rows.append(rank_unlabeled.case_embedding(predictor, data))
-            numbers.append(rank_unlabeled.case_prediction_stats(predictor, data) if stats else {})
-        return (np.asarray(rows) if embeddings else None), numbers
+        return rank_unlabeled.case_features({case: self.cases[case]["images"] for case in cases},
+                                            embedder=predictor if embeddings else None,
+                                            predictor=predictor if stats else None)
 
     def step_file(self, strategy: str, seed: int, step: int) -> str:
         return os.path.join(self.out, "loop", "shared" if step == 0 else strategy, f"seed_{seed}", f"step_{step}.json")
