@@ -160,6 +160,18 @@ def test_suite_pairs_arms_per_seed_and_reports_what_is_established():
     assert "+0.025 [" in text and "3 of 3" in text
     assert "`clean`: EM left the clean labels unchanged" in text
     assert "Test Dice, EM − vanilla +0.025 [+0.020, +0.030]: established." in text
+    # a seed that lost, or EM losing on clean labels, is said in so many words
+    # (with 3 seeds a losing seed keeps the interval over 0 anyway: 1/27 of the resamples draw it alone)
+    seeds = [0, 1, 2, 3]
+    replicates[("mix", 3)] = _replicate("mix", 0.84, 0.70, 0.698)
+    for seed in seeds:
+        replicates[("clean", seed)] = _replicate("clean", 0.8, 0.80, 0.79)
+    summary = suite.summarize(replicates, settings=["clean", "mix"], seeds=seeds)
+    assert summary["settings"]["mix"]["paired"]["em - noisy"]["excludes_zero"]
+    summary.update({"profile": "cpu", "corruption_seed": 0, "label_quality_only": False, "command": "x"})
+    text = benchmark_report.markdown(summary)
+    assert "the seeds disagree in sign (EM won 3 of 4): not established" in text
+    assert "established: the do-no-harm control fails on test Dice" in text
 
 
 def test_report_does_not_claim_what_one_seed_or_a_harmed_control_shows():
