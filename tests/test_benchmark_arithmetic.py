@@ -161,7 +161,7 @@ def test_suite_pairs_arms_per_seed_and_reports_what_is_established():
     assert "`clean`: EM left the clean labels unchanged" in text
     assert "Test Dice, EM − vanilla +0.025 [+0.020, +0.030]: established." in text
     # a seed that lost, or EM losing on clean labels, is said in so many words
-    # (with 3 seeds a losing seed keeps the interval over 0 anyway: 1/27 of the resamples draw it alone)
+    # (4 seeds: with 3, one losing seed already puts 0 inside the interval, as 1/27 of the resamples draw it alone)
     seeds = [0, 1, 2, 3]
     replicates[("mix", 3)] = _replicate("mix", 0.84, 0.70, 0.698)
     for seed in seeds:

@@ -72,18 +72,19 @@ def test_case_features_keep_the_order_and_preprocess_once_per_distinct_network(m
     monkeypatch.setattr(rank_unlabeled, "case_embedding", lambda network, data: np.array([data[0], 1.0]))
     monkeypatch.setattr(rank_unlabeled, "case_prediction_stats",
                         lambda network, data: {"network": network, "size": int(data[0])})
+    seg, ssl = object(), object()  # two networks, told apart by identity
     images = {"b": ["bb.nii"], "a": ["a.nii"]}
-    embeddings, stats = rank_unlabeled.case_features(images, embedder="seg", predictor="seg")
+    embeddings, stats = rank_unlabeled.case_features(images, embedder=seg, predictor=seg)
     np.testing.assert_array_equal(embeddings, [[6, 1], [5, 1]])
-    assert stats == [{"network": "seg", "size": 6}, {"network": "seg", "size": 5}]
-    assert preprocessed == [("seg", "bb.nii"), ("seg", "a.nii")]
+    assert stats == [{"network": seg, "size": 6}, {"network": seg, "size": 5}]
+    assert preprocessed == [(seg, "bb.nii"), (seg, "a.nii")]
     preprocessed.clear()
-    embeddings, stats = rank_unlabeled.case_features(images, embedder="ssl", predictor="seg")
-    assert preprocessed == [("ssl", "bb.nii"), ("seg", "bb.nii"), ("ssl", "a.nii"), ("seg", "a.nii")]
-    assert [s["network"] for s in stats] == ["seg", "seg"]
-    embeddings, stats = rank_unlabeled.case_features(images, embedder="ssl")
+    embeddings, stats = rank_unlabeled.case_features(images, embedder=ssl, predictor=seg)
+    assert preprocessed == [(ssl, "bb.nii"), (seg, "bb.nii"), (ssl, "a.nii"), (seg, "a.nii")]
+    assert [s["network"] for s in stats] == [seg, seg]
+    embeddings, stats = rank_unlabeled.case_features(images, embedder=ssl)
     assert embeddings.shape == (2, 2) and stats == [{}, {}]
-    embeddings, stats = rank_unlabeled.case_features(images, predictor="seg")
+    embeddings, stats = rank_unlabeled.case_features(images, predictor=seg)
     assert embeddings is None and len(stats) == 2
     with pytest.raises(ValueError, match="embedder"):
         rank_unlabeled.case_features(images)
