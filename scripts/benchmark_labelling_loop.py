@@ -1,10 +1,11 @@
 """Simulated labelling loop (issue 14): learning curves of test Dice per strategy, resumable, one report.
 
     python scripts/benchmark_labelling_loop.py --dataset ../shared/data/Dataset004_Hippocampus --out bench_out/loop \\
-        --seeds 0 1 2 --profile cpu --report scripts/results/labelling_loop.md
+        --records scripts/results/labelling_loop --seeds 0 1 2 --profile cpu --report scripts/results/labelling_loop.md
 
 Start with 10 random pool cases, add 5 per step for 4 steps; each step is one training of the profile's budget.
-Rerun the same command after an interruption: finished steps are read back, not retrained.
+Rerun the same command after an interruption: finished steps are read back, not retrained. The step records
+(``--records``, small JSON files) can be committed: a fresh checkout continues from them.
 """
 
 from __future__ import annotations
@@ -77,11 +78,12 @@ def main() -> None:
     parser.add_argument("--initial", type=int, default=10)
     parser.add_argument("--add", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--records", help="folder of the step and pick records (default <out>/loop)")
     parser.add_argument("--report", help="markdown report (a .json and a .png beside it)")
     args = parser.parse_args()
     loop = labelling_loop.LabellingLoop(args.dataset, out=args.out, profile=args.profile, strategies=args.strategies,
                                         pool=args.pool, test=args.test, initial=args.initial, add=args.add,
-                                        steps=args.steps)
+                                        steps=args.steps, records=args.records)
     summary = loop.run(args.seeds)
     if args.report:
         command = "python scripts/benchmark_labelling_loop.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

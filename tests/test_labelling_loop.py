@@ -1,5 +1,6 @@
 """The simulated labelling loop's bookkeeping with training, prediction and features stubbed: shared step 0, picks
-only from the rest of the pool, one split per labelled set, resumption without retraining, curves and summary."""
+only from the rest of the pool, one split per labelled set, resumption without retraining, curves and summary, and a
+fresh checkout continuing from committed records."""
 
 import json
 import os
@@ -50,10 +51,14 @@ def test_loop_bookkeeping_and_resumption(tmp_path, monkeypatch):
     monkeypatch.setattr(LabellingLoop, "_features", features)
     monkeypatch.setattr(LabellingLoop, "_ssl_model", lambda self, seed: "ssl")
     monkeypatch.setattr(labelling_loop, "_run_measured", lambda *a, **k: {})  # no planning
+    models = []  # (fold, seed) of every step model the picks asked for
+    monkeypatch.setattr(labelling_loop, "train_final",
+                        lambda workspace, arm, profile, *, fold, seed_arguments, **k: models.append(
+                            (fold, seed_arguments[-1])))
 
-    def loop():
+    def loop(records=None):
         return LabellingLoop(source, out=str(tmp_path / "loop"), profile="smoke", pool=10, test=3, initial=4, add=2,
-                             steps=2, strategies=("examine", "entropy", "fg-random"))
+                             steps=2, strategies=("examine", "entropy", "fg-random"), records=records)
 
     summary = loop().run([0, 1])
     assert len(trained) == 2 * (1 + 3 * 2)  # per seed: a shared step 0, then 2 steps per strategy
@@ -82,3 +87,59 @@ def test_loop_bookkeeping_and_resumption(tmp_path, monkeypatch):
     rows = summary["curves"]["examine"]
     assert sorted(rows) == [4, 6, 8] and rows[4]["seeds"] == [0, 1]
     assert rows[8]["vs_fg-random"]["difference"][0] == pytest.approx(0.0)  # same stub score at the same size
+
+
+def test_loop_continues_from_records_alone(tmp_path, monkeypatch):
+    """A later session keeps only the records (committed) and an empty ``out``: finished steps are not retrained, the
+    one pending pick retrains just its step's seeded model, and the curves are those of one uninterrupted run."""
+    import shutil
+
+    from conftest import demo_cases, make_raw_dataset
+
+    source = make_raw_dataset(str(tmp_path / "raw"), 4, demo_cases(14))
+    trained, models = [], []
+
+    def train_and_test(self, labelled, seed, name):
+        trained.append(name)
+        score = 0.5 + 0.01 * len(labelled)
+        return {"fold": self._split_index(labelled), "foreground": [score, score, score], "per_class": {},
+                "per_case": {"t1": score, "t2": score - 0.1 * seed}}
+
+    def features(self, model, fold, cases, *, embeddings, stats):
+        return (np.arange(3 * len(cases), dtype=float).reshape(len(cases), 3) ** 1.5 if embeddings else None,
+                [{"mean_entropy": float(sum(map(ord, c)) % 7), "foreground_voxels": 1} for c in cases])
+
+    monkeypatch.setattr(LabellingLoop, "_train_and_test", train_and_test)
+    monkeypatch.setattr(LabellingLoop, "_features", features)
+    monkeypatch.setattr(labelling_loop, "_run_measured", lambda *a, **k: {})
+    monkeypatch.setattr(labelling_loop, "train_final",
+                        lambda workspace, arm, profile, *, fold, seed_arguments, **k: models.append(
+                            (fold, seed_arguments[-1])))
+    records = str(tmp_path / "records")
+
+    def loop(out):
+        return LabellingLoop(source, out=str(tmp_path / out), profile="smoke", pool=10, test=3, initial=4, add=2,
+                             steps=2, strategies=("examine", "random"), records=records)
+
+    whole = loop("first").run([0])
+    assert os.path.isfile(os.path.join(records, "split.json"))
+    assert not os.path.isdir(tmp_path / "first" / "loop")  # every record went to the records folder
+    with open(os.path.join(records, "examine", "seed_0", "step_1.json")) as handle:
+        step_one = json.load(handle)
+    os.remove(os.path.join(records, "examine", "seed_0", "step_2.json"))
+    os.remove(os.path.join(records, "examine", "seed_0", "picks_1.json"))
+    shutil.rmtree(tmp_path / "first")
+    trained.clear()
+    models.clear()
+    again = loop("second").run([0])
+    assert trained == ["seed_0_step_2_examine"]
+    assert len(models) == 1 and models[0][1] == "0"  # only step 1's model, with its seed
+    with open(os.path.join(tmp_path / "second", "nnunet", "preprocessed", "Dataset981_BenchPool",
+                           "splits_final.json")) as handle:
+        assert json.load(handle)[int(models[0][0])]["train"] == step_one["labelled"]
+    assert again == whole
+
+    with open(os.path.join(records, "split.json"), "w") as handle:  # records of another split are refused
+        json.dump({"data_seed": 0, "pool": ["x"], "test": []}, handle)
+    with pytest.raises(labelling_loop.EMInputError, match="split.json"):
+        loop("second").run([0])

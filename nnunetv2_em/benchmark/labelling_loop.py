@@ -11,8 +11,10 @@ from the labelled cases), ``random``. Step 0 is shared by every strategy of a se
 
 One nnU-Net dataset holds the pool and the test cases, planned and preprocessed once; every training is one split
 of its ``splits_final.json`` (appended, never changed), so each step costs one training and one prediction. Every
-step is written down (``<out>/loop/<strategy>/seed_<s>/step_<k>.json``: the labelled cases, the picks with their
-scores, test Dice) and skipped once done: the loop resumes where it stopped.
+step is written down (``<records>/<strategy>/seed_<s>/step_<k>.json``: the labelled cases, test Dice; the picks in
+``picks_<k>.json``) and skipped once done: the loop resumes where it stopped. The records are small and may live
+apart from ``out`` (a committed folder): a later session with an empty ``out`` continues from them, retraining only
+the seeded model a pending pick needs (seeded CPU trainings are bit-identical, ``scripts/results/seeded_training.md``).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class LabellingLoop:
     """The whole simulated loop in ``out``: one dataset, strategies x seeds x steps; every step skipped once done."""
 
     def __init__(self, dataset_path: str, *, out: str, profile: str = "cpu", strategies=STRATEGIES, pool: int = 100,
-                 test: int = 20, initial: int = 10, add: int = 5, steps: int = 4, data_seed: int = 0):
+                 test: int = 20, initial: int = 10, add: int = 5, steps: int = 4, data_seed: int = 0,
+                 records: str | None = None):
         if profile not in PROFILES:
             raise EMInputError(f"--profile {profile}: unknown. Fix: pick one of {sorted(PROFILES)}.")
         unknown = [s for s in strategies if s not in STRATEGIES]
@@ -80,6 +83,7 @@ class LabellingLoop:
         self.pool_size, self.test_size, self.initial, self.add, self.steps = pool, test, initial, add, steps
         self.data_seed = data_seed
         self.out = os.path.abspath(out)
+        self.records = os.path.abspath(records) if records else os.path.join(self.out, "loop")
         self.workspace = Workspace(self.out, ids=dict(IDS))
 
     # data -------------------------------------------------------------------------------------------------
@@ -105,6 +109,13 @@ class LabellingLoop:
             label_store.write_json(path, split)
         with open(path) as handle:
             split = json.load(handle)
+        recorded = os.path.join(self.records, "split.json")
+        if not os.path.isfile(recorded):
+            label_store.write_json(recorded, split)
+        with open(recorded) as handle:
+            if json.load(handle) != split:
+                raise EMInputError(f"{recorded}: the records were made with another pool/test split than {path}. "
+                                   f"Fix: use the records' --pool/--test/dataset, or another --records folder.")
         if not os.path.isdir(os.path.join(self.workspace.preprocessed("pool"),
                                           f"nnUNetPlans_{self.profile.configuration}")):
             _run_measured([_console("nnUNetv2_plan_and_preprocess"), "-d", str(IDS["pool"]), "-c",
@@ -159,7 +170,15 @@ class LabellingLoop:
                                             predictor=predictor if stats else None)
 
     def step_file(self, strategy: str, seed: int, step: int) -> str:
-        return os.path.join(self.out, "loop", "shared" if step == 0 else strategy, f"seed_{seed}", f"step_{step}.json")
+        return os.path.join(self.records, "shared" if step == 0 else strategy, f"seed_{seed}", f"step_{step}.json")
+
+    def _step_model(self, record: dict) -> int:
+        """The fold of the model trained at ``record``'s step, retrained (seeded, so the same weights) when only its
+        record survived."""
+        fold = self._split_index(record["labelled"])
+        train_final(self.workspace, "pool", self.profile, log_name=f"seed_{record['seed']}_fold_{fold}_retrain",
+                    seed_arguments=["--seed", str(record["seed"])], fold=str(fold))
+        return fold
 
     def _record(self, path: str, labelled: list[str], seed: int, step: int, name: str) -> dict:
         """The step's record (trained and tested on ``labelled`` once; read back afterwards)."""
@@ -186,7 +205,7 @@ class LabellingLoop:
         split = self.prepare()
         for seed in seeds:
             self.run_seed(seed, split)
-        curves = learning_curves(self.out)
+        curves = learning_curves(self.records)
         summary = {"profile": self.profile_name, "pool": self.pool_size, "test": self.test_size,
                    "initial": self.initial, "add": self.add, "steps": self.steps, "curves": summarize(curves)}
         label_store.write_json(os.path.join(self.out, "summary.json"), summary)
@@ -194,16 +213,17 @@ class LabellingLoop:
 
     def _pick(self, strategy: str, seed: int, record: dict) -> list[str]:
         """The cases ``strategy`` annotates after the step of ``record`` (chosen once, kept in picks_<step>.json)."""
-        picks_file = os.path.join(self.out, "loop", strategy, f"seed_{seed}", f"picks_{record['step']}.json")
+        picks_file = os.path.join(self.records, strategy, f"seed_{seed}", f"picks_{record['step']}.json")
         if os.path.isfile(picks_file):
             with open(picks_file) as handle:
                 return json.load(handle)
         with open(os.path.join(self.out, "split.json")) as handle:
             pool = json.load(handle)["pool"]
         candidates = sorted(set(pool) - set(record["labelled"]))
-        model, fold = self._model(), record["fold"]
+        model = self._model()
         embeddings, labelled_embeddings, stats = None, None, [{}] * len(candidates)
         if strategy in ("examine", "k-center", "entropy", "fg-random"):
+            fold = self._step_model(record)
             embeddings, stats = self._features(model, fold, candidates, embeddings=strategy in ("examine", "k-center"),
                                                stats=strategy in ("entropy", "fg-random"))
             if strategy == "k-center":
@@ -216,18 +236,17 @@ class LabellingLoop:
         return picked
 
 
-def learning_curves(out: str) -> dict:
-    """``{strategy: {seed: [(labelled cases, test Dice), ...]}}`` of the recorded steps, step 0 under every
-    strategy."""
+def learning_curves(loop: str) -> dict:
+    """``{strategy: {seed: [(labelled cases, test Dice, {test case: Dice}), ...]}}`` of the steps recorded in the
+    records folder ``loop``, step 0 under every strategy."""
     curves: dict = {}
-    loop = os.path.join(out, "loop")
     shared = {}
     for seed_folder in sorted(os.listdir(os.path.join(loop, "shared"))) if os.path.isdir(
             os.path.join(loop, "shared")) else []:
         with open(os.path.join(loop, "shared", seed_folder, "step_0.json")) as handle:
             shared[seed_folder] = json.load(handle)
     for strategy in sorted(os.listdir(loop)) if os.path.isdir(loop) else []:
-        if strategy == "shared":
+        if strategy == "shared" or not os.path.isdir(os.path.join(loop, strategy)):
             continue
         for seed_folder in sorted(os.listdir(os.path.join(loop, strategy))):
             steps = [shared[seed_folder]] if seed_folder in shared else []
