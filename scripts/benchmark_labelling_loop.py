@@ -42,6 +42,16 @@ def markdown(summary: dict, command: str) -> str:
                                                   f" won {versus['seeds_won']}/{len(versus['seeds'])}"
                                                   if versus else "") + f" (seeds {len(row['seeds'])})")
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    lines += ["", "Over the whole curve: test Dice minus fg-random's, paired by seed and test case and averaged over "
+              "the steps after the shared start (95 % bootstrap over seeds x test cases; established only with >= 3 "
+              "seeds, an interval excluding 0 and every seed on the same side):", ""]
+    for strategy, curve in sorted(summary.get("vs_fg-random", {}).items()):
+        per_seed = ", ".join(f"{d:+.3f}" for d in curve["per_seed"])
+        mean, low, high = curve["difference"]
+        lines.append(f"- `{strategy}` - `fg-random`: {mean:+.3f} [{low:+.3f}, {high:+.3f}] over "
+                     f"{len(curve['sizes'])} steps, seeds {curve['seeds']} ({per_seed}): {curve['verdict']}.")
+    if not summary.get("vs_fg-random"):
+        lines.append("- no strategy has finished a seed that fg-random has finished: nothing to compare yet.")
     return "\n".join(lines) + "\n"
 
 
@@ -80,13 +90,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--records", help="folder of the step and pick records (default <out>/loop)")
     parser.add_argument("--report", help="markdown report (a .json and a .png beside it)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="report the steps recorded so far; train nothing (a partial run says which seeds)")
     args = parser.parse_args()
     loop = labelling_loop.LabellingLoop(args.dataset, out=args.out, profile=args.profile, strategies=args.strategies,
                                         pool=args.pool, test=args.test, initial=args.initial, add=args.add,
                                         steps=args.steps, records=args.records)
-    summary = loop.run(args.seeds)
+    summary = loop.summary() if args.report_only else loop.run(args.seeds)
     if args.report:
-        command = "python scripts/benchmark_labelling_loop.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        # the command that trains is the one to rerun; --report-only only reads its records
+        command = "python scripts/benchmark_labelling_loop.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                                                           if a != "--report-only")
         label_store.write_text(args.report, markdown(summary, command))
         label_store.write_json(os.path.splitext(args.report)[0] + ".json", summary)
         plot(summary, os.path.splitext(args.report)[0] + ".png")

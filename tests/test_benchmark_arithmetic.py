@@ -170,7 +170,7 @@ def test_suite_pairs_arms_per_seed_and_reports_what_is_established():
     assert summary["settings"]["mix"]["paired"]["em - noisy"]["excludes_zero"]
     summary.update({"profile": "cpu", "corruption_seed": 0, "label_quality_only": False, "command": "x"})
     text = benchmark_report.markdown(summary)
-    assert "the seeds disagree in sign (EM won 3 of 4): not established" in text
+    assert "the seeds disagree in sign (3 of 4 higher): not established" in text
     assert "established: the do-no-harm control fails on test Dice" in text
 
 

@@ -143,3 +143,29 @@ def test_loop_continues_from_records_alone(tmp_path, monkeypatch):
         json.dump({"data_seed": 0, "pool": ["x"], "test": []}, handle)
     with pytest.raises(labelling_loop.EMInputError, match="split.json"):
         loop("second").run([0])
+
+
+def _curve(gain: float, seeds=(0, 1, 2), sizes=(4, 6, 8), cases=("t1", "t2", "t3")):
+    """Learning curves where every later step scores ``gain`` (per seed, a number or a list) above 0.5."""
+    gains = gain if isinstance(gain, list) else [gain] * len(seeds)
+    return {seed: [(n, 0.0, {c: 0.5 + (g if n > sizes[0] else 0.0) + 0.01 * i for i, c in enumerate(cases)})
+                   for n in sizes] for seed, g in zip(seeds, gains, strict=True)}
+
+
+def test_curve_comparison_and_its_verdict():
+    curves = {"fg-random": _curve(0.0), "examine": _curve(0.02), "entropy": _curve([0.02, 0.03, -0.01]),
+              "random": _curve(0.02, seeds=(0, 1))}
+    compared = labelling_loop.compare_curves(curves)
+    assert compared["examine"]["difference"][0] == pytest.approx(0.02)
+    assert compared["examine"]["sizes"] == [6, 8] and compared["examine"]["seeds"] == [0, 1, 2]
+    assert compared["examine"]["verdict"] == "established"
+    assert compared["entropy"]["per_seed"] == pytest.approx([0.02, 0.03, -0.01])
+    assert "not established" in compared["entropy"]["verdict"]
+    assert "fewer than 3 seeds" in compared["random"]["verdict"]
+    assert "fg-random" not in compared
+
+    # a seed the strategy has not finished is left out, not compared on its first steps
+    curves["examine"][2] = curves["examine"][2][:2]
+    assert labelling_loop.compare_curves(curves)["examine"]["seeds"] == [0, 1]
+    # no seed finished by both: nothing to compare
+    assert "k-center" not in labelling_loop.compare_curves({**curves, "k-center": {5: _curve(0.1)[0]}})

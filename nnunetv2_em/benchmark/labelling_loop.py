@@ -205,11 +205,16 @@ class LabellingLoop:
         split = self.prepare()
         for seed in seeds:
             self.run_seed(seed, split)
-        curves = learning_curves(self.records)
-        summary = {"profile": self.profile_name, "pool": self.pool_size, "test": self.test_size,
-                   "initial": self.initial, "add": self.add, "steps": self.steps, "curves": summarize(curves)}
+        summary = self.summary()
         label_store.write_json(os.path.join(self.out, "summary.json"), summary)
         return summary
+
+    def summary(self) -> dict:
+        """The learning curves of the steps recorded so far (nothing trained): per size and over the curve."""
+        curves = learning_curves(self.records)
+        return {"profile": self.profile_name, "pool": self.pool_size, "test": self.test_size,
+                "initial": self.initial, "add": self.add, "steps": self.steps, "curves": summarize(curves),
+                "vs_fg-random": compare_curves(curves)}
 
     def _pick(self, strategy: str, seed: int, record: dict) -> list[str]:
         """The cases ``strategy`` annotates after the step of ``record`` (chosen once, kept in picks_<step>.json)."""
@@ -275,7 +280,7 @@ def summarize(curves: dict, *, baseline: str = "fg-random") -> dict:
             theirs = {s: next((c for n, _, c in curves.get(baseline, {}).get(s, []) if n == size), None)
                       for s in per_seed}
             paired = [s for s in per_seed if theirs[s] is not None]
-            if strategy != baseline and paired:
+            if strategy != baseline and paired and size != sizes[0]:  # the first step is shared: no comparison
                 differences = np.array([[per_seed[s][c] - theirs[s][c] for c in cases] for s in paired])
                 row[f"vs_{baseline}"] = {"difference": metrics.paired_bootstrap(differences),
                                          "seeds_won": int(sum(d.mean() > 0 for d in differences)),
@@ -283,3 +288,33 @@ def summarize(curves: dict, *, baseline: str = "fg-random") -> dict:
             rows[size] = row
         summary[strategy] = rows
     return summary
+
+
+def compare_curves(curves: dict, *, baseline: str = "fg-random") -> dict:
+    """Per strategy: the paired test-Dice difference to ``baseline`` averaged over the steps after the shared step 0
+    (the area between the learning curves per step), over the seeds both strategies finished, with its verdict
+    (``metrics.difference_verdict``). Strategies without a finished seed in common are left out."""
+    compared = {}
+    for strategy, seeds in curves.items():
+        if strategy == baseline or baseline not in curves:
+            continue
+        sizes = sorted({n for steps in seeds.values() for n, _, _ in steps})
+        curve = _curve_difference(seeds, curves[baseline], sizes[1:])
+        if curve:
+            compared[strategy] = curve
+    return compared
+
+
+def _curve_difference(mine: dict, theirs: dict, later: list[int]) -> dict | None:
+    finished = [s for s in sorted(mine) if s in theirs and {n for n, _, _ in mine[s]} >= set(later)
+                and {n for n, _, _ in theirs[s]} >= set(later)]
+    if not later or not finished:
+        return None
+    per_size = {s: ({n: c for n, _, c in mine[s]}, {n: c for n, _, c in theirs[s]}) for s in finished}
+    cases = sorted(per_size[finished[0]][0][later[0]])
+    differences = np.array([[np.mean([per_size[s][0][n][c] - per_size[s][1][n][c] for n in later]) for c in cases]
+                            for s in finished])
+    interval = metrics.paired_bootstrap(differences)
+    per_seed = [float(d.mean()) for d in differences]
+    return {"sizes": later, "seeds": finished, "difference": interval, "per_seed": per_seed,
+            "verdict": metrics.difference_verdict(per_seed, interval)}

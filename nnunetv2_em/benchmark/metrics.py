@@ -51,6 +51,28 @@ def paired_bootstrap(differences, *, seed: int = 0, samples: int = 4000,
     return (float(differences.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
 
 
+def difference_verdict(per_seed, interval) -> str:
+    """Whether a paired difference is established: ``"established"`` or why not.
+
+    Args:
+        per_seed: ``(S,)`` mean difference of each training seed. interval: ``(mean, low, high)`` of
+            ``paired_bootstrap`` over those seeds.
+    """
+    per_seed = [float(d) for d in per_seed]
+    seeds = len(per_seed)
+    if interval[1] <= 0 <= interval[2]:
+        return "not established (the interval covers 0)"
+    if seeds < 3:
+        # the interval resamples the trainings run: fewer than 3 cannot hold the spread between trainings
+        return (f"the interval excludes 0 over {seeds} seed(s), but fewer than 3 seeds do not measure the spread "
+                f"between trainings: not established")
+    # with 3 seeds the bootstrap's seed axis is coarse: every seed must also agree in sign
+    if not (all(d > 0 for d in per_seed) or all(d < 0 for d in per_seed)):
+        return (f"the interval excludes 0, but the seeds disagree in sign ({sum(d > 0 for d in per_seed)} of "
+                f"{seeds} higher): not established")
+    return "established"
+
+
 def recovery_share(noisy: float, em: float, clean: float) -> float:
     """Share of the noise-induced drop that EM recovers: ((b) - (a)) / ((c) - (a)); NaN without a drop."""
     drop = clean - noisy

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from nnunetv2_em import label_store
+from nnunetv2_em.benchmark import metrics
 
 VERSION_TITLES = {"noisy": "noisy input", "em": "EM (last round)", "cleanlab": "cleanlab filter"}
 PAIRS = ("em - noisy", "cleanlab - noisy", "clean - noisy")
@@ -122,22 +123,9 @@ def reading(summary: dict) -> list[str]:
         out.append(f"- `{name}`: {verdict}.")
         for pair, row in entry.get("paired", {}).items():
             if pair == "em - noisy":
-                # the interval resamples test cases within the seeds run: with fewer than 3 seeds it cannot hold the
-                # spread between trainings, so excluding 0 does not establish anything yet
-                # with 3 seeds the bootstrap's seed axis is coarse: every seed must also agree in sign
-                agree = all(d > 0 for d in row["per_seed"]) or all(d < 0 for d in row["per_seed"])
-                if not row["excludes_zero"]:
-                    verdict = "not established (the interval covers 0)"
-                elif seeds >= 3 and not agree:
-                    verdict = (f"the interval excludes 0, but the seeds disagree in sign (EM won {row['seeds_won']} "
-                               f"of {seeds}): not established")
-                elif seeds >= 3:
-                    verdict = "established"
-                    if name == "clean" and row["mean"] < 0:
-                        verdict += ": the do-no-harm control fails on test Dice (EM costs the training on clean labels)"
-                else:
-                    verdict = (f"the interval excludes 0 over {seeds} seed(s), but fewer than 3 seeds do not measure "
-                               f"the spread between trainings: not established")
+                verdict = metrics.difference_verdict(row["per_seed"], (row["mean"], row["low"], row["high"]))
+                if verdict == "established" and name == "clean" and row["mean"] < 0:
+                    verdict += ": the do-no-harm control fails on test Dice (EM costs the training on clean labels)"
                 out.append(f"  Test Dice, EM − vanilla {_interval(row)}: {verdict}.")
     return out
 
