@@ -3,7 +3,8 @@
 Through nnU-Net's own predictor (preprocessing, sliding windows, fold ensemble, export): the segmentation of each
 case is what ``nnUNetv2_predict`` writes; the network's tag head is read on every sliding window (a class is
 present in the case if some window sees it: the maximum over windows, then the mean over folds; with a 2d
-configuration also per slice, the slices of the image array along ``axis`` from ``first_slice`` on); with
+configuration also per slice, the slices of the image array along ``axis`` from ``first_slice`` on, read off the
+same windows); with
 ``saliency``, the Grad-CAM of each tag on the last encoder stage, the maximum over windows, averaged over folds,
 brought back to the image's geometry as nnU-Net brings back probabilities.
 """
@@ -61,6 +62,36 @@ def slice_tags(predictor, data: np.ndarray) -> np.ndarray:
             total += fold / len(predictor.list_of_parameters)
     finally:
         network.return_tags = False
+    return total
+
+
+def slice_tags_from_prediction(predictor, data: np.ndarray, recorded: list) -> np.ndarray | None:
+    """``slice_tags`` read off the forward passes the prediction already made (``recorded``: the network's tag
+    probabilities, one ``(1, T)`` per call, fold after fold, window after window in slicer order, the unmirrored
+    call first), so that a 2d case's windows run once. ``None`` when the calls do not match that layout (nnU-Net
+    retried a fold off the device): then run ``slice_tags``."""
+    import torch
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    patch_size = predictor.configuration_manager.patch_size
+    if len(patch_size) != data.ndim - 2:
+        raise ValueError(f"slice tags need a 2d configuration (patch {patch_size}, data {data.shape})")
+    padded, _ = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data[:1], dtype=np.float32)), patch_size,
+                             "constant", {"value": 0}, True, None)
+    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    mirror_axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
+    calls_per_window = 2 ** len(mirror_axes) if mirror_axes else 1  # nnU-Net: the input and every flip combination
+    num_folds = len(predictor.list_of_parameters)
+    if len(recorded) != num_folds * len(slicers) * calls_per_window or any(r.shape[0] != 1 for r in recorded):
+        return None
+    calls = np.concatenate([np.asarray(r) for r in recorded], axis=0).reshape(num_folds, len(slicers),
+                                                                                calls_per_window, -1)
+    total = np.zeros((padded.shape[1], calls.shape[-1]), np.float32)
+    for fold_calls in calls:
+        fold = np.zeros_like(total)
+        for slicer, window_calls in zip(slicers, fold_calls, strict=True):
+            fold[slicer[1]] = np.maximum(fold[slicer[1]], window_calls[0])
+        total += fold / num_folds
     return total
 
 
@@ -139,10 +170,12 @@ def predict_tags(model_folder: str, input_folder: str, output_folder: str, *, fo
         image, properties = reader.read_images(files)
         data, _, data_properties = preprocessor.run_case_npy(image, None, properties, predictor.plans_manager,
                                                              predictor.configuration_manager, predictor.dataset_json)
+        two_d = len(predictor.configuration_manager.patch_size) == data.ndim - 2
         network.recorded = []
         try:
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             probabilities = window_tags(network.recorded, len(predictor.list_of_parameters))
+            per_slice = slice_tags_from_prediction(predictor, data, network.recorded) if two_d else None
         finally:
             network.recorded = None
         export_prediction_from_logits(logits, data_properties, predictor.configuration_manager,
@@ -150,8 +183,9 @@ def predict_tags(model_folder: str, input_folder: str, output_folder: str, *, fo
                                       os.path.join(output_folder, case), False)
         results[case] = {name: float(p) for name, p in zip(names, probabilities, strict=True)}
         record = {"case": case, "tags": results[case], "folds": list(folds)}
-        if len(predictor.configuration_manager.patch_size) == data.ndim - 2:  # 2d: a tag per slice
-            per_slice = slice_tags(predictor, data)
+        if two_d:  # a tag per slice
+            if per_slice is None:
+                per_slice = slice_tags(predictor, data)
             record["per_slice"] = {
                 "axis": int(predictor.plans_manager.transpose_forward[0]),  # of the image array (z, y, x)
                 "first_slice": int(data_properties["bbox_used_for_cropping"][0][0]),

@@ -165,3 +165,45 @@ def test_wrapped_trainers_keep_the_signature_nnunet_looks_for():
     for trainer in (multitask.MultiTaskTrainer, multitask.MultiTaskTrainer_cpu, multitask.MultiTaskBridgeTrainer_tiny,
                     masked_pretraining.MaskedPretrainTrainer, masked_pretraining.MaskedPretrainTrainer_cpu):
         assert "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters, trainer
+
+
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_slice_tags_read_off_the_prediction_equal_a_separate_pass(mirroring):
+    """predict-tags reads a 2d case's slice tags off the windows nnU-Net's prediction ran (two folds, with and without
+    mirroring): the same values as running every window again; calls out of that layout give None."""
+    from types import SimpleNamespace
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunetv2_em import tag_prediction
+
+    unet = _unet(2)
+    unet.decoder.deep_supervision = False  # as nnU-Net predicts
+    network = MultiTaskNetwork(unet, num_tags=2).eval()
+    folds = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        folds.append({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                      for k, v in network.state_dict().items()})
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                allow_tqdm=False)
+    predictor.network, predictor.list_of_parameters = network, folds
+    predictor.configuration_manager = SimpleNamespace(patch_size=[16, 16])
+    predictor.label_manager = SimpleNamespace(foreground_labels=[1, 2], num_segmentation_heads=3)
+    predictor.allowed_mirroring_axes = (0, 1)
+    data = np.random.default_rng(0).normal(size=(1, 5, 20, 29)).astype(np.float32)  # 5 slices, 2 x 3 windows each
+
+    network.recorded = []
+    try:
+        predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+        recorded = list(network.recorded)
+    finally:
+        network.recorded = None
+    assert len(recorded) == 2 * 5 * 6 * (4 if mirroring else 1)
+    one_pass = tag_prediction.slice_tags_from_prediction(predictor, data, recorded)
+    separate = tag_prediction.slice_tags(predictor, data)
+    assert one_pass.shape == (5, 2)
+    np.testing.assert_allclose(one_pass, separate, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(separate[:, 0], separate[0, 0])  # slices differ: the mapping is checked, not a constant
+    assert tag_prediction.slice_tags_from_prediction(predictor, data, recorded + recorded[:6]) is None
