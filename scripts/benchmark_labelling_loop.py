@@ -52,6 +52,10 @@ def markdown(summary: dict, command: str) -> str:
                      f"{len(curve['sizes'])} steps, seeds {curve['seeds']} ({per_seed}): {curve['verdict']}.")
     if not summary.get("vs_fg-random"):
         lines.append("- no strategy has finished a seed that fg-random has finished: nothing to compare yet.")
+    if summary.get("unfinished"):
+        lines += ["", "Left out, not finished yet (the same command continues them): " + "; ".join(
+            f"`{strategy}` seed(s) {', '.join(map(str, seeds))}" for strategy, seeds in
+            sorted(summary["unfinished"].items())) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -61,16 +65,21 @@ def plot(summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for strategy, rows in sorted(summary["curves"].items()):
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    strategies = sorted(summary["curves"])
+    for index, strategy in enumerate(strategies):
+        rows = summary["curves"][strategy]
         sizes = sorted(int(n) for n in rows)
         means = [rows.get(n, rows.get(str(n)))["dice"] for n in sizes]
-        axis.errorbar(sizes, [m[0] for m in means], yerr=np.array([[m[0] - m[1] for m in means],
-                                                                      [m[2] - m[0] for m in means]]),
-                      label=strategy, capsize=3, marker="o")
+        seeds = len(rows.get(sizes[0], rows.get(str(sizes[0])))["seeds"])
+        dodge = 0.25 * (index - (len(strategies) - 1) / 2)  # side by side, so that equal curves stay visible
+        axis.errorbar([n + dodge for n in sizes], [m[0] for m in means],
+                      yerr=np.array([[m[0] - m[1] for m in means], [m[2] - m[0] for m in means]]),
+                      label=f"{strategy} ({seeds} seed{'s' if seeds > 1 else ''})", capsize=3, marker="o")
+        axis.set_xticks(sizes)
     axis.set_xlabel("labelled cases")
-    axis.set_ylabel("test Dice (foreground mean)")
-    axis.legend()
+    axis.set_ylabel("test Dice (foreground mean, 95 % bootstrap)")
+    axis.legend(fontsize=8)
     figure.tight_layout()
     label_store.atomic_write(path, lambda temp: figure.savefig(temp, dpi=120), suffix=".png")
     plt.close(figure)

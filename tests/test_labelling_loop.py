@@ -129,6 +129,9 @@ def test_loop_continues_from_records_alone(tmp_path, monkeypatch):
     os.remove(os.path.join(records, "examine", "seed_0", "step_2.json"))
     os.remove(os.path.join(records, "examine", "seed_0", "picks_1.json"))
     shutil.rmtree(tmp_path / "first")
+    partial = loop("second").summary()  # a seed with a missing step is left out of the curves, and named
+    assert partial["unfinished"] == {"examine": [0]} and sorted(partial["curves"]) == ["random"]
+    assert not os.path.isdir(tmp_path / "second")  # reporting trains and writes nothing
     trained.clear()
     models.clear()
     again = loop("second").run([0])
@@ -137,7 +140,7 @@ def test_loop_continues_from_records_alone(tmp_path, monkeypatch):
     with open(os.path.join(tmp_path / "second", "nnunet", "preprocessed", "Dataset981_BenchPool",
                            "splits_final.json")) as handle:
         assert json.load(handle)[int(models[0][0])]["train"] == step_one["labelled"]
-    assert again == whole
+    assert again == whole and whole["unfinished"] == {}
 
     with open(os.path.join(records, "split.json"), "w") as handle:  # records of another split are refused
         json.dump({"data_seed": 0, "pool": ["x"], "test": []}, handle)

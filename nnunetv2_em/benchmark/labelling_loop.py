@@ -210,11 +210,17 @@ class LabellingLoop:
         return summary
 
     def summary(self) -> dict:
-        """The learning curves of the steps recorded so far (nothing trained): per size and over the curve."""
+        """The learning curves of the seeds whose every step is recorded (nothing trained): per size and over the
+        curve; ``unfinished``: the seeds per strategy left out (a partial curve would mix seeds between sizes)."""
         curves = learning_curves(self.records)
+        finished = {strategy: {seed: steps for seed, steps in seeds.items() if len(steps) == self.steps + 1}
+                    for strategy, seeds in curves.items()}
         return {"profile": self.profile_name, "pool": self.pool_size, "test": self.test_size,
-                "initial": self.initial, "add": self.add, "steps": self.steps, "curves": summarize(curves),
-                "vs_fg-random": compare_curves(curves)}
+                "initial": self.initial, "add": self.add, "steps": self.steps,
+                "curves": summarize({k: v for k, v in finished.items() if v}),
+                "vs_fg-random": compare_curves(finished),
+                "unfinished": {strategy: sorted(set(curves[strategy]) - set(seeds))
+                               for strategy, seeds in finished.items() if set(curves[strategy]) - set(seeds)}}
 
     def _pick(self, strategy: str, seed: int, record: dict) -> list[str]:
         """The cases ``strategy`` annotates after the step of ``record`` (chosen once, kept in picks_<step>.json)."""
