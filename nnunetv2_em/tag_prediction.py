@@ -34,19 +34,27 @@ def window_tags(recorded: list, num_folds: int) -> np.ndarray:
     return windows.reshape(num_folds, -1, windows.shape[1]).max(axis=1).mean(axis=0)
 
 
-def slice_tags(predictor, data: np.ndarray) -> np.ndarray:
-    """``(D, T)`` tag probabilities of every slice (first axis) of ``data (channels, D, *plane)`` with a 2d
-    configuration: the maximum over the slice's windows, averaged over the folds."""
+def _sliding_windows(predictor, data: np.ndarray, *, per_slice: bool = False):
+    """``data (channels, *spatial)`` padded as nnU-Net's prediction pads it, the slicer that undoes the padding, and
+    the prediction's sliding-window slicers in its order; ``per_slice`` asks for a 2d configuration."""
     import torch
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
     patch_size = predictor.configuration_manager.patch_size
-    if len(patch_size) != data.ndim - 2:
+    if per_slice and len(patch_size) != data.ndim - 2:
         raise ValueError(f"slice tags need a 2d configuration (patch {patch_size}, data {data.shape})")
+    padded, revert = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), patch_size,
+                                  "constant", {"value": 0}, True, None)
+    return padded, revert, predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+
+
+def slice_tags(predictor, data: np.ndarray) -> np.ndarray:
+    """``(D, T)`` tag probabilities of every slice (first axis) of ``data (channels, D, *plane)`` with a 2d
+    configuration: the maximum over the slice's windows, averaged over the folds."""
+    import torch
+
     network = predictor.network
-    padded, _ = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), patch_size, "constant",
-                             {"value": 0}, True, None)
-    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    padded, _, slicers = _sliding_windows(predictor, data, per_slice=True)
     num_tags = len(predictor.label_manager.foreground_labels)
     total = np.zeros((padded.shape[1], num_tags), np.float32)
     network.return_tags = True
@@ -70,15 +78,7 @@ def slice_tags_from_prediction(predictor, data: np.ndarray, recorded: list) -> n
     probabilities, one ``(1, T)`` per call, fold after fold, window after window in slicer order, the unmirrored
     call first), so that a 2d case's windows run once. ``None`` when the calls do not match that layout (nnU-Net
     retried a fold off the device): then run ``slice_tags``."""
-    import torch
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
-
-    patch_size = predictor.configuration_manager.patch_size
-    if len(patch_size) != data.ndim - 2:
-        raise ValueError(f"slice tags need a 2d configuration (patch {patch_size}, data {data.shape})")
-    padded, _ = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data[:1], dtype=np.float32)), patch_size,
-                             "constant", {"value": 0}, True, None)
-    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    padded, _, slicers = _sliding_windows(predictor, data[:1], per_slice=True)
     mirror_axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
     calls_per_window = 2 ** len(mirror_axes) if mirror_axes else 1  # nnU-Net: the input and every flip combination
     num_folds = len(predictor.list_of_parameters)
@@ -98,15 +98,11 @@ def slice_tags_from_prediction(predictor, data: np.ndarray, recorded: list) -> n
 def case_saliency(predictor, data: np.ndarray) -> np.ndarray:
     """``(T, *spatial)`` Grad-CAM of every tag over the sliding windows of ``data (channels, *spatial)``, the
     maximum over windows, averaged over the folds."""
-    import torch
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
     from nnunetv2_em.trainers.multitask import grad_cam
 
     network = predictor.network
-    padded, revert = pad_nd_image(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
-                                  predictor.configuration_manager.patch_size, "constant", {"value": 0}, True, None)
-    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    padded, revert, slicers = _sliding_windows(predictor, data)
     num_tags = len(predictor.label_manager.foreground_labels)
     total = np.zeros((num_tags, *padded.shape[1:]), np.float32)
     for parameters in predictor.list_of_parameters:

@@ -219,8 +219,8 @@ class LabellingLoop:
                 "initial": self.initial, "add": self.add, "steps": self.steps,
                 "curves": summarize({k: v for k, v in finished.items() if v}),
                 "vs_fg-random": compare_curves(finished),
-                "unfinished": {strategy: sorted(set(curves[strategy]) - set(seeds))
-                               for strategy, seeds in finished.items() if set(curves[strategy]) - set(seeds)}}
+                "unfinished": {strategy: left for strategy, seeds in finished.items()
+                               if (left := sorted(set(curves[strategy]) - set(seeds)))}}
 
     def _pick(self, strategy: str, seed: int, record: dict) -> list[str]:
         """The cases ``strategy`` annotates after the step of ``record`` (chosen once, kept in picks_<step>.json)."""
