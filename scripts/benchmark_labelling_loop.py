@@ -40,6 +40,8 @@ def markdown(summary: dict, command: str) -> str:
             cells.append(interval(row["dice"]) + (f"; vs fg-random {versus['difference'][0]:+.3f} "
                                                   f"[{versus['difference'][1]:+.3f}, {versus['difference'][2]:+.3f}],"
                                                   f" won {versus['seeds_won']}/{len(versus['seeds'])}"
+                                                  + (f", tied {versus['seeds_tied']}" if versus.get("seeds_tied")
+                                                     else "")
                                                   if versus else "") + f" (seeds {len(row['seeds'])})")
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += ["", "Over the whole curve: test Dice minus fg-random's, paired by seed and test case and averaged over "

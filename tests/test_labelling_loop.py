@@ -157,8 +157,13 @@ def _curve(gain: float, seeds=(0, 1, 2), sizes=(4, 6, 8), cases=("t1", "t2", "t3
 
 def test_curve_comparison_and_its_verdict():
     curves = {"fg-random": _curve(0.0), "examine": _curve(0.02), "entropy": _curve([0.02, 0.03, -0.01]),
-              "random": _curve(0.02, seeds=(0, 1))}
+              "random": _curve(0.02, seeds=(0, 1)), "same-picks": _curve(0.0)}
     compared = labelling_loop.compare_curves(curves)
+    assert compared["same-picks"]["verdict"].startswith("no difference")  # not "the interval covers 0"
+    summary = labelling_loop.summarize(curves)
+    assert summary["same-picks"][8]["vs_fg-random"]["seeds_tied"] == 3
+    assert summary["examine"][8]["vs_fg-random"]["seeds_won"] == 3
+    assert summary["examine"][8]["vs_fg-random"]["seeds_tied"] == 0
     assert compared["examine"]["difference"][0] == pytest.approx(0.02)
     assert compared["examine"]["sizes"] == [6, 8] and compared["examine"]["seeds"] == [0, 1, 2]
     assert compared["examine"]["verdict"] == "established"

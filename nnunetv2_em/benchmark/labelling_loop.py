@@ -290,6 +290,7 @@ def summarize(curves: dict, *, baseline: str = "fg-random") -> dict:
                 differences = np.array([[per_seed[s][c] - theirs[s][c] for c in cases] for s in paired])
                 row[f"vs_{baseline}"] = {"difference": metrics.paired_bootstrap(differences),
                                          "seeds_won": int(sum(d.mean() > 0 for d in differences)),
+                                         "seeds_tied": int(sum(d.mean() == 0 for d in differences)),
                                          "seeds": paired}
             rows[size] = row
         summary[strategy] = rows

@@ -60,6 +60,8 @@ def difference_verdict(per_seed, interval) -> str:
     """
     per_seed = [float(d) for d in per_seed]
     seeds = len(per_seed)
+    if seeds and all(d == 0 for d in per_seed):
+        return "no difference (zero on every seed)"
     if interval[1] <= 0 <= interval[2]:
         return "not established (the interval covers 0)"
     if seeds < 3:
