@@ -52,7 +52,8 @@ def paired_bootstrap(differences, *, seed: int = 0, samples: int = 4000,
 
 
 def difference_verdict(per_seed, interval) -> str:
-    """Whether a paired difference is established: ``"established"`` or why not.
+    """Whether a paired difference is established: ``"established"``, ``"no difference ..."`` (every seed's mean
+    difference is exactly 0: the two arms made the same choices), or why not.
 
     Args:
         per_seed: ``(S,)`` mean difference of each training seed. interval: ``(mean, low, high)`` of
