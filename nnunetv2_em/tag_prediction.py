@@ -98,7 +98,6 @@ def slice_tags_from_prediction(predictor, data: np.ndarray, recorded: list) -> n
 def case_saliency(predictor, data: np.ndarray) -> np.ndarray:
     """``(T, *spatial)`` Grad-CAM of every tag over the sliding windows of ``data (channels, *spatial)``, the
     maximum over windows, averaged over the folds."""
-
     from nnunetv2_em.trainers.multitask import grad_cam
 
     network = predictor.network

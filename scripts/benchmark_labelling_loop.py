@@ -78,7 +78,7 @@ def plot(summary: dict, path: str) -> None:
         axis.errorbar([n + dodge for n in sizes], [m[0] for m in means],
                       yerr=np.array([[m[0] - m[1] for m in means], [m[2] - m[0] for m in means]]),
                       label=f"{strategy} ({seeds} seed{'s' if seeds > 1 else ''})", capsize=3, marker="o")
-        axis.set_xticks(sizes)
+    axis.set_xticks(sorted({int(n) for rows in summary["curves"].values() for n in rows}))
     axis.set_xlabel("labelled cases")
     axis.set_ylabel("test Dice (foreground mean, 95 % bootstrap)")
     axis.legend(fontsize=8)

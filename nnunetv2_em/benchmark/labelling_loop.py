@@ -213,14 +213,13 @@ class LabellingLoop:
         """The learning curves of the seeds whose every step is recorded (nothing trained): per size and over the
         curve; ``unfinished``: the seeds per strategy left out (a partial curve would mix seeds between sizes)."""
         curves = learning_curves(self.records)
-        finished = {strategy: {seed: steps for seed, steps in seeds.items() if len(steps) == self.steps + 1}
-                    for strategy, seeds in curves.items()}
+        finished = {strategy: done for strategy, seeds in curves.items()
+                    if (done := {seed: steps for seed, steps in seeds.items() if len(steps) == self.steps + 1})}
         return {"profile": self.profile_name, "pool": self.pool_size, "test": self.test_size,
                 "initial": self.initial, "add": self.add, "steps": self.steps,
-                "curves": summarize({k: v for k, v in finished.items() if v}),
-                "vs_fg-random": compare_curves(finished),
-                "unfinished": {strategy: left for strategy, seeds in finished.items()
-                               if (left := sorted(set(curves[strategy]) - set(seeds)))}}
+                "curves": summarize(finished), "vs_fg-random": compare_curves(finished),
+                "unfinished": {strategy: left for strategy, seeds in curves.items()
+                               if (left := sorted(set(seeds) - set(finished.get(strategy, {}))))}}
 
     def _pick(self, strategy: str, seed: int, record: dict) -> list[str]:
         """The cases ``strategy`` annotates after the step of ``record`` (chosen once, kept in picks_<step>.json)."""
