@@ -76,6 +76,17 @@ def split_labelled(cases: dict) -> tuple[dict, dict]:
     return labelled, {case: entry for case, entry in cases.items() if case not in labelled}
 
 
+def optional_file(path: str) -> bool:
+    """Whether an optional input file (``em_verified_cases.json``, ``em_weak_labels.json``) is there; a link to
+    nothing is an error, never "no file"."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise EMInputError(f"{path}: exists but is not a readable file (a link to {os.readlink(path)!r}, which is "
+                           f"missing?). Fix: restore its target, or delete the link if the dataset has no such "
+                           f"file." if os.path.islink(path) else f"{path}: not a file. Fix: replace it with the JSON "
+                           f"file it should be, or remove it.")
+    return os.path.isfile(path)
+
+
 def check_file_decodes(path: str) -> None:
     """The whole file is readable: not empty, and a gzip stream (``.gz``) decodes to its end with a valid CRC.
     ITK reads a truncated ``.nii.gz`` without complaint and fills the missing part with zeros."""
@@ -130,9 +141,15 @@ def check_images(case: str, images: list[str], expected_channels: int, reader_wr
     for image in images:
         check_file_decodes(image)
     try:
-        return reader_writer.read_images(images)
+        image, properties = reader_writer.read_images(images)
     except Exception as error:  # noqa: BLE001 (any reader failure is bad input here)
         raise EMInputError(f"{images[0]}: cannot be read ({error}). Fix: export it again from its source.") from None
+    if not np.isfinite(image).all():
+        channel = next(index for index in range(image.shape[0]) if not np.isfinite(image[index]).all())
+        raise EMInputError(f"{images[channel]}: holds NaN or infinite intensities, which nnU-Net's normalization turns "
+                           f"into NaN inputs. Fix: export the image again, or replace them (e.g. by the image's "
+                           f"minimum).")
+    return image, properties
 
 
 def guard_label_versions(raw_folder: str, dataset: str, *, continuing_run: str | None = None) -> None:
@@ -167,6 +184,21 @@ def guard_label_versions(raw_folder: str, dataset: str, *, continuing_run: str |
     raise EMInputError(f"{labels}: holds EM output ({version}), not the original annotations. Fix: "
                        f"`nnunetv2_em restore -d {dataset} --round 0` puts the originals back (em_labels/ keeps every "
                        f"version).")
+
+
+def check_not_em_output(label_file: str) -> None:
+    """A label file that nnunetv2_em wrote (its header stamp, ``label_store.stamp_label``) is not an annotation,
+    wherever it was copied to."""
+    from nnunetv2_em import label_store
+
+    stamp = label_store.label_stamp(label_file)
+    if stamp:
+        raise EMInputError(f"{label_file}: written by nnunetv2_em ({stamp}), not an annotation (copied out of a "
+                           f"dataset's labelsTr or em_labels/ without its version marker?). Fix: use the original "
+                           f"annotations (em_labels/round_00/labelsTr of the dataset it came from); to adopt such "
+                           f"labels as annotations on purpose, clear the header note (SimpleITK: image = "
+                           f"sitk.ReadImage(path); image.SetMetaData('ITK_FileNotes', ''); "
+                           f"sitk.WriteImage(image, path, True)).")
 
 
 def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict:
@@ -208,6 +240,10 @@ def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict
             raise EMInputError(f"{os.path.join(labels_folder, orphans[0])}: a label without an image "
                                f"({len(orphans)} such file(s)). Fix: add imagesTr/{orphans[0][:-len(ending)]}_0000"
                                f"{ending} or move the label out of labelsTr.")
+    if not isinstance(dataset_json.get("numTraining"), int):
+        raise EMInputError(f"{dataset_json_path}: 'numTraining' is missing or not an integer (nnU-Net's planner and "
+                           f"integrity check need it). Fix: add \"numTraining\": {len(cases) + len(unlabeled)}, the "
+                           f"number of training images.")
     if unlabeled and not allow_unlabeled:
         example = next(iter(unlabeled.values()))["label"]
         raise EMInputError(f"{len(unlabeled)} training image(s) have no label, e.g. {example}. Fix: add the label "
@@ -220,6 +256,7 @@ def check_raw_dataset(raw_folder: str, *, allow_unlabeled: bool = False) -> dict
     reader_writer = determine_reader_writer_from_dataset_json(dataset_json, first_case["images"][0])()
     for case, entry in sorted(cases.items()):
         check_file_decodes(entry["label"])
+        check_not_em_output(entry["label"])
         try:
             seg, seg_properties = reader_writer.read_seg(entry["label"])
         except Exception as error:  # noqa: BLE001 (any reader failure is bad input here)
@@ -319,7 +356,7 @@ def load_verified_cases(raw_folder: str, labelled) -> list[str]:
     from. Every id must be a labelled case of the dataset.
     """
     path = os.path.join(raw_folder, VERIFIED_CASES_FILE)
-    if not os.path.isfile(path):
+    if not optional_file(path):
         return []
     try:
         with open(path) as handle:

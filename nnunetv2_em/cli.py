@@ -19,12 +19,19 @@ def _plan(args):
 def _check(args):
     import os
 
-    from nnunetv2_em.checks import check_raw_dataset
+    from nnunetv2_em.checks import check_raw_dataset, load_dataset_json
+    from nnunetv2_em.label_store import non_label_files
     from nnunetv2_em.planning import dataset_name
 
     name = dataset_name(args.dataset)
-    cases = check_raw_dataset(os.path.join(os.environ["nnUNet_raw"], name))
+    raw = os.path.join(os.environ["nnUNet_raw"], name)
+    cases = check_raw_dataset(raw)
     print(f"{name}: {len(cases)} labelled cases, labels and geometry OK.")
+    others = non_label_files(os.path.join(raw, "labelsTr"), load_dataset_json(f"{raw}/dataset.json")["file_ending"])
+    if others:
+        print(f"labelsTr also holds {len(others)} other file(s) or folder(s): {', '.join(others[:10])}"
+              f"{' ...' if len(others) > 10 else ''} (nnU-Net ignores them; every switch of label versions keeps "
+              f"them as they are)")
 
 
 def _demo(args):
@@ -83,7 +90,7 @@ def _restore(args):
 
     raw, preprocessed, _ = _dataset_folders(args.dataset)
     checks.load_dataset_json(f"{raw}/dataset.json")
-    with dataset_lock(preprocessed):
+    with dataset_lock(raw, preprocessed):
         try:
             result = restore(raw, preprocessed, round_index=args.round, run=args.run)
         except ValueError as error:
@@ -92,9 +99,19 @@ def _restore(args):
     if result["completed"]:
         done = result["completed"]
         print(f"completed an interrupted switch to {version_name(done['run'], done['round'])}")
+    if result["gt_repaired"]:
+        print(f"gt_segmentations: {len(result['gt_repaired'])} file(s) held labels other than the originals (nnU-Net's "
+              f"planner copies labelsTr there); the originals are back")
+    labels = result["labelsTr"]
+    if labels["matches_active"] is None:
+        print(f"labelsTr: {labels['files']} label files, never replaced by nnunetv2_em (no em_labels/): nothing to "
+              f"restore.")
+        return
     active = result["active"]
-    print(f"labelsTr holds {version_name(active['run'], active['round'])}; preprocessed segmentations, "
-          f"dataset.json and splits match it; gt_segmentations hold the originals.")
+    done = ("preprocessed segmentations, dataset.json and splits were switched with it; " if result["activated"]
+            else "")
+    print(f"labelsTr holds {version_name(active['run'], active['round'])} (checksums match its manifest); {done}"
+          f"gt_segmentations hold the originals.")
 
 
 def _merge(args):

@@ -19,11 +19,11 @@ With dask-jobqueue on SLURM::
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 
 DEVICE = "device"
 SCHEDULER_TIMEOUT_S = 10
@@ -89,20 +89,23 @@ def without_worker_limits(env: dict) -> dict:
             if key not in injected or str(injected[key]) != str(value)}
 
 
-def _die_with_parent():  # runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def run_child(command: list[str], *, env: dict, log_file: str) -> None:
-    """Run a child process with its output in ``log_file``; it is terminated if this process dies. Raises with
-    the end of the log on failure."""
+    """Run a child process with its output in ``log_file``. It runs through ``nnunetv2_em.process_group``, so it
+    and everything it starts (nnU-Net's augmentation workers) end when it ends or when this process dies. Raises
+    with the end of the log on failure."""
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     with open(log_file, "a") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        result = subprocess.run(command, env=without_worker_limits(env), stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent if os.name == "posix" else None)
+        if os.name == "posix":
+            from nnunetv2_em.process_group import _libc, die_with_parent
+
+            libc = _libc()  # loaded here: between fork and exec the child only calls into it
+            command_line = [sys.executable, "-m", "nnunetv2_em.process_group", *command]
+            result = subprocess.run(command_line, env=without_worker_limits(env), stdout=log,
+                                    stderr=subprocess.STDOUT, preexec_fn=lambda: die_with_parent(libc, signal.SIGTERM))
+        else:
+            result = subprocess.run(command, env=without_worker_limits(env), stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         with open(log_file) as log:
             tail = log.read()[-3000:]

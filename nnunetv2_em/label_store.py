@@ -113,10 +113,61 @@ def write_seg_b2nd(path: str, seg: np.ndarray, patch_size) -> None:
     atomic_write(path, write, suffix=".b2nd")
 
 
-def write_label_image(path: str, seg: np.ndarray, properties: dict, reader_writer) -> None:
-    """Write a raw-geometry label map with nnU-Net's reader/writer (geometry from the case's ``properties``)."""
+def write_label_image(path: str, seg: np.ndarray, properties: dict, reader_writer, *,
+                      provenance: str | None = None) -> None:
+    """Write a raw-geometry label map with nnU-Net's reader/writer (geometry from the case's ``properties``).
+
+    ``provenance``: a label the E-step wrote (not an annotation) carries it inside the file (``stamp_label``), so
+    that a plain copy of it into another dataset is still recognised as EM output.
+    """
     seg = np.asarray(seg)
-    atomic_write(path, lambda temp: reader_writer.write_seg(seg, temp, properties), suffix=_full_suffix(path))
+
+    def write(temp):
+        reader_writer.write_seg(seg, temp, properties)
+        if provenance:
+            stamp_label(temp, provenance)
+
+    atomic_write(path, write, suffix=_full_suffix(path))
+
+
+# A label written by the E-step says so in its header (NIfTI ``descrip``, a metadata field of NRRD/MHA): the
+# version marker in labelsTr is lost when files are copied one by one, this is not. SimpleITK keeps it when a file is
+# read and saved again; an editor that drops header notes drops it too.
+STAMP_PREFIX = "nnunetv2_em "
+STAMPED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+STAMP_KEYS = ("ITK_FileNotes", "descrip")  # ITK writes the first into NIfTI's descrip and reads it back as both
+
+
+def stamp_label(path: str, provenance: str) -> None:
+    """Write ``nnunetv2_em <provenance>`` into the header of the label file ``path`` (formats SimpleITK writes with
+    metadata; others stay as they are, see ``STAMPED_ENDINGS``)."""
+    import SimpleITK as sitk
+
+    if not path.endswith(STAMPED_ENDINGS):
+        return
+    image = sitk.ReadImage(path)
+    for key in STAMP_KEYS:
+        image.SetMetaData(key, (STAMP_PREFIX + provenance)[:79])  # NIfTI's descrip holds 80 bytes
+    sitk.WriteImage(image, path, True)
+
+
+def label_stamp(path: str) -> str | None:
+    """The provenance ``stamp_label`` wrote into ``path``'s header, or None (an annotation; a header-only read)."""
+    import SimpleITK as sitk
+
+    if not path.endswith(STAMPED_ENDINGS):
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # unreadable files are reported by the checks that read them
+    for key in STAMP_KEYS:
+        value = reader.GetMetaData(key) if reader.HasMetaDataKey(key) else ""
+        if value.startswith(STAMP_PREFIX):
+            return value[len(STAMP_PREFIX):]
+    return None
 
 
 def write_uncertainty(path: str, uncertainty: np.ndarray) -> None:
@@ -290,10 +341,11 @@ class FoldExchange:
 
 def write_round_labels(labels_folder: str, cases: Iterable[str], *, file_ending: str,
                        original_label_path: Callable[[str], str],
-                       refined_label: Callable[[str], tuple[np.ndarray, dict] | None], reader_writer) -> None:
+                       refined_label: Callable[[str], tuple[np.ndarray, dict] | None], reader_writer,
+                       provenance: str) -> None:
     """Fill ``labels_folder`` with a complete set of labels: refined where ``refined_label(case)`` gives
-    ``(array, properties)``, else a byte copy of the original. Cases already written are overwritten, so a
-    resumed round produces the same folder."""
+    ``(array, properties)`` (stamped with ``provenance``), else a byte copy of the original. Cases already written
+    are overwritten, so a resumed round produces the same folder."""
     os.makedirs(labels_folder, exist_ok=True)
     for case in cases:
         destination = os.path.join(labels_folder, case + file_ending)
@@ -301,7 +353,7 @@ def write_round_labels(labels_folder: str, cases: Iterable[str], *, file_ending:
         if refined is None:
             copy_file(original_label_path(case), destination)
         else:
-            write_label_image(destination, refined[0], refined[1], reader_writer)
+            write_label_image(destination, refined[0], refined[1], reader_writer, provenance=provenance)
 
 
 # ----------------------------------------------------------------------- a dataset's label versions (cross-fold)
@@ -340,9 +392,59 @@ def exchange_paths(a: str, b: str) -> bool:
     raise OSError(error, os.strerror(error), a)
 
 
+def labels_switch_paths(raw_folder: str) -> tuple[str, str, str]:
+    """``(live, staging, previous)``: the folder labelsTr is (a symlinked labelsTr is followed: the link stays and
+    the folder it points to is switched) and the two folders beside it that a switch uses (same file system)."""
+    live = os.path.realpath(os.path.join(raw_folder, "labelsTr"))
+    parent, name = os.path.split(live)
+    return live, os.path.join(parent, f".em_staging_{name}"), os.path.join(parent, f".em_previous_{name}")
+
+
+def check_switchable(raw_folder: str) -> None:
+    """One clear error, before anything moves, where labelsTr cannot be switched in place."""
+    link = os.path.join(raw_folder, "labelsTr")
+    live = labels_switch_paths(raw_folder)[0]
+    if os.path.islink(link) and not os.path.isdir(live):
+        raise EMInputError(f"{link}: a link to {os.readlink(link)}, which is not a folder here. Fix: mount or "
+                           f"restore its target, then run again; nothing was changed.")
+    if os.path.ismount(live):
+        raise EMInputError(f"{live}: labelsTr is a mount point; a label version cannot be switched in one atomic "
+                           f"step there. Fix: mount the share one level up and make labelsTr a folder (or a link "
+                           f"to a folder) inside it; nothing was changed.")
+
+
+def other_files(labels_folder: str, file_ending: str, *, versioned_cases=()) -> list[str]:
+    """Names in a labels folder that no label version owns: anything but the version marker and the label files
+    of ``versioned_cases`` (notes, sidecars, sub-folders, labels of other cases). They are never deleted: every
+    switch of versions carries them over unchanged."""
+    if not os.path.isdir(labels_folder):
+        return []
+    owned = {case + file_ending for case in versioned_cases} | {VERSION_MARKER}
+    return sorted(name for name in os.listdir(labels_folder)
+                  if name not in owned and not name.startswith(TEMP_DIR_PREFIX))
+
+
+def non_label_files(labels_folder: str, file_ending: str) -> list[str]:
+    """What a labels folder holds besides label files (``<case><file ending>``) and the version marker."""
+    labels = [name[:-len(file_ending)] for name in os.listdir(labels_folder) if name.endswith(file_ending)] \
+        if os.path.isdir(labels_folder) else []
+    return other_files(labels_folder, file_ending, versioned_cases=labels)
+
+
 def _read_json(path: str):
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise EMInputError(f"{path}: not valid JSON ({error}); nnunetv2_em writes it atomically, so it was cut short "
+                           f"or edited by hand. Fix: put it back from a backup{_json_fix(path)}.") from None
+
+
+def _json_fix(path: str) -> str:
+    if os.path.basename(path) == "active.json":
+        return (", or delete it and run `nnunetv2_em restore -d <dataset> --round N` with the version labelsTr "
+                "should hold (`nnunetv2_em status` lists them)")
+    return ""
 
 
 def labels_digest(checksums: dict[str, str]) -> str:
@@ -447,7 +549,7 @@ class DatasetLabelVersions:
         if os.path.isdir(self.root):
             for run in sorted(os.listdir(self.root)):
                 folder = os.path.join(self.root, run)
-                if run.startswith("round_") or not os.path.isdir(folder):
+                if run.startswith(("round_", ".")) or not os.path.isdir(folder):
                     continue
                 found[run] = sorted(int(name.split("_")[1]) for name in os.listdir(folder)
                                     if name.startswith("round_") and
@@ -507,11 +609,13 @@ class DatasetLabelVersions:
     # a new round
     def write_case(self, round_index: int, case: str, *, raw_label: np.ndarray, raw_properties: dict,
                    reader_writer, segmentation: np.ndarray, properties: dict, patch_size,
-                   soft_maps: np.ndarray | None = None) -> None:
-        """Stage one case of a round: the raw-geometry label and the preprocessed segmentation (+ properties), and
-        optionally its sampled label maps ``(K, *spatial)`` for ``SoftTargetTrainer`` (``soft_targets/``)."""
+                   soft_maps: np.ndarray | None = None, provenance: str = REFINED) -> None:
+        """Stage one case of a round: the raw-geometry label (stamped with its provenance, ``stamp_label``) and the
+        preprocessed segmentation (+ properties), and optionally its sampled label maps ``(K, *spatial)`` for
+        ``SoftTargetTrainer`` (``soft_targets/``)."""
         os.makedirs(self.labels_folder(round_index), exist_ok=True)
-        write_label_image(self.label_path(round_index, case), raw_label, raw_properties, reader_writer)
+        write_label_image(self.label_path(round_index, case), raw_label, raw_properties, reader_writer,
+                          provenance=f"{provenance}, round {round_index} of {self.run}")
         folder = self.segmentation_folder(round_index)
         os.makedirs(folder, exist_ok=True)
         if soft_maps is not None:
@@ -594,7 +698,8 @@ class DatasetLabelVersions:
         previous_path = self.manifest_path(previous["round"], previous["run"])
         previous_manifest = _read_json(previous_path) if os.path.isfile(previous_path) else {"cases": {}}
         token = uuid.uuid4().hex
-        staging = os.path.join(self.raw_folder, STAGING_LABELS)
+        live, staging, _ = labels_switch_paths(self.raw_folder)
+        check_switchable(self.raw_folder)
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         try:
@@ -602,8 +707,19 @@ class DatasetLabelVersions:
                 destination = os.path.join(staging, case + self.file_ending)
                 shutil.copyfile(self.label_path(round_index, case, run), destination)
                 if sha256(destination) != entry["sha256"]:
-                    raise OSError(f"{self.label_path(round_index, case, run)} does not match its checksum in "
-                                  f"{self.manifest_path(round_index, run)}; labelsTr was not changed")
+                    raise EMInputError(f"{self.label_path(round_index, case, run)}: does not match its checksum in "
+                                       f"{self.manifest_path(round_index, run)}; the kept version was changed after "
+                                       f"it was written, and labelsTr was not changed. Fix: put the file back from a "
+                                       f"backup, or restore another version (`nnunetv2_em status` lists them).")
+            # whatever else labelsTr holds (notes, sidecars, folders) is the user's: it travels with every version
+            for name in other_files(live, self.file_ending, versioned_cases=previous_manifest["cases"]):
+                source = os.path.join(live, name)
+                if name.endswith(self.file_ending) and name[:-len(self.file_ending)] in manifest["cases"]:
+                    continue  # a label of the version replaces a hand-placed file of the same case
+                if os.path.isdir(source) and not os.path.islink(source):
+                    shutil.copytree(source, os.path.join(staging, name), symlinks=True)
+                else:
+                    shutil.copy2(source, os.path.join(staging, name), follow_symlinks=False)
             write_json(os.path.join(staging, VERSION_MARKER), {
                 "run": run, "round": round_index, "token": token, "labels_sha256": manifest.get("labels_sha256"),
                 "note": "labelsTr holds labels written by nnunetv2_em, not the original annotations (those are in "
@@ -784,8 +900,9 @@ def recover_activation(raw_folder: str, preprocessed_folder: str) -> dict | None
     root = os.path.join(raw_folder, EM_LABELS)
     journal_path = os.path.join(root, JOURNAL)
     if not os.path.isfile(journal_path):
-        shutil.rmtree(os.path.join(raw_folder, STAGING_LABELS), ignore_errors=True)
-        shutil.rmtree(os.path.join(raw_folder, PREVIOUS_LABELS), ignore_errors=True)
+        _, staging, previous = labels_switch_paths(raw_folder)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
         return None
     journal = _read_json(journal_path)
     _roll_forward(raw_folder, preprocessed_folder, journal)
@@ -793,10 +910,9 @@ def recover_activation(raw_folder: str, preprocessed_folder: str) -> dict | None
 
 
 def _switch_labels_folder(raw_folder: str, token: str) -> None:
-    """labelsTr <- the staged folder, idempotent: the staged folder is recognised by the journal's token."""
-    live = os.path.join(raw_folder, "labelsTr")
-    staging = os.path.join(raw_folder, STAGING_LABELS)
-    old = os.path.join(raw_folder, PREVIOUS_LABELS)
+    """labelsTr <- the staged folder, idempotent: the staged folder is recognised by the journal's token. A
+    symlinked labelsTr keeps its link; the folder it points to is what is switched."""
+    live, staging, old = labels_switch_paths(raw_folder)
     staged_marker = read_labels_marker(staging) if os.path.isdir(staging) else None
     if staged_marker and staged_marker.get("token") == token:  # not switched yet
         if not os.path.isdir(live):  # a two-rename switch was killed between its renames
@@ -834,7 +950,7 @@ def _roll_forward(raw_folder: str, preprocessed_folder: str, journal: dict) -> N
     _switch_labels_folder(raw_folder, journal["token"])
     if round_index == 0:  # the originals, byte for byte: no marker
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(raw_folder, "labelsTr", VERSION_MARKER))
+            os.remove(os.path.join(labels_switch_paths(raw_folder)[0], VERSION_MARKER))
 
     # images of cases a run added (--unlabeled): in for the target, out for cases leaving
     for case, entry in manifest["cases"].items():
@@ -922,55 +1038,104 @@ def _sync_preprocessed_dataset_json(preprocessed_folder: str) -> None:
         write_json(path, updated)
 
 
-def _restore_gt_segmentations(versions: DatasetLabelVersions) -> None:
-    """nnU-Net validates against gt_segmentations: it holds the original annotations, whatever labelsTr holds."""
+def _restore_gt_segmentations(versions: DatasetLabelVersions) -> list[str]:
+    """nnU-Net validates against gt_segmentations: it holds the original annotations, whatever labelsTr holds.
+    Returns the cases put back."""
+    changed = gt_segmentations_changed(versions)
     folder = os.path.join(versions.preprocessed_folder, "gt_segmentations")
-    if not os.path.isdir(folder):
-        return
-    for case, entry in versions.read_manifest(0)["cases"].items():
-        path = os.path.join(folder, case + versions.file_ending)
-        if os.path.isfile(path) and sha256(path) != entry["sha256"]:
-            copy_file(versions.label_path(0, case), path)
+    for case in changed:
+        copy_file(versions.label_path(0, case), os.path.join(folder, case + versions.file_ending))
+    return changed
 
 
 # ------------------------------------------------------------------------------------ lock, restore, status
-LOCK_FILE = "em_run.lock"
+LOCK_SUFFIX = ".em_lock"  # beside the raw dataset folder: <nnUNet_raw>/<Dataset>.em_lock
+LOCK_ENV = "NNUNETV2_EM_LOCK"  # set while the lock is held: every process started under it inherits it
+
+
+def lock_path(raw_folder: str) -> str:
+    """The dataset's lock file, keyed by the raw dataset's real folder (links followed), so two runs over the same
+    raw dataset share it whatever their preprocessed folders. Beside the folder, not in it: nnU-Net lists only
+    folders there, and the dataset's own tree stays untouched."""
+    return os.path.realpath(raw_folder).rstrip(os.sep) + LOCK_SUFFIX
 
 
 @contextlib.contextmanager
-def dataset_lock(preprocessed_folder: str):
-    """Hold the dataset's lock (runs and restores take it; released when the process ends, however it ends);
-    one clear error when another process holds it."""
-    os.makedirs(preprocessed_folder, exist_ok=True)
-    lock_file = os.path.join(preprocessed_folder, LOCK_FILE)
-    handle = open(lock_file, "a+")
+def dataset_lock(raw_folder: str, preprocessed_folder: str):
+    """Hold the dataset's lock (runs, restores and review imports take it): an OS lock (``flock``) on a file that
+    is never deleted, released by the kernel when the process ends, however it ends. One clear error when another
+    process holds it. Taking it ends what a killed holder left running and removes its temp folders."""
+    path = lock_path(raw_folder)
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise EMInputError(f"{os.path.basename(os.path.normpath(preprocessed_folder))}: an nnunetv2_em command is "
-                           f"already working on this dataset ({holder}; lock {lock_file}). Fix: wait for it to finish "
-                           f"or stop it, then run again.") from None
+        raise EMInputError(f"{os.path.basename(os.path.normpath(raw_folder))}: an nnunetv2_em command is already "
+                           f"working on this dataset ({holder}; lock {path}). Fix: wait for it to finish or stop it, "
+                           f"then run again.") from None
+    reap_leftover_processes(path)
+    remove_stale_temp_folders(raw_folder, preprocessed_folder)
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
+    previous_env = os.environ.get(LOCK_ENV)
+    os.environ[LOCK_ENV] = path
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):  # removed while still held: no one can take it in between
-            os.remove(lock_file)
+        if previous_env is None:
+            os.environ.pop(LOCK_ENV, None)
+        else:
+            os.environ[LOCK_ENV] = previous_env
+        handle.seek(0)
+        handle.truncate()  # under the lock: the file itself stays, so no one can ever lock a different inode
         handle.close()
 
 
-def lock_holder(preprocessed_folder: str) -> str | None:
+def reap_leftover_processes(path: str) -> list[int]:
+    """SIGKILL every process that a previous holder of the lock ``path`` started and that outlived it (a kill -9
+    of a run leaves nnU-Net's augmentation workers behind): they carry ``NNUNETV2_EM_LOCK=<path>`` in their
+    environment. Called with the lock held, so no live holder owns them. Returns the pids ended."""
+    marker = f"{LOCK_ENV}={path}".encode()
+    own = {os.getpid(), *_ancestors()}
+    ended = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) in own:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                environment = handle.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if marker in environment:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry), signal.SIGKILL)
+                ended.append(int(entry))
+    return ended
+
+
+def _ancestors() -> list[int]:
+    pids, pid = [], os.getppid()
+    while pid > 1:
+        pids.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def lock_holder(raw_folder: str) -> str | None:
     """Who holds the dataset's lock now, or None."""
-    lock_file = os.path.join(preprocessed_folder, LOCK_FILE)
-    if not os.path.isfile(lock_file):
+    path = lock_path(raw_folder)
+    if not os.path.isfile(path):
         return None
-    with open(lock_file, "a+") as handle:
+    with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -978,6 +1143,27 @@ def lock_holder(preprocessed_folder: str) -> str | None:
             return handle.read().strip() or "another process"
         fcntl.flock(handle, fcntl.LOCK_UN)
     return None
+
+
+def remove_stale_temp_folders(raw_folder: str, preprocessed_folder: str) -> list[str]:
+    """Temp folders (``.em_tmp_*``) that a killed writer left in the places only lock holders write (the raw
+    dataset, its labels and versions, the preprocessed versions and data folders); call with the lock held."""
+    removed = []
+    roots = [raw_folder, os.path.join(raw_folder, "labelsTr"), os.path.join(raw_folder, "imagesTr"),
+             preprocessed_folder]
+    for root in (os.path.join(raw_folder, EM_LABELS), os.path.join(preprocessed_folder, EM_LABELS)):
+        roots.extend(folder for folder, _, _ in os.walk(root))
+    if os.path.isdir(preprocessed_folder):
+        roots.extend(os.path.join(preprocessed_folder, name) for name in os.listdir(preprocessed_folder))
+    for root in roots:
+        if not os.path.isdir(root) or os.path.islink(root):
+            continue
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name.startswith(TEMP_DIR_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 def dataset_versions(raw_folder: str, preprocessed_folder: str) -> DatasetLabelVersions:
@@ -992,9 +1178,17 @@ def dataset_versions(raw_folder: str, preprocessed_folder: str) -> DatasetLabelV
 def restore(raw_folder: str, preprocessed_folder: str, *, round_index: int | None = None,
             run: str | None = None) -> dict:
     """Complete an interrupted switch, then (with ``round_index``) make that version labelsTr, atomically like a
-    round's activation. Returns ``{"completed": journal or None, "active": ...}``."""
+    round's activation; gt_segmentations get the originals back (the stock planner copies labelsTr there). Then
+    verify what it will claim: labelsTr against the active version's manifest, by checksum.
+
+    Returns ``{"completed": journal or None, "active", "activated": bool, "labelsTr": labels_folder_state,
+    "gt_repaired": [cases]}``. Raises ``EMInputError`` where labelsTr is not what the store says it is.
+    """
+    if round_index is not None and round_index < 0:
+        raise ValueError(f"--round {round_index}: rounds are numbered from 0 (the original annotations)")
     completed = recover_activation(raw_folder, preprocessed_folder)
     versions = dataset_versions(raw_folder, preprocessed_folder)
+    activated = False
     if round_index is not None:
         active = versions.active()
         if round_index > 0:
@@ -1009,10 +1203,55 @@ def restore(raw_folder: str, preprocessed_folder: str, *, round_index: int | Non
             versions.data_identifier = versions.read_manifest(round_index, run)["data_identifier"]
         elif not versions.has_originals():
             raise ValueError(f"{versions.root}/round_00: no originals kept; labelsTr was never replaced by nnunetv2_em")
+        else:
+            changed = versions.changed_originals()
+            if changed:
+                raise EMInputError(f"{versions.label_path(0, changed[0])}: the kept original annotation no longer "
+                                   f"matches its checksum in {versions.manifest_path(0)} ({len(changed)} such "
+                                   f"file(s)); labelsTr was not changed. Fix: put the original back from a backup, "
+                                   f"then run the same command again.")
         if (active["run"], active["round"]) != (run if round_index else None, round_index) or \
                 labels_folder_state(versions)["matches_active"] is False:
             versions.activate(round_index, run)
-    return {"completed": completed, "active": versions.active()}
+            activated = True
+    state = labels_folder_state(versions)
+    name = os.path.basename(os.path.normpath(raw_folder))
+    if not versions.has_originals():
+        stamped = state["marker"] or next((stamp for stamp in (label_stamp(path) for path in _label_files(versions))
+                                           if stamp), None)
+        if stamped:
+            raise EMInputError(f"{versions.live_labels_folder()}: holds labels written by nnunetv2_em "
+                               f"({stamped}), and the original annotations ({versions.root}/round_00) are missing; "
+                               f"nothing was restored. Fix: put em_labels/ back from a backup, then `nnunetv2_em "
+                               f"restore -d {name} --round 0`.")
+    elif state["matches_active"] is False:
+        active = versions.active()
+        raise EMInputError(f"{versions.live_labels_folder()}: CHANGED: {len(state['differing'])} file(s) differ from "
+                           f"{version_name(active['run'], active['round'])} (checksums in "
+                           f"{versions.manifest_path(active['round'], active['run'])}), e.g. "
+                           f"{state['differing'][:3]}. Fix: keep your edits (`nnunetv2_em status -d {name}` lists "
+                           f"them), or `nnunetv2_em restore -d {name} --round {active['round']}` puts that version "
+                           f"back.")
+    gt_repaired = _restore_gt_segmentations(versions) if versions.has_originals() else []
+    return {"completed": completed, "active": versions.active(), "activated": activated, "labelsTr": state,
+            "gt_repaired": gt_repaired}
+
+
+def _label_files(versions: DatasetLabelVersions) -> list[str]:
+    folder = versions.live_labels_folder()
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.endswith(versions.file_ending)] \
+        if os.path.isdir(folder) else []
+
+
+def gt_segmentations_changed(versions: DatasetLabelVersions) -> list[str]:
+    """Cases whose file in nnU-Net's ``gt_segmentations`` is not the original annotation (nnU-Net's own planner,
+    run while labelsTr held a refined version, copies those labels there)."""
+    folder = os.path.join(versions.preprocessed_folder, "gt_segmentations")
+    if not os.path.isdir(folder) or not versions.has_originals():
+        return []
+    return [case for case, entry in versions.read_manifest(0)["cases"].items()
+            if os.path.isfile(os.path.join(folder, case + versions.file_ending)) and
+            sha256(os.path.join(folder, case + versions.file_ending)) != entry["sha256"]]
 
 
 def labels_folder_state(versions: DatasetLabelVersions) -> dict:
@@ -1049,9 +1288,11 @@ def dataset_status(raw_folder: str, preprocessed_folder: str, results_folder: st
         "active": versions.active(),
         "labelsTr": labels_folder_state(versions),
         "unfinished_switch": _read_json(journal_path) if os.path.isfile(journal_path) else None,
-        "staging_left": os.path.isdir(os.path.join(raw_folder, STAGING_LABELS)),
-        "lock_holder": lock_holder(preprocessed_folder),
+        "staging_left": os.path.isdir(labels_switch_paths(raw_folder)[1]),
+        "lock_holder": lock_holder(raw_folder),
         "originals_changed": versions.changed_originals() if versions.has_originals() else [],
+        "gt_segmentations_changed": gt_segmentations_changed(versions),
+        "other_files": non_label_files(versions.live_labels_folder(), versions.file_ending),
         "runs": {},
         "preprocessed": {},
     }

@@ -128,6 +128,14 @@ def format_status(status: dict) -> str:
         originals = ("intact (checksums match)" if not status["originals_changed"] else
                      f"CHANGED: {status['originals_changed'][:3]}")
         lines.append(f"  originals (em_labels/round_00): {originals}")
+        if status["gt_segmentations_changed"]:
+            changed = status["gt_segmentations_changed"]
+            lines.append(f"  gt_segmentations: CHANGED: {len(changed)} file(s) are not the originals, e.g. "
+                         f"{changed[:3]} (nnU-Net's planner copied labelsTr there); `nnunetv2_em restore -d "
+                         f"{status['dataset']}` puts the originals back")
+    if status["other_files"]:
+        lines.append(f"  labelsTr also holds {len(status['other_files'])} other file(s) (kept through every switch): "
+                     f"{status['other_files'][:5]}")
     for run, info in status["runs"].items():
         done = "" if info["rounds_done"] is None else (
             f"; run state: rounds {info['rounds_done']} done{', converged' if info['converged'] else ''}")

@@ -602,7 +602,7 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
     plans_manager = PlansManager(os.path.join(preprocessed, export["plans"] + ".json"))
     configuration_manager = plans_manager.get_configuration(export["configuration"])
     store = label_store.ReviewedLabels(raw, preprocessed, ending)
-    with label_store.dataset_lock(preprocessed):
+    with label_store.dataset_lock(raw, preprocessed):
         label_store.recover_activation(raw, preprocessed)
         active = versions.active()
         if active["round"] and active["data_identifier"] not in (None, export["data_identifier"]):

@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from nnunetv2_em import checks
 from nnunetv2_em.constraints import CaseConstraints
 from nnunetv2_em.errors import EMInputError
 
@@ -197,7 +198,7 @@ def _region(spec, shape, fail) -> tuple[tuple[int, int], ...]:
 def load_weak_labels(raw_folder: str, dataset_json: dict, *, labelled, images) -> dict[str, CaseConstraints]:
     """The dataset's weak labels (``{}`` without the file), checked; regions and volumes in raw image voxels."""
     path = weak_labels_path(raw_folder)
-    if not os.path.isfile(path):
+    if not checks.optional_file(path):
         return {}
     try:
         with open(path) as handle:

@@ -291,3 +291,181 @@ def test_a_manually_changed_labels_folder_is_reported_by_status(staged, tmp_path
     assert "CHANGED since: 1 file(s) differ" in status and LABELLED[0] in status
     as_json = json.loads(workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID), "--json").stdout)
     assert as_json["labelsTr"]["differing"] == [LABELLED[0]]
+
+
+# ----------------------------------------------------------------------------- the store at its edges (issue 28)
+def _files(workspace) -> dict:
+    """Every file of the workspace but the dataset's lock file (beside the raw dataset, empty when free, never
+    deleted: the one file a refused command that took the lock leaves)."""
+    lock = os.path.relpath(label_store.lock_path(os.path.join(workspace.raw, DATASET)), workspace.root)
+    return {path: digest for path, digest in tree_snapshot(workspace.root).items() if path != lock}
+
+
+def _restore(workspace, *arguments):
+    return workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), *arguments, check=False)
+
+
+def test_files_in_labelsTr_that_are_not_labels_survive_every_switch(staged, tmp_path):
+    workspace = _copy(staged, tmp_path)
+    raw = os.path.join(workspace.raw, DATASET)
+    labels = os.path.join(raw, "labelsTr")
+    with open(os.path.join(labels, "notes.txt"), "w") as handle:
+        handle.write("second reader: case 3 unsure\n")
+    with open(os.path.join(labels, f"{LABELLED[0]}.json"), "w") as handle:
+        handle.write('{"annotator": "A"}\n')
+    os.makedirs(os.path.join(labels, "old_versions"))
+    shutil.copy(os.path.join(labels, f"{LABELLED[1]}.nii.gz"), os.path.join(labels, "old_versions", "v1.nii.gz"))
+    before = tree_snapshot(raw)
+    checked = workspace.run("nnunetv2_em", "check", "-d", str(DATASET_ID)).stdout
+    assert "3 other file(s)" in checked and "notes.txt" in checked and "old_versions" in checked
+
+    assert _activate_in_child(workspace, 1, None) == 0
+    after = tree_snapshot(raw)
+    for name in ("labelsTr/notes.txt", f"labelsTr/{LABELLED[0]}.json", "labelsTr/old_versions/v1.nii.gz"):
+        assert after[name] == before[name]
+    assert _labels_state(workspace)["equal_to"] == {"run": RUN, "round": 1}
+    assert "notes.txt" in workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
+    assert _restore(workspace, "--round", "0").returncode == 0
+    assert tree_snapshot(raw) == {**before, **_em_labels_entries(raw)}
+
+
+def test_restore_without_a_round_checks_what_it_claims(staged, tmp_path):
+    workspace = _copy(staged, tmp_path)
+    raw = os.path.join(workspace.raw, DATASET)
+    assert _activate_in_child(workspace, 1, None) == 0
+    done = _restore(workspace)
+    assert done.returncode == 0 and f"labelsTr holds round 1 of run {RUN} (checksums match" in done.stdout
+
+    path = os.path.join(raw, "labelsTr", f"{LABELLED[0]}.nii.gz")
+    with open(path, "rb") as handle:
+        original = handle.read()
+    image = sitk.ReadImage(path)
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, 0] = 1  # a hand edit
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(image)
+    sitk.WriteImage(edited, path, True)
+    changed = _restore(workspace)
+    assert changed.returncode == 2 and "CHANGED" in changed.stderr and LABELLED[0] in changed.stderr
+    assert changed.stderr.count("\n") == 1 and "holds round" not in changed.stdout
+    with open(path, "wb") as handle:
+        handle.write(original)
+
+    shutil.rmtree(os.path.join(raw, "em_labels"))
+    missing = _restore(workspace)
+    assert missing.returncode == 2 and "round_00) are missing" in missing.stderr
+    assert "original annotations" not in missing.stdout
+
+
+def test_refined_labels_copied_into_another_dataset_are_not_taken_for_annotations(staged, tmp_path):
+    workspace = _copy(staged, tmp_path)
+    raw = os.path.join(workspace.raw, DATASET)
+    assert _activate_in_child(workspace, 1, None) == 0
+    other = make_raw_dataset(workspace.raw, 933, LABELLED, name="Copy")
+    for case in LABELLED:  # `cp labelsTr/*.nii.gz`: the version marker stays behind
+        shutil.copyfile(os.path.join(raw, "labelsTr", f"{case}.nii.gz"), os.path.join(other, "labelsTr",
+                                                                                       f"{case}.nii.gz"))
+    before = _files(workspace)
+    for command in (["check", "-d", "933"], ["plan", "-d", "933", "-c", "2d"]):
+        refused = workspace.run("nnunetv2_em", *command, check=False)
+        assert refused.returncode == 2 and f"written by nnunetv2_em (refined, round 1 of {RUN})" in refused.stderr
+    assert _files(workspace) == before
+
+    # nnU-Net's own planner, run while labelsTr holds round 1, copies those labels into gt_segmentations
+    gt = os.path.join(workspace.preprocessed, DATASET, "gt_segmentations")
+    for case in LABELLED:
+        shutil.copyfile(os.path.join(raw, "labelsTr", f"{case}.nii.gz"), os.path.join(gt, f"{case}.nii.gz"))
+    status = workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
+    assert f"gt_segmentations: CHANGED: {len(LABELLED)} file(s)" in status
+    repaired = _restore(workspace)
+    assert repaired.returncode == 0 and "the originals are back" in repaired.stdout
+    versions = _versions(workspace)
+    for case in LABELLED:
+        assert label_store.sha256(os.path.join(gt, f"{case}.nii.gz")) == \
+            label_store.sha256(versions.label_path(0, case))
+    assert "gt_segmentations: CHANGED" not in workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
+
+
+@pytest.mark.parametrize("kill_at", [None, "exchanged"])
+def test_a_symlinked_labelsTr_is_switched_behind_its_link(staged, tmp_path, kill_at):
+    workspace = _copy(staged, tmp_path)
+    raw = os.path.join(workspace.raw, DATASET)
+    shared = tmp_path / "share" / "hippo_labels"
+    shared.parent.mkdir()
+    shutil.move(os.path.join(raw, "labelsTr"), shared)
+    os.symlink(str(shared), os.path.join(raw, "labelsTr"))
+
+    code = _activate_in_child(workspace, 1, kill_at)
+    assert code == (-signal.SIGKILL if kill_at else 0)
+    assert _restore(workspace).returncode == 0  # finishes an interrupted switch
+    assert os.path.islink(os.path.join(raw, "labelsTr")) and os.readlink(os.path.join(raw, "labelsTr")) == str(shared)
+    assert _labels_state(workspace)["equal_to"] == {"run": RUN, "round": 1}
+    _verify(workspace)
+    assert _restore(workspace, "--round", "0").returncode == 0
+    assert os.path.islink(os.path.join(raw, "labelsTr"))
+    for name, digest in staged["raw_before"].items():
+        if name.startswith("labelsTr/") and digest != "dir":
+            assert label_store.sha256(os.path.join(shared, name[len("labelsTr/"):])) == digest
+    assert sorted(os.listdir(shared.parent)) == ["hippo_labels"]  # no staging or previous folder left
+    assert sorted(os.listdir(raw)) == sorted(os.listdir(os.path.join(staged["workspace"].raw, DATASET)))
+
+
+def test_a_link_to_nothing_as_labelsTr_is_refused_before_anything_moves(staged, tmp_path):
+    workspace = _copy(staged, tmp_path)
+    raw = os.path.join(workspace.raw, DATASET)
+    shutil.rmtree(os.path.join(raw, "labelsTr"))
+    os.symlink(str(tmp_path / "unmounted" / "labelsTr"), os.path.join(raw, "labelsTr"))
+    before = _files(workspace)
+    refused = _restore(workspace, "--round", "1")
+    assert refused.returncode == 2 and "not a folder here" in refused.stderr and refused.stderr.count("\n") == 1
+    assert _files(workspace) == before
+
+
+def test_bad_restores_are_one_error_and_change_nothing(staged, tmp_path):
+    workspace = _copy(staged, tmp_path)
+    assert _activate_in_child(workspace, 1, None) == 0
+    negative = _restore(workspace, "--round", "-1")
+    assert negative.returncode == 2 and "numbered from 0" in negative.stderr and negative.stderr.count("\n") == 1
+
+    kept = _versions(workspace).label_path(0, LABELLED[2])
+    with open(kept, "ab") as handle:
+        handle.write(b"\0")  # a kept original damaged on disk
+    before = _files(workspace)
+    damaged = _restore(workspace, "--round", "0")
+    assert damaged.returncode == 2 and kept in damaged.stderr and damaged.stderr.count("\n") == 1
+    assert _files(workspace) == before
+    assert _labels_state(workspace)["equal_to"] == {"run": RUN, "round": 1}
+
+
+def test_a_dataset_json_without_numTraining_and_a_nan_image_are_refused_by_check(tmp_path):
+    workspace = NnUNetWorkspace(str(tmp_path))
+    raw = make_raw_dataset(workspace.raw, 934, LABELLED[:2], name="Bad")
+    with open(os.path.join(raw, "dataset.json")) as handle:
+        dataset_json = json.load(handle)
+    without = {key: value for key, value in dataset_json.items() if key != "numTraining"}
+    with open(os.path.join(raw, "dataset.json"), "w") as handle:
+        json.dump(without, handle)
+    for command in (["check", "-d", "934"], ["plan", "-d", "934", "-c", "2d"]):
+        refused = workspace.run("nnunetv2_em", *command, check=False)
+        assert refused.returncode == 2 and "'numTraining'" in refused.stderr and '"numTraining": 2' in refused.stderr
+    with open(os.path.join(raw, "dataset.json"), "w") as handle:
+        json.dump(dataset_json, handle)
+
+    # ITK's NIfTI reader turns NaN into 0, so nnU-Net never sees one in a .nii.gz; in MetaImage it does
+    for folder in ("imagesTr", "labelsTr"):
+        for name in os.listdir(os.path.join(raw, folder)):
+            path = os.path.join(raw, folder, name)
+            sitk.WriteImage(sitk.ReadImage(path), path.replace(".nii.gz", ".mha"))
+            os.remove(path)
+    with open(os.path.join(raw, "dataset.json"), "w") as handle:
+        json.dump({**dataset_json, "file_ending": ".mha"}, handle)
+    assert workspace.run("nnunetv2_em", "check", "-d", "934").returncode == 0
+    path = os.path.join(raw, "imagesTr", f"{LABELLED[1]}_0000.mha")
+    image = sitk.Cast(sitk.ReadImage(path), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[5, 5, 5] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, path)
+    refused = workspace.run("nnunetv2_em", "check", "-d", "934", check=False)
+    assert refused.returncode == 2 and path in refused.stderr and "NaN" in refused.stderr

@@ -90,7 +90,8 @@ def test_round_labels_are_complete_refined_or_copied(tmp_path):
     label_store.write_round_labels(
         str(tmp_path / "round_01" / "labelsTr"), ["a", "b"], file_ending=".txt",
         original_label_path=lambda case: str(originals / f"{case}.txt"),
-        refined_label=lambda case: (np.ones(3), {"case": case}) if case == "a" else None, reader_writer=TextWriter())
+        refined_label=lambda case: (np.ones(3), {"case": case}) if case == "a" else None, reader_writer=TextWriter(),
+        provenance="refined, round 1 of a test")  # .txt has no header: written as it is
     labels = tmp_path / "round_01" / "labelsTr"
     assert sorted(os.listdir(labels)) == ["a.txt", "b.txt"]
     assert (labels / "a.txt").read_text() == "refined 3 a"

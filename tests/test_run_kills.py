@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset
@@ -36,12 +37,35 @@ def _sha(path):
         return hashlib.sha256(handle.read()).hexdigest()
 
 
+def _processes_left(lock: str, grace_s: float = 30) -> list[str]:
+    """Command lines of live processes the run started under its lock (the marker in their environment), after
+    giving the kill ``grace_s`` to propagate."""
+    marker = f"{label_store.LOCK_ENV}={lock}".encode()
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    if marker not in handle.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    left.append(handle.read().replace(b"\0", b" ").decode(errors="replace")[:200])
+            except OSError:
+                continue
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 def _run_killed_at(workspace: NnUNetWorkspace, window: str) -> subprocess.CompletedProcess:
     executable = os.path.join(os.path.dirname(sys.executable), RUN[0])
     process = subprocess.Popen([executable, *RUN[1:]], env={**workspace.env, label_store.KILL_AT_ENV: window},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=900)
+        left = _processes_left(label_store.lock_path(os.path.join(workspace.raw, DATASET)))
+        assert not left, f"after a kill at {window}, the run's children outlived it: {left}"
     finally:
         try:  # the run's Dask workers and trainings, orphaned by the kill
             os.killpg(process.pid, signal.SIGKILL)
@@ -90,7 +114,7 @@ def test_a_run_killed_at_every_window_stays_valid_and_finishes(tmp_path):
     assert "labelsTr: round 1 of run" in status and "checksums match" in status and "UNFINISHED" not in status
     versions = label_store.dataset_versions(raw, preprocessed)
     assert {case: _sha(versions.label_path(0, case)) for case in CASES} == originals
-    assert not os.path.exists(os.path.join(preprocessed, label_store.LOCK_FILE))
+    assert label_store.lock_holder(raw) is None
     fold_folder = os.path.join(workspace.results, DATASET, "em_run__VanillaTrainer_tiny__nnUNetPlans__2d",
                                "round_01", "nnUNet_results", DATASET, "VanillaTrainer_tiny__nnUNetPlans__2d", "fold_1")
     with open(os.path.join(fold_folder, "em_mstep_done.json")) as handle:

@@ -174,7 +174,7 @@ class CrossFoldRun:
 
     def locked(self):
         """Hold the dataset's run lock (released when the process ends, however it ends)."""
-        return label_store.dataset_lock(self.preprocessed)
+        return label_store.dataset_lock(self.raw, self.preprocessed)
 
     def _check_identity(self, *, write: bool) -> None:
         path = self.layout.file("run.json")

@@ -18,7 +18,9 @@ from nnunetv2_em.crossfold.options import RunContext
 
 
 def _child_env(context: RunContext, round_index: int) -> dict:
-    return {**os.environ, "nnUNet_raw": os.path.dirname(context.raw),
+    # the lock's variable marks the children as the run's: the next holder of the lock ends what a kill left behind
+    return {**os.environ, label_store.LOCK_ENV: label_store.lock_path(context.raw),
+            "nnUNet_raw": os.path.dirname(context.raw),
             "nnUNet_preprocessed": os.path.dirname(context.preprocessed),
             "nnUNet_results": context.layout.round_results(round_index),
             **engine.worker_device_env(context.options.device)}
@@ -180,7 +182,7 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
     versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
                         reader_writer=reader_writer, segmentation=refined[None], properties=properties,
-                        patch_size=configuration_manager.patch_size, soft_maps=soft_maps)
+                        patch_size=configuration_manager.patch_size, soft_maps=soft_maps, provenance=kind)
     label_store.write_json(marker, {"case": case, "provenance": kind, **scores})
     return case
 

@@ -418,7 +418,9 @@ class EMTrainer(nnUNetTrainer):
         label_store.write_round_labels(
             join(round_folder, "labelsTr"), nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder),
             file_ending=self.dataset_json["file_ending"], original_label_path=as_is,
-            refined_label=refined_label, reader_writer=reader_writer)
+            refined_label=refined_label, reader_writer=reader_writer,
+            provenance=f"refined, {os.path.basename(os.path.normpath(round_folder))} of {self.__class__.__name__} "
+                       f"fold {self.fold}")
         label_store.write_json(join(round_folder, "dataset.json"), self.dataset_json)
 
     def _originals_manifest(self, cases) -> dict:
