@@ -79,11 +79,11 @@ def split_labelled(cases: dict) -> tuple[dict, dict]:
 def optional_file(path: str) -> bool:
     """Whether an optional input file (``em_verified_cases.json``, ``em_weak_labels.json``) is there; a link to
     nothing is an error, never "no file"."""
+    if os.path.islink(path) and not os.path.isfile(path):
+        raise EMInputError(f"{path}: a link to {os.readlink(path)!r}, which is missing. Fix: restore its target, or "
+                           f"delete the link if the dataset has no such file.")
     if os.path.lexists(path) and not os.path.isfile(path):
-        raise EMInputError(f"{path}: exists but is not a readable file (a link to {os.readlink(path)!r}, which is "
-                           f"missing?). Fix: restore its target, or delete the link if the dataset has no such "
-                           f"file." if os.path.islink(path) else f"{path}: not a file. Fix: replace it with the JSON "
-                           f"file it should be, or remove it.")
+        raise EMInputError(f"{path}: not a file. Fix: replace it with the JSON file it should be, or remove it.")
     return os.path.isfile(path)
 
 

@@ -1146,23 +1146,22 @@ def lock_holder(raw_folder: str) -> str | None:
 
 
 def remove_stale_temp_folders(raw_folder: str, preprocessed_folder: str) -> list[str]:
-    """Temp folders (``.em_tmp_*``) that a killed writer left in the places only lock holders write (the raw
-    dataset, its labels and versions, the preprocessed versions and data folders); call with the lock held."""
-    removed = []
-    roots = [raw_folder, os.path.join(raw_folder, "labelsTr"), os.path.join(raw_folder, "imagesTr"),
-             preprocessed_folder]
-    for root in (os.path.join(raw_folder, EM_LABELS), os.path.join(preprocessed_folder, EM_LABELS)):
-        roots.extend(folder for folder, _, _ in os.walk(root))
-    if os.path.isdir(preprocessed_folder):
-        roots.extend(os.path.join(preprocessed_folder, name) for name in os.listdir(preprocessed_folder))
-    for root in roots:
-        if not os.path.isdir(root) or os.path.islink(root):
-            continue
-        for name in os.listdir(root):
-            path = os.path.join(root, name)
-            if name.startswith(TEMP_DIR_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+    """Temp folders (``.em_tmp_*``) that a killed writer left where only lock holders write: the raw dataset, its
+    labels, images and versions, the preprocessed versions and data folders. Call with the lock held."""
+    found = []
+    for top in (os.path.join(raw_folder, EM_LABELS), os.path.join(preprocessed_folder, EM_LABELS)):
+        for folder, subfolders, _ in os.walk(top):
+            found.extend(os.path.join(folder, name) for name in subfolders if name.startswith(TEMP_DIR_PREFIX))
+            subfolders[:] = [name for name in subfolders if not name.startswith(TEMP_DIR_PREFIX)]
+    data_folders = [os.path.join(preprocessed_folder, name) for name in os.listdir(preprocessed_folder)] \
+        if os.path.isdir(preprocessed_folder) else []
+    for folder in (raw_folder, os.path.join(raw_folder, "labelsTr"), os.path.join(raw_folder, "imagesTr"),
+                   preprocessed_folder, *data_folders):
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            found.extend(os.path.join(folder, name) for name in os.listdir(folder) if name.startswith(TEMP_DIR_PREFIX))
+    removed = [path for path in found if os.path.isdir(path) and not os.path.islink(path)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
