@@ -6,6 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from nnunetv2_em import estep
+from nnunetv2_em.surface import surface_scores
 
 
 def _contour(mask: np.ndarray) -> np.ndarray:
@@ -39,7 +40,7 @@ def edit_effort(proposal: np.ndarray, reviewed: np.ndarray, *, classes, ignore_l
                 surfaces: bool = True) -> dict:
     """What a review changed in a proposal: voxels edited (an ignored voxel the reviewer resolved counts), voxels
     the proposal left as ignore, Dice per class (ignore counts as no class), 95 % Hausdorff distance and surface
-    Dice (1 voxel) per class (``surface_scores``, MONAI) and the Added Path Length.
+    Dice (1 voxel) per class (``surface.surface_scores``) and the Added Path Length.
 
     Args:
         proposal, reviewed: ``(*spatial)`` integer label maps of the same shape. classes: the foreground classes.
@@ -52,7 +53,5 @@ def edit_effort(proposal: np.ndarray, reviewed: np.ndarray, *, classes, ignore_l
               **{f"dice_{c}": estep.dice(reviewed == c, proposal == c) for c in classes},
               "added_path_length": added_path_length(proposal, reviewed, classes=classes)}
     if surfaces:
-        from nnunetv2_em.benchmark.metrics import surface_scores
-
         result.update(surface_scores(reviewed, np.where(proposal == ignore_label, 0, proposal), classes=classes))
     return result

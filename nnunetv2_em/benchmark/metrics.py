@@ -1,20 +1,19 @@
 """The benchmark's numbers: label quality against the clean labels, detection, ranking, intervals. Pure array functions.
 
-Surface metrics (95 % Hausdorff distance, surface Dice at a tolerance) come from MONAI (``monai.metrics``), in
-voxel units (spacing 1): the benchmark compares label maps on the same grid, and a tolerance of one voxel is what
-the issue tracker and the literature on boundary noise ask for.
+Surface metrics (95 % Hausdorff distance, surface Dice at a tolerance) are the product's ``nnunetv2_em.surface``
+(MONAI's definitions, checked equal to MONAI in the tests), in voxel units (spacing 1): the benchmark compares label
+maps on the same grid, and a tolerance of one voxel is what the issue tracker and the literature on boundary noise
+ask for.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
 from nnunetv2_em import estep
-
-SURFACE_TOLERANCE_VOXELS = 1.0
+from nnunetv2_em.surface import surface_scores
 
 
 def bootstrap_ci(values, *, seed: int = 0, samples: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
@@ -115,36 +114,6 @@ def ranking_scores(ranked: list[dict], corrupted: set[str]) -> dict:
         result[f"precision_at_{round(share * 100)}pct"] = sum(hits[:reviewed]) / reviewed
     if not corrupted:  # nothing to find: a ranking cannot be scored
         result.update({key: float("nan") for key in result if key.startswith(("precision_at", "average_precision"))})
-    return result
-
-
-def surface_scores(reference: np.ndarray, labels: np.ndarray, *, classes,
-                   tolerance: float = SURFACE_TOLERANCE_VOXELS) -> dict:
-    """95 % Hausdorff distance and surface Dice at ``tolerance`` (voxels) per class, via MONAI.
-
-    Both maps empty for a class: HD95 0 and surface Dice 1 (nothing to miss). One empty: HD95 NaN (undefined) and
-    surface Dice 0. Args: ``reference``, ``labels``: ``(*spatial)`` integer maps of the same shape.
-    """
-    import torch
-    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
-
-    result = {}
-    for c in classes:
-        truth, guess = reference == c, labels == c
-        if not truth.any() and not guess.any():
-            result[f"hd95_{c}"], result[f"surface_dice_{c}"] = 0.0, 1.0
-            continue
-        if not truth.any() or not guess.any():
-            result[f"hd95_{c}"], result[f"surface_dice_{c}"] = float("nan"), 0.0
-            continue
-        # MONAI wants one-hot (batch, class, *spatial); channel 0 is "not c", excluded below
-        one_hot = [torch.from_numpy(np.stack([~m, m])[None]) for m in (guess, truth)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MONAI's deprecation chatter about its own arguments
-            result[f"hd95_{c}"] = float(compute_hausdorff_distance(*one_hot, include_background=False,
-                                                                   percentile=95)[0, 0])
-            result[f"surface_dice_{c}"] = float(compute_surface_dice(*one_hot, class_thresholds=[tolerance],
-                                                                     include_background=False)[0, 0])
     return result
 
 
