@@ -9,7 +9,6 @@ import numpy as np
 
 from nnunetv2_em.errors import EMInputError
 
-NNUNET_ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 GEOMETRY_TOLERANCE = 1e-4  # relative, as a float32 header round-trip allows
 
 

@@ -109,7 +109,6 @@ def annotated_mask(annotations: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 NUM_BANDS = 3
-BAND_NAMES = ("at the boundary (1 voxel)", "near the boundary (up to the band width)", "far from the boundary")
 
 
 def boundary_bands(annotations, *, num_classes: int, width: float, spacing=None) -> np.ndarray:
@@ -127,7 +126,7 @@ def boundary_bands(annotations, *, num_classes: int, width: float, spacing=None)
         spacing: per-axis voxel spacing for the distance, or None.
 
     Returns:
-        ``(*spatial)`` int8: 0 within 1 voxel of the boundary, 1 within ``width``, 2 farther (``BAND_NAMES``);
+        ``(*spatial)`` int8: 0 within 1 voxel of the boundary, 1 within ``width``, 2 farther;
         -1 not annotated. A class with no other annotated class in the case is "far".
     """
     if not width > 0:

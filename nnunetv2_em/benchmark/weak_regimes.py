@@ -78,7 +78,6 @@ MULTITASK_TRAINERS = {"VanillaTrainer_cpu": {"multitask": "MultiTaskTrainer_cpu"
 # arms with a tag head: (the dataset they train on, their trainer's key in MULTITASK_TRAINERS)
 TAG_HEAD_ARMS = {"multitask": ("multitask", "multitask"), "multitask_bridge": ("multitask", "multitask_bridge"),
                  "em_multitask": ("em", "multitask")}
-EM_ARMS = ("em_map", "em_soft", "em_sample")
 SOFT_TRAINERS = {"VanillaTrainer_cpu": "SoftTargetTrainer_cpu", "VanillaTrainer_tiny": "SoftTargetTrainer_tiny",
                  "nnUNetTrainer": "SoftTargetTrainer"}
 SOFT_SAMPLES = 8

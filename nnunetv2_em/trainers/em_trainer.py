@@ -442,10 +442,6 @@ class EMTrainer(nnUNetTrainer):
                                f"{changed[0]} (checksums in {manifest_file}). Fix: start a fresh training (without "
                                f"--c) on the current labels.")
 
-    def verify_originals_unchanged(self) -> list[str]:
-        """Names of original label files whose checksum differs from the run's manifest (empty: all intact)."""
-        return label_store.changed_files(load_json(join(self.em_folder, "originals.json")))
-
     def _log_round(self, summary: dict, converged: bool):
         noise = summary["noise_model"]
         if not summary["refinement_applied"]:
