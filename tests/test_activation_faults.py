@@ -276,17 +276,22 @@ def test_refined_labels_are_never_taken_for_annotations(staged, tmp_path):
     assert "labelled cases" in workspace.run("nnunetv2_em", "check", "-d", str(DATASET_ID)).stdout
 
 
+def _edit_by_hand(path: str) -> None:
+    """One voxel of a label file changed, as a person editing it in a viewer would."""
+    image = sitk.ReadImage(path)
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, 0] = 1
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(image)
+    sitk.WriteImage(edited, path, True)
+
+
 def test_a_manually_changed_labels_folder_is_reported_by_status(staged, tmp_path):
     workspace = _copy(staged, tmp_path)
     raw = os.path.join(workspace.raw, DATASET)
     assert _activate_in_child(workspace, 1, None) == 0
     path = os.path.join(raw, "labelsTr", f"{LABELLED[0]}.nii.gz")
-    image = sitk.ReadImage(path)
-    array = sitk.GetArrayFromImage(image)
-    array[0, 0, 0] = 1  # a hand edit
-    edited = sitk.GetImageFromArray(array)
-    edited.CopyInformation(image)
-    sitk.WriteImage(edited, path, True)
+    _edit_by_hand(path)
     status = workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
     assert "CHANGED since: 1 file(s) differ" in status and LABELLED[0] in status
     as_json = json.loads(workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID), "--json").stdout)
@@ -339,12 +344,7 @@ def test_restore_without_a_round_checks_what_it_claims(staged, tmp_path):
     path = os.path.join(raw, "labelsTr", f"{LABELLED[0]}.nii.gz")
     with open(path, "rb") as handle:
         original = handle.read()
-    image = sitk.ReadImage(path)
-    array = sitk.GetArrayFromImage(image)
-    array[0, 0, 0] = 1  # a hand edit
-    edited = sitk.GetImageFromArray(array)
-    edited.CopyInformation(image)
-    sitk.WriteImage(edited, path, True)
+    _edit_by_hand(path)
     changed = _restore(workspace)
     assert changed.returncode == 2 and "CHANGED" in changed.stderr and LABELLED[0] in changed.stderr
     assert changed.stderr.count("\n") == 1 and "holds round" not in changed.stdout
