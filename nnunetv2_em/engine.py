@@ -98,9 +98,9 @@ def run_child(command: list[str], *, env: dict, log_file: str) -> None:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         if os.name == "posix":
-            from nnunetv2_em.process_group import _libc, die_with_parent
+            from nnunetv2_em.process_group import die_with_parent, load_libc
 
-            libc = _libc()  # loaded here: between fork and exec the child only calls into it
+            libc = load_libc()  # loaded here: between fork and exec the child only calls into it
             command_line = [sys.executable, "-m", "nnunetv2_em.process_group", *command]
             result = subprocess.run(command_line, env=without_worker_limits(env), stdout=log,
                                     stderr=subprocess.STDOUT, preexec_fn=lambda: die_with_parent(libc, signal.SIGTERM))

@@ -19,7 +19,7 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
-def _libc():
+def load_libc():
     return ctypes.CDLL("libc.so.6", use_errno=True)
 
 
@@ -37,7 +37,7 @@ def main(command: list[str]) -> int:
     if not command:
         print("usage: python -m nnunetv2_em.process_group COMMAND [ARGS...]", file=sys.stderr)
         return 2
-    libc = _libc()  # loaded before the fork: the child only calls into it
+    libc = load_libc()  # loaded before the fork: the child only calls into it
     group: list[int] = []
 
     def on_signal(signum, _frame):
