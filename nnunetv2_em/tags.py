@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nnunetv2_em.constraints import CaseConstraints
+from nnunetv2_em.estep.constraints import CaseConstraints
 
 BITS_PER_CLASS = 3
 MAY, IS, COVERS = 1, 2, 4

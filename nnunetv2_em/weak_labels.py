@@ -39,8 +39,8 @@ from collections.abc import Callable
 import numpy as np
 
 from nnunetv2_em import checks
-from nnunetv2_em.constraints import CaseConstraints
 from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.estep.constraints import CaseConstraints
 
 WEAK_LABELS_FILE = "em_weak_labels.json"
 KEYS = ("annotated_classes", "present", "absent", "count", "volume", "location")

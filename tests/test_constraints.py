@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nnunetv2_em import constraints as con
 from nnunetv2_em.estep import NoiseModel, RefinementThresholds
+from nnunetv2_em.estep import constraints as con
 
 THRESHOLDS = RefinementThresholds()
 MODEL3 = NoiseModel(np.array([[0.96, 0.02, 0.02], [0.05, 0.95, 0.0], [0.05, 0.0, 0.95]]), 1.0)

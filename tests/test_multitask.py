@@ -8,7 +8,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunetv2_em import tags
-from nnunetv2_em.constraints import CaseConstraints
+from nnunetv2_em.estep.constraints import CaseConstraints
 from nnunetv2_em.trainers.multitask import MultiTaskNetwork, grad_cam, patch_tags_torch, tag_loss
 
 IGNORE = 3

@@ -7,7 +7,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunetv2_em import tags
-from nnunetv2_em.constraints import CaseConstraints
+from nnunetv2_em.estep.constraints import CaseConstraints
 from nnunetv2_em.trainers.partial_labels import MarginalDiceCELoss, marginal_probabilities, unannotated_classes
 
 IGNORE = 3

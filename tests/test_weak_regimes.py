@@ -6,10 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from nnunetv2_em import constraints, weak_labels
+from nnunetv2_em import weak_labels
 from nnunetv2_em.benchmark import weak_regimes
 from nnunetv2_em.demo import DEMO_DATA
 from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.estep import constraints
 
 NAMES = {1: "Anterior", 2: "Posterior"}
 

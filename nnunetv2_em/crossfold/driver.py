@@ -11,7 +11,6 @@ import time
 import numpy as np
 
 from nnunetv2_em import checks, engine, estep, label_store, reports, weak_labels
-from nnunetv2_em import constraints as constrained
 from nnunetv2_em.crossfold.options import RunContext, RunOptions
 from nnunetv2_em.crossfold.tasks import (
     load_logits,
@@ -22,6 +21,7 @@ from nnunetv2_em.crossfold.tasks import (
     task_train,
 )
 from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.estep import constraints as constrained
 from nnunetv2_em.layout import RunLayout
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 

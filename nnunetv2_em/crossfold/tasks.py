@@ -13,8 +13,8 @@ import sys
 import numpy as np
 
 from nnunetv2_em import checks, engine, estep, label_store
-from nnunetv2_em import constraints as constrained
 from nnunetv2_em.crossfold.options import RunContext
+from nnunetv2_em.estep import constraints as constrained
 
 
 def _child_env(context: RunContext, round_index: int) -> dict:

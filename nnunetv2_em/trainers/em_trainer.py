@@ -23,8 +23,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_em import checks, estep, label_store, nnunet_data, reports, weak_labels
-from nnunetv2_em import constraints as constrained
 from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.estep import constraints as constrained
 from nnunetv2_em.run_state import TrainerRunState
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 

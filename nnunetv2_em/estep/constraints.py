@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from nnunetv2_em import estep
-from nnunetv2_em.estep import NoiseModel, RefinementThresholds, annotated_mask, posterior, refine_labels, softmax
+from nnunetv2_em.estep.model import NoiseModel, RefinementThresholds, annotated_mask, posterior, softmax
+from nnunetv2_em.estep.refine import case_posterior, refine_case, refine_labels
+from nnunetv2_em.estep.round_fit import CaseSample, sample_case
+from nnunetv2_em.estep.scores import score_case
 
 MODES = ("map", "sample")
 
@@ -92,7 +94,7 @@ def observation_posterior(logits, annotations, model: NoiseModel, constraints: C
     """Posterior over the true class per voxel under the annotation *and* the case's hard constraints.
 
     Singleton observations (a voxel annotated with a class the case annotates): the noise-model posterior
-    (``estep.posterior``). Set-valued observations (a voxel left background in a case that does not annotate every
+    (``posterior``). Set-valued observations (a voxel left background in a case that does not annotate every
     class, or any voxel of a weak-only case): ``q(k) ∝ softmax(z/τ)_k · Σ_{a∈S} T[k, a]`` for ``k ∈ S``, 0 outside
     ``S``. Then ``absent`` and ``region`` remove classes where they cannot be, and each voxel is renormalised
     (a voxel where nothing is left becomes background).
@@ -287,8 +289,8 @@ def weak_case_kind(constraints: CaseConstraints) -> str:
 
 
 def fit_sample(logits, annotations, constraints: CaseConstraints | None, *, max_voxels_per_class: int, seed,
-               band_width: float | None = None, truth=None) -> estep.CaseSample:
-    """The case's share of the round's noise-model fit (``estep.sample_case``): with weak labels only its
+               band_width: float | None = None, truth=None) -> CaseSample:
+    """The case's share of the round's noise-model fit (``sample_case``): with weak labels only its
     singleton observations (a partial case's background means "background or an unannotated class", not an
     annotation) and only the Dice of the classes it annotates; ``truth``: a reviewed case's labels ``(*spatial)``
     (complete data)."""
@@ -296,8 +298,8 @@ def fit_sample(logits, annotations, constraints: CaseConstraints | None, *, max_
     annotations = np.asarray(annotations)
     if constraints is not None:
         annotations = np.where(singleton_observations(annotations, constraints, logits.shape[0]), annotations, -1)
-    sample = estep.sample_case(logits, annotations, max_voxels_per_class=max_voxels_per_class, seed=seed,
-                               band_width=band_width, truth=truth)
+    sample = sample_case(logits, annotations, max_voxels_per_class=max_voxels_per_class, seed=seed,
+                         band_width=band_width, truth=truth)
     if constraints is None:
         return sample
     unannotated = constraints.unannotated_classes(logits.shape[0])
@@ -311,26 +313,26 @@ def refine_labelled_case(logits, annotations, model: NoiseModel, constraints: Ca
                          samples: int = 16, agreement: float = 0.8, seed=0,
                          second_opinion=None, posterior=None) -> tuple[np.ndarray, dict]:
     """The one per-case E-step of a labelled case, with or without weak labels (what every driver calls).
-    ``second_opinion``: logits that must confirm each change (``estep.agree_on_changes``; cases without weak
+    ``second_opinion``: logits that must confirm each change (``agree_on_changes``; cases without weak
     labels only). ``posterior``: the case's ``proposal_posterior`` when the caller has it already (not recomputed).
 
-    Without ``constraints``: ``estep.refine_case``. With them (in the array's voxels): ``constrained_labels``
+    Without ``constraints``: ``refine_case``. With them (in the array's voxels): ``constrained_labels``
     (set-valued voxels and constraints; singleton changes only where ``apply and allow_changes``), scored like
     ``refine_case`` with ``scores["weak_labels"]`` naming the kind and what shaped the labels. Constrained cases
     use the dataset's ``model`` (``case_prior_strength`` is not applied to them: a per-case ``T`` fitted on
     set-valued observations is not defined here yet).
     """
     if constraints is None:
-        return estep.refine_case(logits, annotations, model, thresholds=thresholds, ignore_label=ignore_label,
-                                 previous=previous, apply=apply, allow_changes=allow_changes,
-                                 case_prior_strength=case_prior_strength, seed=seed, second_opinion=second_opinion,
-                                 posterior=posterior)
+        return refine_case(logits, annotations, model, thresholds=thresholds, ignore_label=ignore_label,
+                           previous=previous, apply=apply, allow_changes=allow_changes,
+                           case_prior_strength=case_prior_strength, seed=seed, second_opinion=second_opinion,
+                           posterior=posterior)
     refined, report = constrained_labels(logits, annotations, model, constraints, thresholds=thresholds,
                                          ignore_label=ignore_label, mode=mode, samples=samples, agreement=agreement,
                                          allow_changes=allow_changes and apply, seed=seed)
     q = observation_posterior(logits, annotations, model, constraints) if posterior is None else posterior[0]
-    scores = estep.score_case(annotations, refined, q, np.asarray(logits).argmax(axis=0), previous=previous,
-                              ignore_label=ignore_label)
+    scores = score_case(annotations, refined, q, np.asarray(logits).argmax(axis=0), previous=previous,
+                        ignore_label=ignore_label)
     return refined, {**scores, "weak_labels": {"kind": weak_case_kind(constraints), **report}}
 
 
@@ -339,9 +341,9 @@ def proposal_posterior(logits, annotations, model: NoiseModel, constraints: Case
     """The posterior ``(C, *spatial)`` a case's proposal is read from, computed once per case for the E-step
     (``refine_labelled_case(posterior=)``), its uncertainty map and its soft targets: the calibrated network alone
     for a pseudo-labelled case, under its constraints for a constrained one, the (per-case) noise model otherwise
-    (``estep.case_posterior``). Returns ``(posterior, case flip rate or None)`` as ``case_posterior`` does."""
+    (``case_posterior``). Returns ``(posterior, case flip rate or None)`` as ``case_posterior`` does."""
     if constraints is not None:
         return observation_posterior(logits, annotations, model, constraints), None
     if pseudo:
-        return estep.softmax(logits, model.temperature, dtype=np.float32), None
-    return estep.case_posterior(logits, annotations, model, case_prior_strength=case_prior_strength, seed=seed)
+        return softmax(logits, model.temperature, dtype=np.float32), None
+    return case_posterior(logits, annotations, model, case_prior_strength=case_prior_strength, seed=seed)
