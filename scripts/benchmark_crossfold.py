@@ -140,13 +140,26 @@ def inference_seconds(root: str, name: str, fold: str, cases: list[str]) -> dict
     return {key: float(np.median(values)) for key, values in timings.items()}
 
 
+def _estep(logits_of, annotation_of, **overrides):
+    """Round 1 of the product's E-step (its default settings, ``overrides`` applied) over these arrays: what a
+    run executes, through the same front door (Hippocampus: 3 classes, ignore label 3)."""
+    import dataclasses
+
+    from nnunetv2_em.estep.pipeline import ArrayCaseInputs, EStep, EStepOptions
+    from nnunetv2_em.settings import EMSettings
+
+    options = dataclasses.replace(EStepOptions.from_settings(EMSettings.resolve(None, source="defaults")),
+                                  **overrides)
+    return EStep(options, ArrayCaseInputs(logits_of, annotation_of), num_classes=3, ignore_label=3, round_index=1)
+
+
 def postprocessing_seconds(root: str, name: str, cache: str, cases: list[str]) -> dict:
     """A whole E-step over ``cases`` as the cross-fold loop runs it (fit on all, then per case: posterior,
     refinement, scores, class_locations, raw and preprocessed label writes); the fit is divided over the cases."""
     import blosc2
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
 
-    from nnunetv2_em import estep, label_store, nnunet_data
+    from nnunetv2_em import label_store, nnunet_data
 
     plans_manager, configuration_manager, dataset_json = _managers(root, name, CONFIGURATION)
     label_manager = plans_manager.get_label_manager(dataset_json)
@@ -157,20 +170,16 @@ def postprocessing_seconds(root: str, name: str, cache: str, cases: list[str]) -
         return np.load(os.path.join(cache, "logits", f"{case}.npy")).astype(np.float32)
 
     started = time.perf_counter()
-    cap = estep.voxels_per_class(100_000, num_cases=len(cases), num_classes=3)
-    samples = [estep.sample_case(logits(c), np.load(os.path.join(cache, "segs", f"{c}.npy")),
-                                 max_voxels_per_class=cap, seed=estep.case_seed(0, 1, c)) for c in cases]
-    fit = estep.fit_round(samples, calibrate_temperature=True, max_iterations=30, min_model_dice=0.5)
+    step = _estep(logits, lambda c: blosc2.open(os.path.join(data_folder, f"{c}_seg.b2nd"))[:][0])
+    decision = step.fit(cases)
     fit_seconds = time.perf_counter() - started
     out = os.path.join(cache, "estep_share")
     os.makedirs(out, exist_ok=True)
     per_case = []
     for case in cases:
-        case_logits = logits(case)  # in the loop the logits come from the prediction step's cache too
-        started = time.perf_counter()
-        original = blosc2.open(os.path.join(data_folder, f"{case}_seg.b2nd"))[:][0]
-        refined, _ = estep.refine_case(case_logits, original, fit.model, thresholds=estep.RefinementThresholds(),
-                                       ignore_label=3)
+        started = time.perf_counter()  # in the loop the logits come from the prediction step's cache too
+        refined = step.case(case, decision).labels
+        original = step.inputs.annotation(case)
         properties = load_pickle(os.path.join(data_folder, f"{case}.pkl"))
         properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
         raw_original = np.asarray(reader_writer.read_seg(os.path.join(root, "raw", name, "labelsTr",
@@ -234,7 +243,7 @@ def peak_rss_mib() -> float:
 
 def memory_child(args) -> None:
     """Run one whole E-step over the first ``--cases`` cached cases and print the peak RSS (MiB)."""
-    from nnunetv2_em import estep, label_store
+    from nnunetv2_em import label_store
 
     before = peak_rss_mib()
     with open(os.path.join(args.cache, "cases.json")) as handle:
@@ -244,16 +253,12 @@ def memory_child(args) -> None:
     def logits(case):
         return np.load(os.path.join(args.cache, "logits", f"{case}.npy")).astype(np.float32)
 
-    cap = estep.voxels_per_class(100_000, num_cases=len(cases), num_classes=3)
-    samples = [estep.sample_case(logits(c), np.load(os.path.join(segs, f"{c}.npy")), max_voxels_per_class=cap,
-                                 seed=[0, 1, i]) for i, c in enumerate(cases)]
-    fit = estep.fit_round(samples, calibrate_temperature=True, max_iterations=30, min_model_dice=0.0)
-    del samples
+    step = _estep(logits, lambda c: np.load(os.path.join(segs, f"{c}.npy")), min_model_dice=0.0)
+    decision = step.fit(cases)
     out = os.path.join(args.cache, f"memory_{args.cases}")
     os.makedirs(out, exist_ok=True)
     for case in cases:
-        refined, _ = estep.refine_case(logits(case), np.load(os.path.join(segs, f"{case}.npy")), fit.model,
-                                       thresholds=estep.RefinementThresholds(), ignore_label=3)
+        refined = step.case(case, decision).labels
         label_store.write_seg_b2nd(os.path.join(out, f"{case}_seg.b2nd"), refined[None], (56, 40))
     print(json.dumps({"cases": len(cases), "peak_rss_mib": peak_rss_mib(), "rss_after_imports_mib": before}))
 
@@ -287,7 +292,7 @@ def refine_into(root: str, name: str, cache: str, cases: list[str], target_root:
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_em import checks, estep, label_store, nnunet_data
+    from nnunetv2_em import checks, label_store, nnunet_data
 
     source = os.path.join(root, "preprocessed", name)
     target = os.path.join(target_root, "preprocessed", name)
@@ -300,23 +305,20 @@ def refine_into(root: str, name: str, cache: str, cases: list[str], target_root:
     label_manager = plans_manager.get_label_manager(dataset_json)
     patch = plans_manager.get_configuration(CONFIGURATION).patch_size
     segs = os.path.join(cache, "segs")
-    samples = [estep.sample_case(np.load(os.path.join(cache, "logits", f"{c}.npy")).astype(np.float32),
-                                 np.load(os.path.join(segs, f"{c}.npy")), max_voxels_per_class=200, seed=[0, 1, i])
-               for i, c in enumerate(cases)]
-    fit = estep.fit_round(samples, calibrate_temperature=True, max_iterations=30, min_model_dice=0.0)
+    step = _estep(lambda c: np.load(os.path.join(cache, "logits", f"{c}.npy")),
+                  lambda c: np.load(os.path.join(segs, f"{c}.npy")), min_model_dice=0.0)
+    decision = step.fit(cases)
     changed = 0
     data_folder = os.path.join(target, f"nnUNetPlans_{CONFIGURATION}")
     for case in cases:
-        original = np.load(os.path.join(segs, f"{case}.npy"))
-        refined, scores = estep.refine_case(np.load(os.path.join(cache, "logits", f"{case}.npy")).astype(np.float32),
-                                            original, fit.model, thresholds=estep.RefinementThresholds(),
-                                            ignore_label=3)
+        result = step.case(case, decision)
+        refined, scores = result.labels, result.scores
         changed += scores["voxels_changed"] + scores["voxels_ignored"]
         properties = load_pickle(os.path.join(data_folder, f"{case}.pkl"))
         properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
         label_store.write_seg_b2nd(os.path.join(data_folder, f"{case}_seg.b2nd"), refined[None], patch)
         label_store.write_pickle(os.path.join(data_folder, f"{case}.pkl"), properties)
-    summary = {"voxels_changed_or_ignored": int(changed), "model_dice": fit.model_dice}
+    summary = {"voxels_changed_or_ignored": int(changed), "model_dice": decision.model_dice}
     label_store.write_json(os.path.join(target, "em_refined.json"), summary)
     if not os.path.exists(os.path.join(target_root, "raw")):
         os.symlink(os.path.join(root, "raw"), os.path.join(target_root, "raw"))

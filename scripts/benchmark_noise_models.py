@@ -17,6 +17,7 @@ the same probabilities.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -27,6 +28,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_em import estep, nnunet_data
 from nnunetv2_em.benchmark import metrics, suite
 from nnunetv2_em.benchmark.harness import Benchmark, _read_label
+from nnunetv2_em.estep.pipeline import ArrayCaseInputs, EStep, EStepOptions
 from nnunetv2_em.settings import EMSettings
 
 # name: (per-case prior strength or None, boundary band width or None)
@@ -35,20 +37,15 @@ MODELS = {"global": (None, None), "per_case 100": (100.0, None), "per_case 1000"
 
 
 def fit_like_a_run(benchmark: Benchmark, cases: list[str], logits_of, *, band_width: float | None = None) -> dict:
-    """The run's round fit (``estep.fit_round`` with the plans' settings, samples drawn as a run draws them) on
+    """The run's round fit (the E-step's front door with the plans' settings, as a run fits) on
     ``logits_of(case)``, optionally boundary-aware, as ``fit.json`` holds it."""
     plans = PlansManager(os.path.join(benchmark.workspace.preprocessed("em"), "nnUNetPlans.json"))
     settings = EMSettings.resolve(plans.plans.get("em"), source="plans")
     versions = benchmark.workspace.em_versions(benchmark.profile, benchmark.ending)
-    cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases),
-                                 num_classes=len(benchmark.classes) + 1)
-    samples = [estep.sample_case(logits_of(case), versions.read_segmentation(0, case)[0], max_voxels_per_class=cap,
-                                 band_width=band_width, seed=estep.case_seed(settings.seed, 1, case))
-               for case in cases]
-    fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
-                          max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
-                          thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share,
-                          band_width=band_width, band_prior_strength=settings.case_prior_strength)
+    options = dataclasses.replace(EStepOptions.from_settings(settings), band_width=band_width)
+    step = EStep(options, ArrayCaseInputs(logits_of, lambda case: versions.read_segmentation(0, case)[0]),
+                 num_classes=len(benchmark.classes) + 1, ignore_label=benchmark.ignore_label, round_index=1)
+    fit = step.fit(cases)
     return {"noise_model": fit.model.to_dict(), "refine": bool(fit.refine), "model_dice": fit.model_dice}
 
 

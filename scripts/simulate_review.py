@@ -30,6 +30,7 @@ from benchmark_noise_models import replicates, suite_parser  # noqa: E402
 from nnunetv2_em import checks, estep, label_store, nnunet_data  # noqa: E402
 from nnunetv2_em.benchmark import metrics  # noqa: E402
 from nnunetv2_em.benchmark.harness import _read_label  # noqa: E402
+from nnunetv2_em.estep.pipeline import ArrayCaseInputs, EStep, EStepOptions  # noqa: E402
 from nnunetv2_em.settings import EMSettings  # noqa: E402
 
 BUDGETS = (0.0, 0.02, 0.05, 0.10)
@@ -56,28 +57,18 @@ def estep_with_reviews(cases, reviewed, *, noisy_of, logits_of, truth_of, settin
     complete data, gate on ``gate_cases`` (default: all reviewed), refine every other case; reviewed cases take
     their truth."""
     gate_cases = reviewed if gate_cases is None else gate_cases
-    cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases), num_classes=3)
-    samples = [estep.sample_case(logits_of(c), noisy_of(c), max_voxels_per_class=cap,
-                                 seed=estep.case_seed(settings.seed, 1, c),
-                                 truth=truth_of(c) if c in reviewed else None) for c in cases]
-    fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
-                          max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
-                          thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share)
-    refine, gate = estep.gate_round(
-        fit, cases, sorted(gate_cases), lambda c: (logits_of(c), noisy_of(c)), thresholds=settings.thresholds,
-        ignore_label=ignore_label, case_prior_strength=settings.case_prior,
-        min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
-        seed=settings.seed, round_index=1, changes_without_verified_cases=False,
-        truth_of=lambda c: truth_of(c) if c in reviewed else None)
+    inputs = ArrayCaseInputs(logits_of, noisy_of, truth_of=lambda c: truth_of(c) if c in reviewed else None)
+    step = EStep(EStepOptions.from_settings(settings), inputs, num_classes=3, ignore_label=ignore_label,
+                 round_index=1)
+    decision = step.fit(cases, verified=gate_cases)
+    gate = decision.gate
     labels, scores = {}, {}
     for case in cases:
         if case in reviewed:
             labels[case] = truth_of(case)
             continue
-        labels[case], scores[case] = estep.refine_case(
-            logits_of(case), noisy_of(case), fit.model, thresholds=settings.thresholds, ignore_label=ignore_label,
-            apply=refine, allow_changes=gate["changes_allowed"], case_prior_strength=settings.case_prior,
-            seed=estep.case_seed(settings.seed, 1, case))
+        result = step.case(case, decision)
+        labels[case], scores[case] = result.labels, result.scores
     return {"labels": labels, "scores": scores, "changes_allowed": bool(gate["changes_allowed"]),
             "precision_lower_bound": gate.get("lower_bound")}
 

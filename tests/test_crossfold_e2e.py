@@ -213,6 +213,73 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
     assert crossfold.UNLABELED_FOLDER in os.listdir(preprocessed)
 
 
+def test_both_drivers_give_the_same_case_results_through_the_one_estep(finished_run, tmp_path):
+    """The run's and EMTrainer's inputs over equivalent files (the trainer's logits cache, original segmentations
+    and exchange filled with what the run had) give the same round fit and the same labels and scores per case,
+    which are the run's staged ones."""
+    from types import SimpleNamespace
+
+    from nnunetv2_em import label_store
+    from nnunetv2_em.crossfold.options import RunContext, RunOptions
+    from nnunetv2_em.crossfold.tasks import RunCaseInputs
+    from nnunetv2_em.estep.pipeline import EStep, EStepOptions, RoundDecision
+    from nnunetv2_em.layout import RunLayout
+    from nnunetv2_em.settings import EMSettings
+    from nnunetv2_em.trainers.em_trainer import _TrainerCaseInputs
+
+    workspace = finished_run["workspace"]
+    preprocessed = os.path.join(workspace.preprocessed, DATASET)
+    with open(os.path.join(preprocessed, "nnUNetPlans.json")) as handle:
+        settings = EMSettings.resolve(json.load(handle)["em"], source="plans")
+    layout = RunLayout(workspace.results, DATASET, "VanillaTrainer_tiny", "nnUNetPlans", "2d")
+    context = RunContext(DATASET, finished_run["folder"], preprocessed, "nnUNetPlans_2d", ".nii.gz", layout,
+                         RunOptions(str(DATASET_ID), "2d", (0, 1), trainer="VanillaTrainer_tiny"),
+                         settings.to_plans_block())
+    round_index = 2
+    with open(layout.round_file(round_index, "out_of_fold.json")) as handle:
+        cases = sorted(json.load(handle))
+    with open(layout.round_file(round_index, "fit.json")) as handle:
+        recorded = RoundDecision.from_dict(json.load(handle))
+    staged = os.path.join(preprocessed, "em_labels", RUN_NAME, "round_{:02d}", "nnUNetPlans_2d", "{}_seg.b2nd")
+
+    # the trainer's files: its float16 logits cache, a view of the originals, an exchange holding round 1
+    originals = os.path.join(preprocessed, "em_labels", "round_00", "nnUNetPlans_2d")
+    training_labels = label_store.TrainingLabelFolder(originals, str(tmp_path / "training_labels"))
+    exchange = label_store.FoldExchange(str(tmp_path / "exchange"))
+    cache = str(tmp_path / "logits_cache")
+    os.makedirs(cache)
+    for case in cases:
+        shutil.copy(layout.logits_file(round_index, case), _TrainerCaseInputs.logits_file(cache, case))
+        shutil.copy(layout.mirrored_logits_file(round_index, case),
+                    _TrainerCaseInputs.logits_file(cache, case, mirrored=True))
+        exchange.publish(0, round_index - 1, case, label_store.read_seg_b2nd(staged.format(round_index - 1, case)),
+                         original_seg_path=training_labels.original_seg_path(case), patch_size=(56, 40))
+    trainer = SimpleNamespace(_training_labels=training_labels, _exchange=exchange,
+                              _case_constraints=lambda case, shape: None, _reviewed_truth=lambda case: None)
+
+    options = EStepOptions.from_settings(settings)
+    assert options.second_opinion  # the fixture's plans ask for the mirrored second opinion
+    steps = {name: EStep(options, inputs, num_classes=3, ignore_label=3, round_index=round_index) for name, inputs in
+             (("run", RunCaseInputs(context, round_index)),
+              ("trainer", _TrainerCaseInputs(trainer, cache, round_index)))}
+    decisions = {name: step.fit(cases, verified=VERIFIED) for name, step in steps.items()}
+    as_json = {name: json.dumps(decision.to_dict(), sort_keys=True) for name, decision in decisions.items()}
+    assert as_json["run"] == as_json["trainer"]
+    assert decisions["run"].model.transition.tolist() == pytest.approx(recorded.model.transition.tolist())
+    assert decisions["run"].gate["changes_allowed"] == recorded.gate["changes_allowed"]
+    for case in cases:
+        results = {name: step.case(case, recorded) for name, step in steps.items()}
+        np.testing.assert_array_equal(results["run"].labels, results["trainer"].labels)
+        np.testing.assert_array_equal(results["run"].uncertainty, results["trainer"].uncertainty)
+        assert results["run"].scores == results["trainer"].scores
+        np.testing.assert_array_equal(results["run"].labels,
+                                      label_store.read_seg_b2nd(staged.format(round_index, case))[0])
+        with open(layout.case_file(round_index, case)) as handle:
+            marker = json.load(handle)
+        assert {k: v for k, v in marker.items() if k not in ("case", "provenance")} == \
+            json.loads(json.dumps(results["run"].scores))
+
+
 def test_reports_and_plots_are_written(finished_run):
     run_folder = finished_run["run_folder"]
     for name in ("summary.json", "summary.md", os.path.join("plots", "changed_voxels.png"),

@@ -325,12 +325,14 @@ def test_resume_after_a_kill_continues_and_keeps_the_originals(planned, kill_poi
     assert _original_preprocessed_snapshot(planned) == preprocessed_before
 
 
-def test_impossible_em_settings_fail_cleanly_through_the_stock_cli(planned):
+@pytest.mark.parametrize("key, value", [("change_threshold", 0.3),  # impossible
+                                        ("soft_targets", 4)])  # possible for `run`, refused by EMTrainer
+def test_impossible_em_settings_fail_cleanly_through_the_stock_cli(planned, key, value):
     plans_file = os.path.join(planned.preprocessed, DATASET, "nnUNetPlans.json")
     with open(plans_file) as handle:
         original = handle.read()
     plans = json.loads(original)
-    plans["em"]["change_threshold"] = 0.3
+    plans["em"][key] = value
     with open(plans_file, "w") as handle:
         json.dump(plans, handle)
     try:
@@ -341,7 +343,7 @@ def test_impossible_em_settings_fail_cleanly_through_the_stock_cli(planned):
         assert "Traceback" not in result.stderr
         error_lines = [line for line in result.stderr.splitlines() if line.startswith("nnunetv2_em: error:")]
         assert len(error_lines) == 1
-        assert "em.change_threshold" in error_lines[0] and plans_file in error_lines[0] and "Fix:" in error_lines[0]
+        assert f"em.{key}" in error_lines[0] and plans_file in error_lines[0] and "Fix:" in error_lines[0]
         assert tree_snapshot(planned.root) == before
     finally:
         with open(plans_file, "w") as handle:

@@ -13,6 +13,8 @@ import numpy as np
 from nnunetv2_em import checks, engine, estep, label_store, reports, weak_labels
 from nnunetv2_em.crossfold.options import RunContext, RunOptions
 from nnunetv2_em.crossfold.tasks import (
+    RunCaseInputs,
+    estep_for_round,
     load_logits,
     managers,
     task_predict,
@@ -21,7 +23,6 @@ from nnunetv2_em.crossfold.tasks import (
     task_train,
 )
 from nnunetv2_em.errors import EMInputError
-from nnunetv2_em.estep import constraints as constrained
 from nnunetv2_em.layout import RunLayout
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 
@@ -320,57 +321,18 @@ class CrossFoldRun:
         if os.path.isfile(path):
             with open(path) as handle:
                 return json.load(handle)
-        settings = context.em
-        versions = context.versions()
         _, _, dataset_json = managers(context)
-        num_classes = len(checks.label_values(dataset_json, "dataset.json"))
-        cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases), num_classes=num_classes)
         started = time.time()
-        samples = [self._fit_sample(context, round_index, case, cap) for case in cases]
-        fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
-                              max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
-                              thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share,
-                              band_width=settings.band_width, band_prior_strength=settings.case_prior_strength)
-        if fit.refused:
-            print(f"round {round_index}: labels kept as they are: {fit.refused}", flush=True)
         # with verified cases (checked annotations, reviewed cases drawn at random) the precision gate decides
-        store = context.reviewed_labels()
-        audited = [case for case in store.audited() if case in self.reviewed]
-        verified = sorted({case for case in [*self.verified, *audited] if case in cases})
-        ignore_label = int(dataset_json["labels"]["ignore"])  # managers() adds it
-        def case_arrays(case):
-            arrays = (load_logits(context, round_index, case), versions.read_original_segmentation(case)[0])
-            if settings.second_opinion == "mirror":
-                arrays += (np.load(context.layout.mirrored_logits_file(round_index, case)).astype(np.float32),)
-            return arrays
-
-        refine, gate = estep.gate_round(
-            fit, cases, verified, case_arrays,
-            thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
-            min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
-            seed=settings.seed, round_index=round_index,
-            changes_without_verified_cases=settings.changes_without_verified_cases,
-            truth_of=lambda case: self._reviewed_truth(context, store, case))
-        if verified:
-            print(f"round {round_index}: estimated precision of the changes {gate['precision']:.3f} (lower bound "
-                  f"{gate['lower_bound']:.3f}, {len(verified)} verified cases)", flush=True)
-        if refine and not gate["changes_allowed"]:
-            print(f"round {round_index}: changes become the ignore label: their precision is not established "
-                  f"({'below em.min_change_precision' if verified else 'no verified cases'})", flush=True)
-        result = {"noise_model": fit.model.to_dict(), "model_dice": fit.model_dice, "refine": refine,
-                  "refused": fit.refused, "gate": gate, "verified": verified,
-                  "cases": len(cases), "seconds": round(time.time() - started, 2)}
+        audited = [case for case in context.reviewed_labels().audited() if case in self.reviewed]
+        inputs = RunCaseInputs(context, round_index, reviewed=self.reviewed)
+        decision = estep_for_round(context, round_index, inputs, dataset_json).fit(
+            cases, verified=[*self.verified, *audited])
+        for note in decision.notes():
+            print(f"round {round_index}: {note}", flush=True)
+        result = {**decision.to_dict(), "cases": len(cases), "seconds": round(time.time() - started, 2)}
         label_store.write_json(path, result)
         return result
-
-    def _fit_sample(self, context: RunContext, round_index: int, case: str, cap: int) -> estep.CaseSample:
-        settings = context.em
-        return constrained.fit_sample(load_logits(context, round_index, case),
-                                      context.versions().read_original_segmentation(case)[0],
-                                      context.case_constraints(case), max_voxels_per_class=cap,
-                                      band_width=settings.band_width,
-                                      seed=estep.case_seed(settings.seed, round_index, case),
-                                      truth=self._reviewed_truth(context, context.reviewed_labels(), case))
 
     def _rank_unlabeled(self, context: RunContext, round_index: int, cases: list[str]) -> None:
         """``unlabeled_ranking.csv|json``: the round's unlabeled cases ranked by EXAMINE (the fold-0 network's
@@ -397,12 +359,6 @@ class CrossFoldRun:
                  **{f"rank_{s}": order.index(i) + 1 for s, order in orders.items()}} for i, case in enumerate(cases)]
         rank_unlabeled.write_ranking(context.layout.round_file(round_index, "unlabeled_ranking.csv"), rows,
                                      {"round": round_index, "strategies": list(strategies)})
-
-    def _reviewed_truth(self, context: RunContext, store: label_store.ReviewedLabels, case: str):
-        """A reviewed case's labels in the preprocessed array (the truth the fit and the gate use), else None."""
-        if case not in self.reviewed:
-            return None
-        return store.read_segmentation(case, context.data_identifier)[0]
 
     def _finish_round(self, context, round_index, fit, kinds, split, unlabeled, timings) -> dict:
         versions = context.versions()

@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 
-from nnunetv2_em import checks, engine, estep, label_store
+from nnunetv2_em import checks, engine, label_store
 from nnunetv2_em.crossfold.options import RunContext
-from nnunetv2_em.estep import constraints as constrained
+from nnunetv2_em.estep.pipeline import EStep, EStepOptions, RoundDecision
 
 
 def _child_env(context: RunContext, round_index: int) -> dict:
@@ -104,6 +104,66 @@ def load_logits(context: RunContext, round_index: int, case: str) -> np.ndarray:
     return np.load(context.layout.logits_file(round_index, case)).astype(np.float32)
 
 
+class RunCaseInputs:
+    """The E-step's inputs (``estep.pipeline.CaseInputs``) over a run's files: the round's cached logits, the
+    round-0 (original) segmentations, the previous round's, the weak labels in each case's array, the reviewed
+    labels of ``reviewed`` cases; ``pseudo``: the unlabeled cases (no annotation: 0 inside the image, -1 outside)."""
+
+    def __init__(self, context: RunContext, round_index: int, *, pseudo=(), reviewed=()):
+        self.context = context
+        self.round_index = round_index
+        self.versions = context.versions()
+        self.pseudo = set(pseudo)
+        self.reviewed = set(reviewed)
+        self._plans_manager = None
+
+    def logits(self, case: str) -> np.ndarray:
+        return load_logits(self.context, self.round_index, case)
+
+    def annotation(self, case: str) -> np.ndarray:
+        if case in self.pseudo:
+            outside = label_store.read_seg_b2nd(os.path.join(self.context.unlabeled_folder(), f"{case}_mask.b2nd"))
+            return np.where(outside[0] < 0, -1, 0)
+        return self.versions.read_original_segmentation(case)[0]
+
+    def previous(self, case: str) -> np.ndarray | None:
+        return None if case in self.pseudo else self.versions.read_segmentation(self.round_index - 1, case)[0]
+
+    def properties_path(self, case: str) -> str:
+        if case in self.pseudo:
+            return os.path.join(self.context.unlabeled_folder(), f"{case}.pkl")
+        return self.versions.original_properties_path(case)
+
+    def constraints(self, case: str):
+        from batchgenerators.utilities.file_and_folder_operations import load_pickle
+
+        from nnunetv2_em import nnunet_data
+
+        weak = self.context.case_constraints(case)
+        if weak is None:
+            return None
+        if self._plans_manager is None:
+            self._plans_manager = managers(self.context)[0]
+        shape = np.load(self.context.layout.logits_file(self.round_index, case), mmap_mode="r").shape[1:]
+        return nnunet_data.constraints_to_preprocessed(weak, load_pickle(self.properties_path(case)),
+                                                       self._plans_manager, shape)
+
+    def truth(self, case: str) -> np.ndarray | None:
+        if case not in self.reviewed:
+            return None
+        return self.context.reviewed_labels().read_segmentation(case, self.context.data_identifier)[0]
+
+    def second_opinion(self, case: str) -> np.ndarray | None:
+        return np.load(self.context.layout.mirrored_logits_file(self.round_index, case)).astype(np.float32)
+
+
+def estep_for_round(context: RunContext, round_index: int, inputs: RunCaseInputs, dataset_json: dict) -> EStep:
+    """The round's E-step over the run's files (``dataset_json`` as ``managers`` gives it: with the ignore label)."""
+    return EStep(EStepOptions.from_settings(context.em), inputs,
+                 num_classes=len(checks.label_values(dataset_json, "dataset.json")),
+                 ignore_label=int(dataset_json["labels"]["ignore"]), round_index=round_index)
+
+
 def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> str:
     """E-step of one case: refine (labelled) or pseudo-label (unlabeled); stage the round's label files."""
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
@@ -119,83 +179,27 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
         versions.stage_reviewed_case(round_index, case, reviewed)
         label_store.write_json(marker, {"case": case, "provenance": kind, "reviewed": reviewed.provenance(case)})
         return case
-    plans_manager, configuration_manager, dataset_json = managers(context)
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    ignore_label = int(label_manager.ignore_label)
+    pseudo = kind == label_store.PSEUDO
+    inputs = RunCaseInputs(context, round_index, pseudo=[case] if pseudo else [])
     with open(context.layout.round_file(round_index, "fit.json")) as handle:
-        fit = json.load(handle)
-    model = estep.NoiseModel.from_dict(fit["noise_model"])
-    settings = context.em
-    logits = load_logits(context, round_index, case)
+        decision = RoundDecision.from_dict(json.load(handle))
+    plans_manager, configuration_manager, dataset_json = managers(context)
+    result = estep_for_round(context, round_index, inputs, dataset_json).case(case, decision, pseudo=pseudo)
+    label_manager = plans_manager.get_label_manager(dataset_json)
     reader_writer = plans_manager.image_reader_writer_class()
-    weak = context.case_constraints(case)
-    weak_report = None
-    if kind == label_store.PSEUDO:
-        properties = load_pickle(os.path.join(context.unlabeled_folder(), f"{case}.pkl"))
-        outside = label_store.read_seg_b2nd(os.path.join(context.unlabeled_folder(), f"{case}_mask.b2nd"))[0] < 0
-        annotations = np.where(outside, -1, 0)  # no annotation: inside the image, or not
-    else:
-        properties = load_pickle(versions.original_properties_path(case))
-        annotations = versions.read_original_segmentation(case)[0]
-    converted = None if weak is None else nnunet_data.constraints_to_preprocessed(weak, properties, plans_manager,
-                                                                                  logits.shape[1:])
-    apply = fit["refine"] and case not in fit.get("verified", ())
-    allow_changes = fit["gate"].get("changes_allowed", True)
-    posterior = constrained.proposal_posterior(logits, annotations, model, converted, pseudo=kind == label_store.PSEUDO,
-                                               case_prior_strength=settings.case_prior,
-                                               seed=estep.case_seed(settings.seed, round_index, case))
-    if kind == label_store.PSEUDO:
-        if weak is None:
-            refined = estep.pseudo_label(logits, model, thresholds=settings.thresholds, ignore_label=ignore_label,
-                                         outside=outside)
-        else:  # a weak-only case: its tags constrain the pseudo-label
-            refined, weak_report = constrained.constrained_labels(
-                logits, annotations, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
-                mode=settings.weak_mode, samples=settings.weak_samples, agreement=settings.weak_agreement,
-                seed=estep.case_seed(settings.seed, round_index, case))
-        scores = estep.score_pseudo_label(logits, refined, model, ignore_label=ignore_label)
-        raw_label = nnunet_data.preprocessed_to_raw_geometry(refined, properties, plans_manager,
+    properties = load_pickle(inputs.properties_path(case))
+    if pseudo:
+        raw_label = nnunet_data.preprocessed_to_raw_geometry(result.labels, properties, plans_manager,
                                                              configuration_manager)
     else:
-        previous = versions.read_segmentation(round_index - 1, case)[0]
-        second = None
-        if settings.second_opinion == "mirror":
-            second = np.load(context.layout.mirrored_logits_file(round_index, case)).astype(np.float32)
-        refined, scores = constrained.refine_labelled_case(
-            logits, annotations, model, converted, thresholds=settings.thresholds, ignore_label=ignore_label,
-            previous=previous, apply=apply, allow_changes=allow_changes, case_prior_strength=settings.case_prior,
-            mode=settings.weak_mode, samples=settings.weak_samples, agreement=settings.weak_agreement,
-            seed=estep.case_seed(settings.seed, round_index, case), second_opinion=second, posterior=posterior)
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
-        raw_label = nnunet_data.refined_raw_label(original_raw, annotations, refined, properties, plans_manager,
-                                                  configuration_manager)
-    if weak_report is not None:
-        scores = {**scores, "weak_labels": {"kind": constrained.weak_case_kind(weak), **weak_report}}
-    label_store.write_uncertainty(context.layout.uncertainty_file(round_index, case),
-                                  estep.proposal_uncertainty(posterior[0], refined))
-    soft_maps = None
-    if settings.soft_targets:
-        soft_maps = _soft_maps(posterior[0], annotations, refined, case, round_index, settings,
-                               pseudo=kind == label_store.PSEUDO or converted is not None,
-                               changes_allowed=apply and allow_changes, ignore_label=ignore_label)
+        raw_label = nnunet_data.refined_raw_label(original_raw, inputs.annotation(case), result.labels, properties,
+                                                  plans_manager, configuration_manager)
+    label_store.write_uncertainty(context.layout.uncertainty_file(round_index, case), result.uncertainty)
     properties = dict(properties)
-    properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
+    properties["class_locations"] = nnunet_data.class_locations(result.labels[None], label_manager)
     versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
-                        reader_writer=reader_writer, segmentation=refined[None], properties=properties,
-                        patch_size=configuration_manager.patch_size, soft_maps=soft_maps, provenance=kind)
-    label_store.write_json(marker, {"case": case, "provenance": kind, **scores})
+                        reader_writer=reader_writer, segmentation=result.labels[None], properties=properties,
+                        patch_size=configuration_manager.patch_size, soft_maps=result.soft_maps, provenance=kind)
+    label_store.write_json(marker, {"case": case, "provenance": kind, **result.scores})
     return case
-
-
-def _soft_maps(q, annotations, refined, case, round_index, settings, *, pseudo: bool, changes_allowed: bool,
-               ignore_label: int):
-    """The case's ``soft_targets`` sampled label maps from its posterior ``q``: drawn where the E-step was in doubt
-    (changed or ignored voxels of a labelled case, only where changes are allowed; ignored voxels of a
-    pseudo-labelled or constrained case), the hard labels elsewhere."""
-    seed = [*estep.case_seed(settings.seed, round_index, case), 1]
-    inside = refined != -1
-    if pseudo:
-        sample_where = inside & (refined == ignore_label)
-    else:
-        sample_where = (refined != annotations) & estep.annotated_mask(annotations, q.shape[0]) & changes_allowed
-    return estep.soft_label_maps(q, refined, sample_where=sample_where, samples=settings.soft_targets, seed=seed)

@@ -22,9 +22,9 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_em import checks, estep, label_store, nnunet_data, reports, weak_labels
+from nnunetv2_em import checks, label_store, nnunet_data, reports, weak_labels
 from nnunetv2_em.errors import EMInputError
-from nnunetv2_em.estep import constraints as constrained
+from nnunetv2_em.estep.pipeline import EStep, EStepOptions
 from nnunetv2_em.run_state import TrainerRunState
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 
@@ -46,6 +46,11 @@ class EMTrainer(nnUNetTrainer):
         dataset_folder = join(paths["nnUNet_preprocessed"], plans["dataset_name"])
         plans_file = join(dataset_folder, plans["plans_name"] + ".json")
         self.em_settings = EMSettings.resolve(plans.get(PLANS_KEY), self.em_overrides, source=plans_file)
+        if self.em_settings.soft_targets:
+            raise EMInputError(f"{plans_file}: em.soft_targets is {self.em_settings.soft_targets}, but EMTrainer "
+                               f"trains on its hard labels; sampled label maps are staged by `nnunetv2_em run` for "
+                               f"SoftTargetTrainer. Fix: set em.soft_targets to 0 in the plans' em block, or run "
+                               f"`nnunetv2_em run --trainer SoftTargetTrainer`.")
         classes = checks.label_values(dataset_json, join(dataset_folder, "dataset.json"))
         if dist.is_available() and dist.is_initialized():
             raise EMInputError("EMTrainer runs on one device per fold; multi-GPU (DDP) training of one fold is not "
@@ -214,81 +219,33 @@ class EMTrainer(nnUNetTrainer):
             self.set_deep_supervision_enabled(self.enable_deep_supervision)
             self.network.train()
             return
-        num_classes = self.label_manager.num_segmentation_heads
-        ignore_label = int(self.label_manager.ignore_label)
         logits_cache = join(self.em_folder, "logits_cache")
         os.makedirs(logits_cache, exist_ok=True)
-
-        predictor = self._estep_predictor()
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, cases)
-        cap = estep.voxels_per_class(settings.fit_sample_voxels, num_cases=len(cases), num_classes=num_classes)
-        samples, weak = [], {}  # weak: each case's constraints in its array, converted once per round
-        for case in cases:
-            data = torch.from_numpy(np.ascontiguousarray(dataset.load_case(case)[0][:]))
-            # cached as float16 and used as cached, so a resumed E-step sees exactly the same numbers
-            logits = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy().astype(np.float16)
-            np.save(join(logits_cache, f"{case}.npy"), logits)
-            weak[case] = self._case_constraints(case, logits.shape[1:])
-            samples.append(constrained.fit_sample(logits.astype(np.float32),
-                                                  self._training_labels.read_original_seg(case)[0], weak[case],
-                                                  max_voxels_per_class=cap, band_width=settings.band_width,
-                                                  seed=estep.case_seed(settings.seed, round_index, case),
-                                                  truth=self._reviewed_truth(case)))
+        inputs = _TrainerCaseInputs(self, logits_cache, round_index)
+        self._predict_logits(cases, logits_cache)
         prediction_seconds = time.time() - started
-        fit = estep.fit_round(samples, calibrate_temperature=settings.calibrate_temperature,
-                              max_iterations=settings.fit_iterations, min_model_dice=settings.min_model_dice,
-                              thresholds=settings.thresholds, max_ignored_share=settings.max_ignored_share,
-                              band_width=settings.band_width, band_prior_strength=settings.case_prior_strength)
-        if fit.refused:
-            self.print_to_log_file(f"EM round {round_index}: labels kept as they are: {fit.refused}")
-        del samples
+        step = EStep(EStepOptions.from_settings(settings), inputs,
+                     num_classes=self.label_manager.num_segmentation_heads,
+                     ignore_label=int(self.label_manager.ignore_label), round_index=round_index)
         # the gate's evidence: checked annotations and reviewed cases drawn at random (review export --audit)
         audited = [case for case in self._reviewed.audited() if case in self._reviewed_cases]
-        verified = sorted({case for case in [*self._verified_cases, *audited] if case in cases})
-        refine, gate = estep.gate_round(
-            fit, cases, verified,
-            lambda case: (np.load(join(logits_cache, f"{case}.npy")).astype(np.float32),
-                          self._training_labels.read_original_seg(case)[0]),
-            thresholds=settings.thresholds, ignore_label=ignore_label, case_prior_strength=settings.case_prior,
-            min_change_precision=settings.min_change_precision, min_model_dice=settings.min_model_dice,
-            seed=settings.seed, round_index=round_index,
-            changes_without_verified_cases=settings.changes_without_verified_cases, truth_of=self._reviewed_truth)
-        if verified:
-            self.print_to_log_file(f"EM round {round_index}: estimated precision of the changes "
-                                   f"{gate['precision']:.3f} (lower bound {gate['lower_bound']:.3f}, "
-                                   f"{len(verified)} verified cases)")
-        if refine and not gate["changes_allowed"]:
-            why = "below em.min_change_precision" if verified else "no verified cases"
-            self.print_to_log_file(f"EM round {round_index}: changes become the ignore label: their precision is "
-                                   f"not established ({why})")
+        decision = step.fit(cases, verified=[*self._verified_cases, *audited])
+        for note in decision.notes():
+            self.print_to_log_file(f"EM round {round_index}: {note}")
+        refine, gate, verified = decision.refine, decision.gate, list(decision.verified)
         fit_done = time.time()
 
         scores, refined_cases = {}, {}
         for case in cases:
             if case in self._reviewed_cases:  # frozen: trained on and exported as reviewed
                 continue
-            logits = np.load(join(logits_cache, f"{case}.npy")).astype(np.float32)
-            original = self._training_labels.read_original_seg(case)[0]
-            mine = self._exchange.latest(case, original_seg_path=self._training_labels.original_seg_path(case),
-                                         up_to_round=round_index - 1)
-            previous = label_store.read_seg_b2nd(mine["seg_path"])[0] if mine else original
-            posterior = constrained.proposal_posterior(logits, original, fit.model, weak[case], pseudo=False,
-                                                       case_prior_strength=settings.case_prior,
-                                                       seed=estep.case_seed(settings.seed, round_index, case))
-            refined, scores[case] = constrained.refine_labelled_case(
-                logits, original, fit.model, weak[case],
-                thresholds=settings.thresholds, ignore_label=ignore_label, previous=previous,
-                apply=refine and case not in verified, allow_changes=gate["changes_allowed"],
-                case_prior_strength=settings.case_prior, mode=settings.weak_mode, samples=settings.weak_samples,
-                agreement=settings.weak_agreement, seed=estep.case_seed(settings.seed, round_index, case),
-                posterior=posterior)
-            label_store.write_uncertainty(join(round_folder, "uncertainty", f"{case}.npz"),
-                                          estep.proposal_uncertainty(posterior[0], refined))
-            del posterior
-            self._exchange.publish(self.fold, round_index, case, refined[None],
+            result = step.case(case, decision)
+            scores[case] = result.scores
+            label_store.write_uncertainty(join(round_folder, "uncertainty", f"{case}.npz"), result.uncertainty)
+            self._exchange.publish(self.fold, round_index, case, result.labels[None],
                                    original_seg_path=self._training_labels.original_seg_path(case),
                                    patch_size=self.configuration_manager.patch_size,
-                                   record={"refined": bool(refine and case not in verified)})
+                                   record={"refined": result.applied})
             refined_cases[case] = self._exchange.latest(
                 case, original_seg_path=self._training_labels.original_seg_path(case))
         shutil.rmtree(logits_cache)
@@ -301,25 +258,42 @@ class EMTrainer(nnUNetTrainer):
             "epochs_trained": self.current_epoch,
             "judged_cases": cases,
             "exchanged_cases": {case: {"fold": r["fold"], "round": r["round"]} for case, r in taken.items()},
-            "noise_model": fit.model.to_dict(),
-            "model_dice": fit.model_dice,
+            "noise_model": decision.model.to_dict(),
+            "model_dice": decision.model_dice,
             "refinement_applied": refine,
-            "refinement_refused": fit.refused,
+            "refinement_refused": decision.refused,
             "gate": gate,
             "verified": verified,
-            **estep.summarize_round(scores),
+            **step.summary(scores, refine=refine),
             "seconds_prediction": round(prediction_seconds, 2),
             "seconds_fit": round(fit_done - started - prediction_seconds, 2),
             "seconds_refine": round(refine_done - fit_done, 2),
             "seconds_export": round(time.time() - refine_done, 2),
             "seconds_total": round(time.time() - started, 2),
         }
-        reports.write_round_reports(round_folder, summary, estep.rank_cases(scores))
-        converged = refine and summary["fraction_changed_since_previous"] < settings.tolerance
+        reports.write_round_reports(round_folder, summary, step.ranking(scores))
+        converged = summary["converged"]
         self._em_state.complete_round(summary, converged=converged)
         self._log_round(summary, converged)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
         self.network.train()
+
+    def _predict_logits(self, cases: list[str], logits_cache: str) -> None:
+        """Each case's logits (and with ``em.second_opinion: mirror`` those of its image mirrored along the last
+        axis, mirrored back, as ``nnunetv2_em run`` predicts them) into ``logits_cache``, as float16: a resumed
+        E-step sees exactly the same numbers."""
+        predictor = self._estep_predictor()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, cases)
+        mirrored = (False, True) if self.em_settings.second_opinion == "mirror" else (False,)
+        for case in cases:
+            data = np.ascontiguousarray(dataset.load_case(case)[0][:])
+            for mirror in mirrored:
+                image = np.ascontiguousarray(np.flip(data, axis=-1)) if mirror else data
+                logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(image)).float().cpu().numpy()
+                if mirror:
+                    logits = np.flip(logits, axis=-1)
+                np.save(_TrainerCaseInputs.logits_file(logits_cache, case, mirrored=mirror),
+                        np.ascontiguousarray(logits).astype(np.float16))
 
     def _case_constraints(self, case: str, shape):
         """The case's weak labels in its preprocessed array, or None."""
@@ -458,3 +432,40 @@ class EMTrainer(nnUNetTrainer):
             also_print_to_console=True)
         self.print_to_log_file(f"EM round {summary['round']}: transition[true, annotated] = "
                                f"{np.round(np.asarray(noise['transition']), 4).tolist()}", also_print_to_console=True)
+
+
+class _TrainerCaseInputs:
+    """The E-step's inputs (``estep.pipeline.CaseInputs``) over the trainer's files: the round's logits cache, the
+    original preprocessed segmentations, this fold's newest refinement in the exchange, the weak labels and the
+    reviewed labels."""
+
+    def __init__(self, trainer: EMTrainer, logits_cache: str, round_index: int):
+        self.trainer = trainer
+        self.logits_cache = logits_cache
+        self.round_index = round_index
+
+    @staticmethod
+    def logits_file(cache: str, case: str, *, mirrored: bool = False) -> str:
+        return join(cache, f"{case}{'_mirrored' if mirrored else ''}.npy")
+
+    def logits(self, case: str) -> np.ndarray:
+        return np.load(self.logits_file(self.logits_cache, case)).astype(np.float32)
+
+    def annotation(self, case: str) -> np.ndarray:
+        return self.trainer._training_labels.read_original_seg(case)[0]
+
+    def previous(self, case: str) -> np.ndarray:
+        labels = self.trainer._training_labels
+        mine = self.trainer._exchange.latest(case, original_seg_path=labels.original_seg_path(case),
+                                             up_to_round=self.round_index - 1)
+        return label_store.read_seg_b2nd(mine["seg_path"])[0] if mine else labels.read_original_seg(case)[0]
+
+    def constraints(self, case: str):
+        shape = np.load(self.logits_file(self.logits_cache, case), mmap_mode="r").shape[1:]
+        return self.trainer._case_constraints(case, shape)
+
+    def truth(self, case: str) -> np.ndarray | None:
+        return self.trainer._reviewed_truth(case)
+
+    def second_opinion(self, case: str) -> np.ndarray:
+        return np.load(self.logits_file(self.logits_cache, case, mirrored=True)).astype(np.float32)
