@@ -57,12 +57,12 @@ class EMSettings:
 
     @property
     def case_prior(self) -> float | None:
-        """``estep.refine_case``'s ``case_prior_strength``: None for the dataset-wide model."""
+        """The E-step's per-case prior strength (``EStepOptions.case_prior``): None for the dataset-wide model."""
         return self.case_prior_strength if self.noise_model in ("per_case", "boundary_per_case") else None
 
     @property
     def band_width(self) -> float | None:
-        """``estep.sample_case``'s and ``estep.fit_round``'s ``band_width``: None without boundary bands."""
+        """The E-step's boundary band width (``EStepOptions.band_width``): None without boundary bands."""
         return self.boundary_band_width if self.noise_model.startswith("boundary") else None
 
     @property

@@ -42,6 +42,24 @@ def test_a_set_valued_observation_never_moves_a_voxel_outside_its_set():
     assert np.all(full[2][annotations == 0] < q[2][annotations == 0] + 1e-6)
 
 
+def test_a_network_sure_of_a_class_outside_the_set_does_not_underflow_the_posterior():
+    """float32: with the network certain of class 1 (annotated, so not in S = {0, 2}), the priors of 0 and 2
+    underflow; the posterior must still be restricted to S and follow the network's preference within it."""
+    logits = np.zeros((3, 4))
+    logits[1] = 200.0  # exp(-200) is 0 in float32
+    logits[2] = [60.0, 60.0, -60.0, -60.0]  # within S: class 2 on the first two voxels, background on the others
+    partial = con.CaseConstraints(annotated_classes=frozenset({1}))
+    q = con.observation_posterior(logits, np.zeros(4, np.int64), MODEL3, partial)
+    assert np.all(np.isfinite(q)) and np.allclose(q.sum(axis=0), 1.0)
+    assert np.all(q[1] == 0)
+    np.testing.assert_array_equal(q.argmax(axis=0), [2, 2, 0, 0])
+    # and a region that excludes the only class left standing hands the voxel to the network's next choice
+    region = con.CaseConstraints(annotated_classes=frozenset({1}), region={2: ((2, 4),)})
+    q = con.observation_posterior(logits, np.zeros(4, np.int64), MODEL3, region)
+    np.testing.assert_array_equal(q.argmax(axis=0), [0, 0, 0, 0])
+    assert np.all(q[2][:2] == 0) and np.allclose(q.sum(axis=0), 1.0)
+
+
 @pytest.mark.parametrize("mode", con.MODES)
 def test_absent_and_region_remove_a_class_where_it_cannot_be(mode):
     truth, logits = _blobs()

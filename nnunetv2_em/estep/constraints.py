@@ -121,21 +121,50 @@ def observation_posterior(logits, annotations, model: NoiseModel, constraints: C
             set_valued = np.ones(annotations.shape, bool)
         else:
             set_valued = annotations == 0
-        prior = softmax(logits[:, set_valued], model.temperature, dtype=np.float32)
-        joint = prior * set_likelihood[:, None].astype(np.float32)
-        q[:, set_valued] = joint / np.maximum(joint.sum(axis=0, keepdims=True), 1e-30)
+        with np.errstate(divide="ignore"):  # log 0 = -inf: the classes outside S
+            log_set = np.log(set_likelihood).astype(np.float32)
+        # in log space: where the network is sure of a class outside S, every class in S has a prior that
+        # underflows float32, and the product would leave the voxel all-zero (then background by default)
+        if np.isfinite(log_set).any():
+            q[:, set_valued] = _normalised_exp(_log_softmax(logits[:, set_valued], model.temperature)
+                                               + log_set[:, None])
+        else:  # no class of S produces an observation in S (a degenerate T): left to the fallback below
+            q[:, set_valued] = 0.0
+    excluded = np.zeros(q.shape, bool)
     for c in constraints.absent:
-        q[c] = 0.0
+        excluded[c] = True
     for c, box in constraints.region.items():
-        outside = np.ones(annotations.shape, bool)
-        outside[tuple(slice(start, stop) for start, stop in box)] = False
-        q[c][outside] = 0.0
+        excluded[c] = True
+        excluded[c][tuple(slice(start, stop) for start, stop in box)] = False
+    q[excluded] = 0.0
     total = q.sum(axis=0)
     empty = total <= 0
-    q[0][empty] = 1.0
-    total[empty] = 1.0
+    if empty.any():  # all its mass was on excluded classes: the network's prior over the classes left, if any
+        log_prior = np.where(excluded[:, empty], -np.inf, _log_softmax(logits[:, empty], model.temperature))
+        left = np.isfinite(log_prior).any(axis=0)
+        refilled = np.zeros(log_prior.shape, np.float32)
+        refilled[0] = 1.0  # nothing left: background
+        refilled[:, left] = _normalised_exp(log_prior[:, left])
+        q[:, empty] = refilled
+        total[empty] = 1.0
     q /= total[None]
     return q
+
+
+def _log_softmax(logits, temperature: float) -> np.ndarray:
+    """``log softmax(logits / temperature)`` over axis 0, float32, without underflow."""
+    scaled = np.array(logits, dtype=np.float32) * np.float32(1.0 / float(temperature))
+    scaled -= scaled.max(axis=0, keepdims=True)
+    scaled -= np.log(np.exp(scaled).sum(axis=0, keepdims=True))
+    return scaled
+
+
+def _normalised_exp(log_weights: np.ndarray) -> np.ndarray:
+    """Columns of ``exp(log_weights)`` normalised to sum 1 (float32; the largest entry of each column is 1 before
+    normalising, so a column with any finite entry never underflows to all-zero)."""
+    shifted = log_weights - log_weights.max(axis=0, keepdims=True)
+    np.exp(shifted, out=shifted)
+    return shifted / shifted.sum(axis=0, keepdims=True)
 
 
 def _second_best(q: np.ndarray, c: int) -> np.ndarray:
