@@ -53,17 +53,6 @@ def label_values(dataset_json: dict, source: str) -> list[int]:
     return values
 
 
-def with_ignore_label(dataset_json: dict) -> dict:
-    """A copy of ``dataset_json`` that has nnU-Net's ignore label (max label + 1), added if missing."""
-    if "ignore" in dataset_json["labels"]:
-        return dataset_json
-    updated = dict(dataset_json)
-    labels = dict(dataset_json["labels"])
-    labels["ignore"] = max(int(v) for v in labels.values()) + 1
-    updated["labels"] = labels
-    return updated
-
-
 def split_labelled(cases: dict) -> tuple[dict, dict]:
     """nnU-Net's ``{case: {"images", "label"}}`` split into (cases with a label file, cases without). A label
     entry that exists but cannot be read (a dangling link to an unmounted share) is an error, never "unlabeled"."""

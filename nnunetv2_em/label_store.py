@@ -42,6 +42,7 @@ import blosc2
 import numpy as np
 
 from nnunetv2_em.errors import EMInputError
+from nnunetv2_em.label_conventions import with_ignore_label
 from nnunetv2_em.layout import run_folder
 from nnunetv2_em.nnunet_data import SEG_DTYPE, blosc2_seg_layout
 
@@ -1026,8 +1027,6 @@ def _sync_splits(preprocessed_folder: str, manifest: dict, leaving: list[str]) -
 
 def _sync_preprocessed_dataset_json(preprocessed_folder: str) -> None:
     """Training reads the preprocessed dataset.json: it needs the ignore label and no list of excluded images."""
-    from nnunetv2_em.checks import with_ignore_label
-
     path = os.path.join(preprocessed_folder, "dataset.json")
     if not os.path.isfile(path):
         return

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunetv2_em import checks, label_store
+from nnunetv2_em import checks, label_conventions, label_store
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.layout import RUN_PREFIX, RunLayout
 
@@ -375,7 +375,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
                            f"--cases to review them again.")
 
     with open(source.dataset_json) as handle:
-        dataset_json = checks.with_ignore_label(json.load(handle))
+        dataset_json = label_conventions.with_ignore_label(json.load(handle))
     ignore_label = int(dataset_json["labels"]["ignore"])
     images = get_filenames_of_train_images_and_targets(raw, dataset_json)
     reader_writer = _reader_writer(dataset_json, images[chosen[0]]["images"][0])
@@ -550,7 +550,7 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
         raise EMInputError(f"{os.path.join(folder, case)}: case {case} is not in this export ({export_path}). Fix: "
                            f"return labels only for the exported cases (export the case first).")
 
-    dataset_json = checks.with_ignore_label(checks.load_dataset_json(os.path.join(raw, "dataset.json")))
+    dataset_json = label_conventions.with_ignore_label(checks.load_dataset_json(os.path.join(raw, "dataset.json")))
     images = get_filenames_of_train_images_and_targets(raw, dataset_json)
     first = next(iter(export["cases"]))
     reader_writer = _reader_writer(dataset_json, os.path.join(folder, first, export["cases"][first]["images"][0]))

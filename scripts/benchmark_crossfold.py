@@ -108,11 +108,12 @@ def predictor_for(fold: str, mirroring: bool):
 def _managers(root: str, name: str, configuration: str):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_em import checks
+    from nnunetv2_em import checks, label_conventions
 
     preprocessed = os.path.join(root, "preprocessed", name)
     plans_manager = PlansManager(os.path.join(preprocessed, "nnUNetPlans.json"))
-    dataset_json = checks.with_ignore_label(checks.load_dataset_json(os.path.join(preprocessed, "dataset.json")))
+    dataset_json = label_conventions.with_ignore_label(
+        checks.load_dataset_json(os.path.join(preprocessed, "dataset.json")))
     return plans_manager, plans_manager.get_configuration(configuration), dataset_json
 
 
@@ -292,7 +293,7 @@ def refine_into(root: str, name: str, cache: str, cases: list[str], target_root:
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_em import checks, label_store, nnunet_data
+    from nnunetv2_em import checks, label_conventions, label_store, nnunet_data
 
     source = os.path.join(root, "preprocessed", name)
     target = os.path.join(target_root, "preprocessed", name)
@@ -301,7 +302,7 @@ def refine_into(root: str, name: str, cache: str, cases: list[str], target_root:
             return json.load(handle)
     shutil.copytree(source, target, symlinks=True)
     plans_manager = PlansManager(os.path.join(source, "nnUNetPlans.json"))
-    dataset_json = checks.with_ignore_label(checks.load_dataset_json(os.path.join(source, "dataset.json")))
+    dataset_json = label_conventions.with_ignore_label(checks.load_dataset_json(os.path.join(source, "dataset.json")))
     label_manager = plans_manager.get_label_manager(dataset_json)
     patch = plans_manager.get_configuration(CONFIGURATION).patch_size
     segs = os.path.join(cache, "segs")

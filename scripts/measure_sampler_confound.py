@@ -39,7 +39,7 @@ def _binomial_two_sided(wins: int, n: int) -> float:
 
 
 def measure_seed(dataset: str, out: str, *, split_seed: int, training_seed: int, profile: str) -> dict:
-    from nnunetv2_em import checks, label_store
+    from nnunetv2_em import label_conventions, label_store
     from nnunetv2_em.benchmark import harness
 
     benchmark = harness.Benchmark(dataset, "clean", seed=split_seed, profile=profile,
@@ -55,7 +55,7 @@ def measure_seed(dataset: str, out: str, *, split_seed: int, training_seed: int,
         path = os.path.join(ignore_raw, "dataset.json")
         with open(path) as handle:
             dataset_json = json.load(handle)
-        label_store.write_json(path, checks.with_ignore_label(dataset_json))
+        label_store.write_json(path, label_conventions.with_ignore_label(dataset_json))
     scores = {}
     for arm, dataset_arm in (("vanilla", "noisy"), ("ignore_declared", "ignore_declared")):
         benchmark._plan(dataset_arm)  # nnU-Net's own planner for both

@@ -27,7 +27,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_noise_models import replicates, suite_parser  # noqa: E402
 
-from nnunetv2_em import checks, estep, label_store, nnunet_data  # noqa: E402
+from nnunetv2_em import checks, estep, label_conventions, label_store, nnunet_data  # noqa: E402
 from nnunetv2_em.benchmark import metrics  # noqa: E402
 from nnunetv2_em.benchmark.harness import _read_label  # noqa: E402
 from nnunetv2_em.estep.pipeline import ArrayCaseInputs, EStep, EStepOptions  # noqa: E402
@@ -99,7 +99,7 @@ def simulate_replicate(setting, seed, folder, benchmark, settings, *, gate_polic
     versions = benchmark.workspace.em_versions(benchmark.profile, benchmark.ending)
     plans = PlansManager(os.path.join(benchmark.workspace.preprocessed("em"), "nnUNetPlans.json"))
     configuration = plans.get_configuration(benchmark.profile.configuration)
-    dataset_json = checks.with_ignore_label(checks.load_dataset_json(
+    dataset_json = label_conventions.with_ignore_label(checks.load_dataset_json(
         os.path.join(benchmark.workspace.preprocessed("em"), "dataset.json")))
     logits = {c: np.load(layout.logits_file(1, c)).astype(np.float32) for c in cases}
     noisy = {c: versions.read_segmentation(0, c)[0] for c in cases}

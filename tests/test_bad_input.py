@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import demo_cases, make_raw_dataset, tree_snapshot
 
-from nnunetv2_em import checks, planning
+from nnunetv2_em import checks, label_conventions, planning
 from nnunetv2_em.errors import EMInputError
 
 CASES = demo_cases(4)
@@ -117,7 +117,7 @@ def test_planner_rejects_bad_data_before_planning(nnunet_env):
 def test_ignore_label_must_be_max_plus_one():
     with pytest.raises(EMInputError, match="max label \\+ 1"):
         checks.label_values({"labels": {"background": 0, "a": 1, "ignore": 5}}, "dataset.json")
-    assert checks.with_ignore_label({"labels": {"background": 0, "a": 1}})["labels"]["ignore"] == 2
+    assert label_conventions.with_ignore_label({"labels": {"background": 0, "a": 1}})["labels"]["ignore"] == 2
     assert np.array_equal(checks.label_values({"labels": {"background": 0, "a": 1, "b": 2}}, "x"), [0, 1, 2])
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunetv2_em import checks, estep, label_store
+from nnunetv2_em import checks, estep, label_conventions, label_store
 from nnunetv2_em.benchmark import metrics, noise
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.layout import RunLayout
@@ -197,7 +197,7 @@ def read_clean_dataset(benchmark, dataset_path: str) -> None:
     benchmark.dataset_json = checks.load_dataset_json(os.path.join(benchmark.source, "dataset.json"))
     benchmark.classes = checks.label_values(benchmark.dataset_json,
                                             os.path.join(benchmark.source, "dataset.json"))[1:]
-    benchmark.ignore_label = int(checks.with_ignore_label(benchmark.dataset_json)["labels"]["ignore"])
+    benchmark.ignore_label = int(label_conventions.with_ignore_label(benchmark.dataset_json)["labels"]["ignore"])
     benchmark.ending = benchmark.dataset_json["file_ending"]
 
 
@@ -282,7 +282,7 @@ class Benchmark:
                 _write_label_like(labels[case], self.cases[case]["label"], target)
         dataset_json = {key: value for key, value in self.dataset_json.items() if key != "dataset"}
         if arm == "cleanlab":  # the flagged voxels are nnU-Net's ignore label
-            dataset_json = checks.with_ignore_label(dataset_json)
+            dataset_json = label_conventions.with_ignore_label(dataset_json)
         dataset_json["numTraining"] = len(cases)
         label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
 

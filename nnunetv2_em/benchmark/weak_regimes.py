@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from nnunetv2_em import checks, label_store, weak_labels
+from nnunetv2_em import label_conventions, label_store, weak_labels
 from nnunetv2_em.benchmark import metrics, suite
 from nnunetv2_em.benchmark.harness import (
     PROFILES,
@@ -241,7 +241,7 @@ class RegimeReplicate:
             _write_label_like(label, self.cases[case]["label"], os.path.join(folder, "labelsTr", case + self.ending))
         dataset_json = {key: value for key, value in self.dataset_json.items() if key != "dataset"}
         if with_ignore:
-            dataset_json = checks.with_ignore_label(dataset_json)
+            dataset_json = label_conventions.with_ignore_label(dataset_json)
         dataset_json["numTraining"] = len(labels)
         label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
         if weak_rows:

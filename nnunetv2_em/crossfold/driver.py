@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from nnunetv2_em import checks, engine, estep, label_store, reports, weak_labels
+from nnunetv2_em import checks, engine, estep, label_conventions, label_store, reports, weak_labels
 from nnunetv2_em.crossfold.options import RunContext, RunOptions
 from nnunetv2_em.crossfold.tasks import (
     RunCaseInputs,
@@ -389,7 +389,7 @@ class CrossFoldRun:
             if case in self.extra_unlabeled:
                 manifest[case]["images"] = versions.keep_added_images(case, self.extra_unlabeled[case])
         with open(os.path.join(versions.round_folder(0), "dataset.json")) as handle:
-            dataset_json = checks.with_ignore_label(json.load(handle))
+            dataset_json = label_conventions.with_ignore_label(json.load(handle))
         dataset_json.pop("dataset", None)
         versions.write_round_metadata(round_index, dataset_json, manifest)
         label_store.fault_point("round_staged")

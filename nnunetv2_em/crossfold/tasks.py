@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from nnunetv2_em import checks, engine, label_store
+from nnunetv2_em import checks, engine, label_conventions, label_store
 from nnunetv2_em.crossfold.options import RunContext
 from nnunetv2_em.estep.pipeline import EStep, EStepOptions, RoundDecision
 
@@ -95,7 +95,7 @@ def managers(context: RunContext):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans_manager = PlansManager(context.plans_file())
-    dataset_json = checks.with_ignore_label(checks.load_dataset_json(os.path.join(context.preprocessed,
+    dataset_json = label_conventions.with_ignore_label(checks.load_dataset_json(os.path.join(context.preprocessed,
                                                                                   "dataset.json")))
     return plans_manager, plans_manager.get_configuration(context.options.configuration), dataset_json
 

@@ -7,7 +7,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from nnunetv2_em import checks, label_store
+from nnunetv2_em import checks, label_conventions, label_store
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 
 
@@ -48,7 +48,7 @@ class EMPlanner(ExperimentPlanner):
     def plan_experiment(self):
         plans = super().plan_experiment()
         preprocessed_json = join(os.environ["nnUNet_preprocessed"], self.dataset_name, "dataset.json")
-        dataset_json = checks.with_ignore_label(load_json(preprocessed_json))
+        dataset_json = label_conventions.with_ignore_label(load_json(preprocessed_json))
         if len(self.labelled_cases) < len(get_filenames_of_train_images_and_targets(self.raw_dataset_folder,
                                                                                       load_json(preprocessed_json))):
             # images without labels wait in imagesTr for pseudo-labels: preprocessing must skip them

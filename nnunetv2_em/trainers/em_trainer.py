@@ -22,7 +22,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_em import checks, label_store, nnunet_data, reports, weak_labels
+from nnunetv2_em import checks, label_conventions, label_store, nnunet_data, reports, weak_labels
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.estep.pipeline import EStep, EStepOptions
 from nnunetv2_em.run_state import TrainerRunState
@@ -70,7 +70,7 @@ class EMTrainer(nnUNetTrainer):
         if not cases:
             raise EMInputError(f"{data_folder}: no blosc2 (.b2nd) cases. Fix: rerun nnUNetv2_plan_and_preprocess "
                                f"with nnU-Net >= 2.7.")
-        dataset_json = checks.with_ignore_label(dataset_json)
+        dataset_json = label_conventions.with_ignore_label(dataset_json)
         checks.check_preprocessed_segmentations(data_folder, cases,
                                                 set(classes) | {int(dataset_json["labels"]["ignore"])})
         raw_folder = join(os.environ.get("nnUNet_raw", ""), plans["dataset_name"])
