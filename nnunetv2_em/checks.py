@@ -144,23 +144,23 @@ def guard_label_versions(raw_folder: str, dataset: str, *, continuing_run: str |
     """Refuse to treat EM output as annotations: labelsTr holding a refined version (its marker file says so),
     or a switch of versions that a kill interrupted. ``continuing_run``: the run that may continue on its own
     labels (the ``run`` command completes interrupted switches itself)."""
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
     labels = os.path.join(raw_folder, "labelsTr")
-    root = os.path.join(raw_folder, label_store.EM_LABELS)
-    if continuing_run is None and os.path.isfile(os.path.join(root, label_store.JOURNAL)):
+    root = os.path.join(raw_folder, storage.EM_LABELS)
+    if continuing_run is None and os.path.isfile(os.path.join(root, storage.JOURNAL)):
         raise EMInputError(f"{raw_folder}: a switch of labelsTr to another label version was interrupted. Fix: "
                            f"`nnunetv2_em restore -d {dataset}` completes it; then run this command again.")
-    marker = label_store.read_labels_marker(labels)
+    marker = storage.read_labels_marker(labels)
     if marker is None or (continuing_run is not None and marker.get("run") == continuing_run):
         return
-    if continuing_run is not None and marker.get("run") == label_store.REVIEW_RUN and \
-            label_store.review_version_base(raw_folder, int(marker.get("round", 0))).get("run") in (continuing_run,
+    if continuing_run is not None and marker.get("run") == storage.REVIEW_RUN and \
+            storage.review_version_base(raw_folder, int(marker.get("round", 0))).get("run") in (continuing_run,
                                                                                                    None):
         return  # reviewed labels imported into this run's labels (or into the originals)
-    version = label_store.version_name(marker.get("run"), int(marker.get("round", 0)))
-    marker_file = os.path.join(labels, label_store.VERSION_MARKER)
-    if not os.path.isfile(label_store.originals_manifest_path(raw_folder)):
+    version = storage.version_name(marker.get("run"), int(marker.get("round", 0)))
+    marker_file = os.path.join(labels, storage.VERSION_MARKER)
+    if not os.path.isfile(storage.originals_manifest_path(raw_folder)):
         raise EMInputError(f"{labels}: holds EM output ({version}), and the original annotations "
                            f"({root}/round_00) are missing. Fix: put em_labels/ back from a backup, then "
                            f"`nnunetv2_em restore -d {dataset} --round 0`; only if these labels are to become your "
@@ -175,11 +175,11 @@ def guard_label_versions(raw_folder: str, dataset: str, *, continuing_run: str |
 
 
 def check_not_em_output(label_file: str) -> None:
-    """A label file that nnunetv2_em wrote (its header stamp, ``label_store.stamp_label``) is not an annotation,
+    """A label file that nnunetv2_em wrote (its header stamp, ``storage.stamp_label``) is not an annotation,
     wherever it was copied to."""
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
-    stamp = label_store.label_stamp(label_file)
+    stamp = storage.label_stamp(label_file)
     if stamp:
         raise EMInputError(f"{label_file}: written by nnunetv2_em ({stamp}), not an annotation (copied out of a "
                            f"dataset's labelsTr or em_labels/ without its version marker?). Fix: use the original "

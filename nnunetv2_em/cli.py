@@ -20,8 +20,8 @@ def _check(args):
     import os
 
     from nnunetv2_em.checks import check_raw_dataset, load_dataset_json
-    from nnunetv2_em.label_store import non_label_files
     from nnunetv2_em.planning import dataset_name
+    from nnunetv2_em.storage import non_label_files
 
     name = dataset_name(args.dataset)
     raw = os.path.join(os.environ["nnUNet_raw"], name)
@@ -42,7 +42,7 @@ def _demo(args):
 
 def _run(args):
     from nnunetv2_em.crossfold import RunOptions, run
-    from nnunetv2_em.label_store import version_name
+    from nnunetv2_em.storage import version_name
 
     options = RunOptions(dataset=args.dataset, configuration=args.configuration, folds=tuple(args.folds),
                          rounds=args.rounds, trainer=args.trainer, plans=args.plans, device=args.device,
@@ -76,8 +76,8 @@ def _dataset_folders(dataset: str) -> tuple[str, str, str]:
 def _status(args):
     import json
 
-    from nnunetv2_em.label_store import dataset_status
     from nnunetv2_em.reports import format_status
+    from nnunetv2_em.storage import dataset_status
 
     raw, preprocessed, results = _dataset_folders(args.dataset)
     status = dataset_status(raw, preprocessed, results)
@@ -86,7 +86,7 @@ def _status(args):
 
 def _restore(args):
     from nnunetv2_em import checks
-    from nnunetv2_em.label_store import dataset_lock, restore, version_name
+    from nnunetv2_em.storage import dataset_lock, restore, version_name
 
     raw, preprocessed, _ = _dataset_folders(args.dataset)
     checks.load_dataset_json(f"{raw}/dataset.json")
@@ -143,8 +143,8 @@ def _review_export(args):
 
 
 def _review_import(args):
-    from nnunetv2_em.label_store import version_name
     from nnunetv2_em.review import import_review
+    from nnunetv2_em.storage import version_name
 
     summary = import_review(args.folder, reviewer=args.reviewer)
     if not summary["imported"]:

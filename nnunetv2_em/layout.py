@@ -1,6 +1,6 @@
 """Every on-disk path of a cross-fold run (``nnunetv2_em run``), in one place.
 
-Label versions (``em_labels/``) are laid out by ``label_store.DatasetLabelVersions``; this module names the rest::
+Label versions (``em_labels/``) are laid out by ``storage.DatasetLabelVersions``; this module names the rest::
 
     nnUNet_results/<Dataset>/em_run__<Trainer>__<Plans>__<configuration>/
         run.json                         the options of the run (a rerun must use the same)

@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 
-from nnunetv2_em import checks, label_store
+from nnunetv2_em import checks, storage
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.weak_labels import FORMAT_VERSION, WEAK_LABELS_FILE
 
@@ -120,7 +120,7 @@ def merge_datasets(sources: list[str], output: str, *, mapping=None, link: bool 
                 if link:
                     os.symlink(os.path.abspath(image), destination)
                 else:
-                    label_store.copy_file(image, destination)
+                    storage.copy_file(image, destination)
             os.makedirs(os.path.join(staging, "labelsTr"), exist_ok=True)
             seg, properties = reader_writer.read_seg(item["entry"]["label"])
             values = np.unique(seg).astype(np.int64)
@@ -128,7 +128,7 @@ def merge_datasets(sources: list[str], output: str, *, mapping=None, link: bool 
                 raise EMInputError(f"{item['entry']['label']}: label values {values.tolist()} outside the labels of "
                                    f"{item['source']}/dataset.json. Fix: correct the file.")
             remapped = item["lookup"][seg[0].astype(np.int64)].astype(np.uint8 if len(table) < 255 else np.uint16)
-            label_store.write_label_image(os.path.join(staging, "labelsTr", f"{case}{ending}"), remapped,
+            storage.write_label_image(os.path.join(staging, "labelsTr", f"{case}{ending}"), remapped,
                                           properties, reader_writer)
         partial = {case: {"annotated_classes": item["annotated_classes"]} for case, item in plan.items()
                    if set(item["annotated_classes"]) != set(foreground)}
@@ -136,9 +136,9 @@ def merge_datasets(sources: list[str], output: str, *, mapping=None, link: bool 
                         "file_ending": ending, "name": output.split("_", 1)[1],
                         "description": f"merged by nnunetv2_em from {', '.join(names)}",
                         "merged_from": {name: {"labels": jsons[name]["labels"]} for name in names}}
-        label_store.write_json(os.path.join(staging, "dataset.json"), dataset_json)
+        storage.write_json(os.path.join(staging, "dataset.json"), dataset_json)
         if partial:
-            label_store.write_json(os.path.join(staging, WEAK_LABELS_FILE),
+            storage.write_json(os.path.join(staging, WEAK_LABELS_FILE),
                                    {"version": FORMAT_VERSION, "cases": partial})
         os.rename(staging, target)
     except BaseException:

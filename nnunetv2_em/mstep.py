@@ -34,7 +34,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, trainer_name: 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
     from nnunetv2_em.seeding import seed_training
 
     if device == "cpu":
@@ -55,7 +55,7 @@ def train_fold(dataset: str, configuration: str, fold: int | str, trainer_name: 
     trainer.run_training()
     if validate:
         trainer.perform_actual_validation(False)
-    label_store.write_json(os.path.join(trainer.output_folder, DONE_MARKER),
+    storage.write_json(os.path.join(trainer.output_folder, DONE_MARKER),
                            {"fold": fold, "epochs": trainer.num_epochs, "warm_start": init_checkpoint, "seed": seed,
                             "repeatable": seed is not None and not resumable})
     return trainer.output_folder

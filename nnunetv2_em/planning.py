@@ -29,7 +29,7 @@ def plan_and_preprocess(dataset: str | int, *, configurations=("3d_fullres",), n
     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
     from nnunetv2_em.planners.em_planner import EMPlanner
 
     name = dataset_name(dataset)
@@ -50,5 +50,5 @@ def plan_and_preprocess(dataset: str | int, *, configurations=("3d_fullres",), n
     file_ending = checks.load_dataset_json(os.path.join(preprocessed, "dataset.json"))["file_ending"]
     os.makedirs(os.path.join(preprocessed, "gt_segmentations"), exist_ok=True)
     for case, entry in labelled.items():
-        label_store.copy_file(entry["label"], os.path.join(preprocessed, "gt_segmentations", case + file_ending))
+        storage.copy_file(entry["label"], os.path.join(preprocessed, "gt_segmentations", case + file_ending))
     return name

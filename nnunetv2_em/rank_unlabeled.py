@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from nnunetv2_em import checks, label_store, selection
+from nnunetv2_em import checks, selection, storage
 from nnunetv2_em.errors import EMInputError
 
 STRATEGIES = ("examine", "entropy", "k-center", "random", "fg-random")
@@ -172,9 +172,9 @@ def write_ranking(out: str, rows: list[dict], header: dict) -> dict:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    label_store.write_text(out, buffer.getvalue())
+    storage.write_text(out, buffer.getvalue())
     result = {**header, "cases": rows}
-    label_store.write_json(os.path.splitext(out)[0] + ".json", result)
+    storage.write_json(os.path.splitext(out)[0] + ".json", result)
     return result
 
 
@@ -238,6 +238,6 @@ def rank_unlabeled(dataset: str, model_folder: str | None, out: str, *, folds=(0
                                        "folds": list(folds),
                                        "seed": seed, "strategies": list(strategies),
                                        "embedding_features": int(embeddings.shape[1])})
-    label_store.atomic_write(os.path.splitext(out)[0] + "_embeddings.npz", lambda temp: np.savez_compressed(
+    storage.atomic_write(os.path.splitext(out)[0] + "_embeddings.npz", lambda temp: np.savez_compressed(
         temp, cases=np.asarray(cases), embeddings=embeddings), suffix=".npz")
     return result

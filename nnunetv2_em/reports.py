@@ -6,7 +6,7 @@ import csv
 import io
 import os
 
-from nnunetv2_em import label_store
+from nnunetv2_em import storage
 
 LEADING_COLUMNS = ("rank", "case", "review_score", "voxels_changed", "voxels_ignored", "fraction_changed",
                    "mean_entropy")
@@ -31,9 +31,9 @@ def _format(value):
 
 def write_round_reports(round_folder: str, summary: dict, ranked: list[dict]) -> None:
     os.makedirs(round_folder, exist_ok=True)
-    label_store.write_text(os.path.join(round_folder, "cases.csv"), ranked_cases_csv(ranked))
-    label_store.write_json(os.path.join(round_folder, "cases.json"), ranked)
-    label_store.write_json(os.path.join(round_folder, "summary.json"), summary)
+    storage.write_text(os.path.join(round_folder, "cases.csv"), ranked_cases_csv(ranked))
+    storage.write_json(os.path.join(round_folder, "cases.json"), ranked)
+    storage.write_json(os.path.join(round_folder, "summary.json"), summary)
 
 
 RUN_COLUMNS = (("round", "round", "{}"), ("log-lik/voxel", "log_likelihood", "{:.5f}"),
@@ -90,21 +90,21 @@ def plot_run(state: dict, folder: str) -> list[str]:
         axis.legend(fontsize=8)
         figure.tight_layout()
         path = os.path.join(folder, name)
-        label_store.atomic_write(path, lambda temp, f=figure: f.savefig(temp, dpi=100), suffix=".png")
+        storage.atomic_write(path, lambda temp, f=figure: f.savefig(temp, dpi=100), suffix=".png")
         plt.close(figure)
         written.append(path)
     return written
 
 
 def write_run_summary(run_folder: str, state: dict) -> None:
-    label_store.write_json(os.path.join(run_folder, "summary.json"), state)
-    label_store.write_text(os.path.join(run_folder, "summary.md"), run_summary_markdown(state))
+    storage.write_json(os.path.join(run_folder, "summary.json"), state)
+    storage.write_text(os.path.join(run_folder, "summary.md"), run_summary_markdown(state))
     plot_run(state, os.path.join(run_folder, "plots"))
 
 
 def format_status(status: dict) -> str:
-    """``nnunetv2_em status`` as text (see ``label_store.dataset_status``)."""
-    from nnunetv2_em.label_store import version_name
+    """``nnunetv2_em status`` as text (see ``storage.dataset_status``)."""
+    from nnunetv2_em.storage import version_name
 
     lines = [status["dataset"]]
     active = status["active"]

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunetv2_em import checks, label_conventions, label_store
+from nnunetv2_em import checks, label_conventions, storage
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.layout import RUN_PREFIX, RunLayout
 
@@ -92,8 +92,8 @@ def _colour(value: int, ignore_label: int | None) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------------------------ export
-def _choose_run(versions: label_store.DatasetLabelVersions, run: str | None, raw: str) -> str:
-    runs = {name: rounds for name, rounds in versions.runs().items() if name != label_store.REVIEW_RUN and rounds}
+def _choose_run(versions: storage.DatasetLabelVersions, run: str | None, raw: str) -> str:
+    runs = {name: rounds for name, rounds in versions.runs().items() if name != storage.REVIEW_RUN and rounds}
     if run is not None:
         if run not in runs:
             raise EMInputError(f"{versions.root}: no rounds of run {run} (runs: {sorted(runs) or 'none'}). Fix: name "
@@ -101,8 +101,8 @@ def _choose_run(versions: label_store.DatasetLabelVersions, run: str | None, raw
         return run
     active = versions.active()
     candidate = active["run"]
-    if candidate == label_store.REVIEW_RUN:
-        candidate = label_store.review_version_base(raw, active["round"]).get("run")
+    if candidate == storage.REVIEW_RUN:
+        candidate = storage.review_version_base(raw, active["round"]).get("run")
     if candidate in runs:
         return candidate
     if len(runs) == 1:
@@ -280,7 +280,7 @@ class RoundSource:
 
 def run_round_source(raw: str, preprocessed: str, results: str, *, run: str | None,
                      round_index: int | None) -> RoundSource:
-    versions = label_store.dataset_versions(raw, preprocessed)
+    versions = storage.dataset_versions(raw, preprocessed)
     if not versions.has_originals():
         raise EMInputError(f"{versions.root}: no label versions. Fix: run `nnunetv2_em run` for at least a round, "
                            f"or export an EMTrainer fold's round with --trainer.")
@@ -290,11 +290,11 @@ def run_round_source(raw: str, preprocessed: str, results: str, *, run: str | No
     if round_index not in rounds:
         raise EMInputError(f"--round {round_index}: run {run} keeps rounds {rounds}. Fix: pick one of them.")
     manifest = versions.read_manifest(round_index, run)
-    versions = label_store.DatasetLabelVersions(raw, preprocessed, manifest["data_identifier"], versions.file_ending,
+    versions = storage.DatasetLabelVersions(raw, preprocessed, manifest["data_identifier"], versions.file_ending,
                                                 run)
     layout = run_layout(results, os.path.basename(raw), run)
     eligible = sorted(case for case, entry in manifest["cases"].items()
-                      if entry.get("provenance") == label_store.REFINED)
+                      if entry.get("provenance") == storage.REFINED)
     return RoundSource("run", run, None, round_index, layout.round_folder(round_index),
                        versions.labels_folder(round_index), os.path.join(versions.round_folder(round_index),
                                                                          "dataset.json"),
@@ -348,7 +348,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
     dataset_name = os.path.basename(raw)
     if os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise EMInputError(f"{out}: exists already. Fix: export into a new folder.")
-    label_store.recover_activation(raw, preprocessed)
+    storage.recover_activation(raw, preprocessed)
     if trainer is not None:
         if configuration is None:
             raise EMInputError("--trainer needs -c CONFIGURATION (and --fold). Fix: e.g. --trainer EMTrainer -c 2d "
@@ -366,7 +366,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
         ranked = json.load(handle)
     eligible = set(source.eligible)
     ending = checks.load_dataset_json(os.path.join(raw, "dataset.json"))["file_ending"]
-    reviewed_store = label_store.ReviewedLabels(raw, preprocessed, ending)
+    reviewed_store = storage.ReviewedLabels(raw, preprocessed, ending)
     selection = select_cases(ranked, eligible, top=top, budget=budget, cases=cases,
                              already_reviewed=set(reviewed_store.records()), audit=audit, seed=[seed, round_index])
     chosen = list(selection)
@@ -385,7 +385,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
     table = _label_table(dataset_json)
 
     out = os.path.abspath(out)
-    staging = os.path.join(os.path.dirname(out), f"{label_store.TEMP_DIR_PREFIX}{uuid.uuid4().hex}")
+    staging = os.path.join(os.path.dirname(out), f"{storage.TEMP_DIR_PREFIX}{uuid.uuid4().hex}")
     os.makedirs(staging)
     try:
         exported = {}
@@ -421,25 +421,25 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
             layers += [(name, "OverlayRole", f"image_{i:04d}") for i, name in enumerate(image_names[1:], start=1)]
             if uncertainty:
                 layers.append((uncertainty, "OverlayRole", "uncertainty"))
-            label_store.write_text(os.path.join(folder, f"{case}.itksnap"), itksnap_workspace(
+            storage.write_text(os.path.join(folder, f"{case}.itksnap"), itksnap_workspace(
                 os.path.join(out, case), layers))
-            label_store.write_text(os.path.join(folder, "load_in_slicer.py"), slicer_loader(
+            storage.write_text(os.path.join(folder, "load_in_slicer.py"), slicer_loader(
                 image_names, proposal, original, uncertainty, f"reviewed{ending}"))
-            label_store.write_text(os.path.join(folder, "README.txt"), _case_readme(case, ending, rows_by_case[case]))
+            storage.write_text(os.path.join(folder, "README.txt"), _case_readme(case, ending, rows_by_case[case]))
             # the label tables in each case folder too: one case folder is enough for a reviewer
-            label_store.write_text(os.path.join(folder, "labels_itksnap.txt"),
+            storage.write_text(os.path.join(folder, "labels_itksnap.txt"),
                                    itksnap_label_descriptions(table, ignore_label))
-            label_store.write_text(os.path.join(folder, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
+            storage.write_text(os.path.join(folder, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
             exported[case] = {"rank": rank, "selection": selection[case],
                               "review_score": rows_by_case[case].get("review_score"),
                               "why": _why(rows_by_case[case]), "images": image_names, "uncertainty": uncertainty,
-                              "proposal_sha256": label_store.sha256(os.path.join(folder, proposal)),
-                              "original_sha256": label_store.sha256(os.path.join(folder, original)),
+                              "proposal_sha256": storage.sha256(os.path.join(folder, proposal)),
+                              "original_sha256": storage.sha256(os.path.join(folder, original)),
                               "original_file": source.originals[case]}
-        label_store.write_text(os.path.join(staging, "labels_itksnap.txt"),
+        storage.write_text(os.path.join(staging, "labels_itksnap.txt"),
                                itksnap_label_descriptions(table, ignore_label))
-        label_store.write_text(os.path.join(staging, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
-        label_store.write_text(os.path.join(staging, "review.csv"), review_sheet(
+        storage.write_text(os.path.join(staging, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
+        storage.write_text(os.path.join(staging, "review.csv"), review_sheet(
             [{"rank": entry["rank"], "case": case, "selection": entry["selection"],
               "review_score": entry["review_score"], "why": entry["why"], "status": "pending", "reviewer": "",
               "minutes": ""} for case, entry in exported.items()]))
@@ -448,7 +448,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
                   "data_identifier": identifier, "plans": source.plans, "configuration": source.configuration,
                   "file_ending": ending, "labels": {str(k): v for k, v in table.items()}, "ignore_label": ignore_label,
                   "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "cases": exported}
-        label_store.write_json(os.path.join(staging, "export.json"), record)
+        storage.write_json(os.path.join(staging, "export.json"), record)
         if os.path.isdir(out):
             os.rmdir(out)
         os.rename(staging, out)
@@ -555,7 +555,7 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
     first = next(iter(export["cases"]))
     reader_writer = _reader_writer(dataset_json, os.path.join(folder, first, export["cases"][first]["images"][0]))
     allowed = {int(value) for value in export["labels"]} | {int(export["ignore_label"])}
-    versions = label_store.DatasetLabelVersions(raw, preprocessed, export["data_identifier"], ending,
+    versions = storage.DatasetLabelVersions(raw, preprocessed, export["data_identifier"], ending,
                                                 export["run"] if export.get("source", "run") == "run" else None)
     returned, skipped = {}, []
     for case, entry in export["cases"].items():
@@ -564,7 +564,7 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
         proposal_file = os.path.join(case_folder, f"proposal{ending}")
         status = sheet.get(case, {}).get("status", "pending")
         if not os.path.isfile(reviewed_file):
-            if os.path.isfile(proposal_file) and label_store.sha256(proposal_file) != entry["proposal_sha256"]:
+            if os.path.isfile(proposal_file) and storage.sha256(proposal_file) != entry["proposal_sha256"]:
                 raise EMInputError(f"{proposal_file}: edited in place. Fix: save the corrected label as "
                                    f"reviewed{ending} in the same folder (rename this file), then import again.")
             if status != "accepted":
@@ -574,7 +574,7 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
         if case not in images:
             raise EMInputError(f"{raw}/imagesTr: no image of {case}. Fix: put its images back, then import again.")
         original = entry.get("original_file") or versions.original_label_path(case)
-        if not os.path.isfile(original) or label_store.sha256(original) != entry["original_sha256"]:
+        if not os.path.isfile(original) or storage.sha256(original) != entry["original_sha256"]:
             raise EMInputError(f"{original}: the annotation of {case} differs from the one this export was made "
                                f"from. Fix: export the case again from a current round.")
         labels = _check_returned_label(reviewed_file, os.path.join(case_folder, entry["images"][0]), reader_writer,
@@ -601,9 +601,9 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
 
     plans_manager = PlansManager(os.path.join(preprocessed, export["plans"] + ".json"))
     configuration_manager = plans_manager.get_configuration(export["configuration"])
-    store = label_store.ReviewedLabels(raw, preprocessed, ending)
-    with label_store.dataset_lock(raw, preprocessed):
-        label_store.recover_activation(raw, preprocessed)
+    store = storage.ReviewedLabels(raw, preprocessed, ending)
+    with storage.dataset_lock(raw, preprocessed):
+        storage.recover_activation(raw, preprocessed)
         active = versions.active()
         if active["round"] and active["data_identifier"] not in (None, export["data_identifier"]):
             raise EMInputError(f"{raw}/labelsTr: holds a version of configuration data {active['data_identifier']}; "
@@ -617,20 +617,20 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
         version = None
         if active["round"]:  # labelsTr holds a run's labels: switch to them with the reviewed ones in
             versions.run = active["run"]
-            version = label_store.stage_review_version(versions, store, sorted(kept))
-            versions.run = label_store.REVIEW_RUN
-            versions.activate(version, label_store.REVIEW_RUN)
+            version = storage.stage_review_version(versions, store, sorted(kept))
+            versions.run = storage.REVIEW_RUN
+            storage.activate(versions, version, storage.REVIEW_RUN)
         # else labelsTr holds the originals (restored, or EMTrainer's dataset): they stay; the next round of
         # `nnunetv2_em run` and EMTrainer take the reviewed labels from the store
 
     summary = {"imported": {case: {k: v for k, v in record.items() if k != "export"} for case, record in
                             kept.items()},
                "skipped": skipped,
-               "version": None if version is None else {"run": label_store.REVIEW_RUN, "round": version},
+               "version": None if version is None else {"run": storage.REVIEW_RUN, "round": version},
                "total_effort": {key: sum(record["effort"][key] for record in kept.values())
                                 for key in ("voxels_edited", "added_path_length")},
                "total_minutes": sum(record["minutes"] or 0.0 for record in kept.values())}
-    label_store.write_json(os.path.join(folder, "imported.json"), summary)
+    storage.write_json(os.path.join(folder, "imported.json"), summary)
     round_file = os.path.join(export.get("round_folder") or run_layout(results, export["dataset"], export["run"])
                               .round_folder(export["round"]), "review.json")
     previous = {"cases": {}}
@@ -638,7 +638,7 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
         with open(round_file) as handle:
             previous = json.load(handle)
     per_round = {**previous["cases"], **summary["imported"]}
-    label_store.write_json(round_file, {"cases": per_round, "total_effort": {
+    storage.write_json(round_file, {"cases": per_round, "total_effort": {
         key: sum(entry["effort"][key] for entry in per_round.values()) for key in ("voxels_edited",
                                                                                   "added_path_length")},
         "total_minutes": sum(entry["minutes"] or 0.0 for entry in per_round.values())})
@@ -652,5 +652,5 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
                        minutes=kept[case]["minutes"] if kept[case]["minutes"] is not None else "",
                        **{key: kept[case]["effort"][key] for key in EFFORT_COLUMNS})
         rows.append(row)
-    label_store.write_text(os.path.join(folder, "review.csv"), review_sheet(rows, EFFORT_COLUMNS))
+    storage.write_text(os.path.join(folder, "review.csv"), review_sheet(rows, EFFORT_COLUMNS))
     return summary

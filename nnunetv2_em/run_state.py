@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunetv2_em import label_store
+from nnunetv2_em import storage
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.settings import EMSettings
 
@@ -55,7 +55,7 @@ class TrainerRunState:
         self.save()
 
     def save(self) -> None:
-        label_store.write_json(self.path, {
+        storage.write_json(self.path, {
             "version": STATE_VERSION,
             "settings": self.settings,
             "training_cases": self.training_cases,

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from nnunetv2_em import label_store, nnunet_data
+from nnunetv2_em import nnunet_data, storage
 from nnunetv2_em.errors import EMInputError
 
 
@@ -126,7 +126,7 @@ def _write_map(values: np.ndarray, properties: dict, path: str) -> None:
     image.SetSpacing(stuff["spacing"])
     image.SetOrigin(stuff["origin"])
     image.SetDirection(stuff["direction"])
-    label_store.atomic_write(path, lambda temp: sitk.WriteImage(image, temp, True), suffix=".nii.gz")
+    storage.atomic_write(path, lambda temp: sitk.WriteImage(image, temp, True), suffix=".nii.gz")
 
 
 def predict_tags(model_folder: str, input_folder: str, output_folder: str, *, folds=(0,), device: str = "cpu",
@@ -186,14 +186,14 @@ def predict_tags(model_folder: str, input_folder: str, output_folder: str, *, fo
                 "first_slice": int(data_properties["bbox_used_for_cropping"][0][0]),
                 "probabilities": {name: [round(float(v), 5) for v in per_slice[:, t]]
                                   for t, name in enumerate(names)}}
-        label_store.write_json(os.path.join(output_folder, f"{case}_tags.json"), record)
+        storage.write_json(os.path.join(output_folder, f"{case}_tags.json"), record)
         if saliency:
             maps = case_saliency(predictor, data)
             for name, values in zip(names, maps, strict=True):
                 raw = nnunet_data.preprocessed_map_to_raw_geometry(values, data_properties, predictor.plans_manager,
                                                                    predictor.configuration_manager)
                 _write_map(raw, data_properties, os.path.join(output_folder, f"{case}_saliency_{name}{ending}"))
-    label_store.write_json(os.path.join(output_folder, "tags.json"),
+    storage.write_json(os.path.join(output_folder, "tags.json"),
                            {"model": os.path.abspath(model_folder), "folds": list(folds), "tags": results})
     print(json.dumps({"cases": len(results), "output": output_folder}))
     return results

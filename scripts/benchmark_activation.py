@@ -32,12 +32,12 @@ IDENTIFIER = "nnUNetPlans_2d"
 
 CHILD = """
 import sys, time
-from nnunetv2_em import label_store
-versions = label_store.DatasetLabelVersions({raw!r}, {pre!r}, {identifier!r}, ".nii.gz", {run!r})
+from nnunetv2_em import storage
+versions = storage.DatasetLabelVersions({raw!r}, {pre!r}, {identifier!r}, ".nii.gz", {run!r})
 sys.stdout.write("ready\\n"); sys.stdout.flush()
 sys.stdin.readline()
 started = time.perf_counter()
-versions.activate({round_index})
+storage.activate(versions, {round_index})
 sys.stdout.write(f"{{time.perf_counter() - started:.3f}}\\n")
 """
 
@@ -56,11 +56,11 @@ def prepare(data: str, root: str) -> None:
     """The dataset planned for 2d, its originals kept and a refined round 1 staged (once; reused when rerun)."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
     raw = os.path.join(root, "raw", DATASET)
     pre = os.path.join(root, "preprocessed", DATASET)
-    versions = label_store.DatasetLabelVersions(raw, pre, IDENTIFIER, ".nii.gz", RUN)
+    versions = storage.DatasetLabelVersions(raw, pre, IDENTIFIER, ".nii.gz", RUN)
     if os.path.isfile(versions.manifest_path(1)):
         return
     if not os.path.isdir(raw):
@@ -93,7 +93,7 @@ def prepare(data: str, root: str) -> None:
                             reader_writer=reader_writer, segmentation=refined, properties=properties,
                             patch_size=patch_size)
     dataset_json["labels"]["ignore"] = ignore
-    versions.write_round_metadata(1, dataset_json, {case: {"provenance": label_store.REFINED} for case in cases})
+    versions.write_round_metadata(1, dataset_json, {case: {"provenance": storage.REFINED} for case in cases})
 
 
 def switch(root: str, round_index: int, kill_after: float | None) -> float | None:
@@ -121,12 +121,12 @@ def check(root: str) -> dict:
     """What a user finds after a kill, and after `restore` completes the switch."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
     raw = os.path.join(root, "raw", DATASET)
     pre = os.path.join(root, "preprocessed", DATASET)
-    versions = label_store.dataset_versions(raw, pre)
-    state = label_store.labels_folder_state(versions)
+    versions = storage.dataset_versions(raw, pre)
+    state = storage.labels_folder_state(versions)
     journal = os.path.isfile(versions.journal_path())
     result = {"one_complete_version": state["equal_to"] is not None, "journal_left": journal,
               "originals_intact": versions.changed_originals() == []}
@@ -139,11 +139,11 @@ def check(root: str) -> dict:
     subprocess.run([_console("nnunetv2_em"), "restore", "-d", str(DATASET_ID)], env=_env(root), check=True,
                    capture_output=True)
     result["seconds_restore_completion"] = round(time.perf_counter() - started, 3)
-    versions = label_store.dataset_versions(raw, pre)
+    versions = storage.dataset_versions(raw, pre)
     active = versions.active()
-    state = label_store.labels_folder_state(versions)
-    live_ok = all(label_store.sha256(os.path.join(versions.live_data_folder(IDENTIFIER), f"{case}_seg.b2nd")) ==
-                  label_store.sha256(os.path.join(versions.segmentation_folder(active["round"], active["run"],
+    state = storage.labels_folder_state(versions)
+    live_ok = all(storage.sha256(os.path.join(versions.live_data_folder(IDENTIFIER), f"{case}_seg.b2nd")) ==
+                  storage.sha256(os.path.join(versions.segmentation_folder(active["round"], active["run"],
                                                                                IDENTIFIER), f"{case}_seg.b2nd"))
                   for case in versions.read_manifest(0)["cases"])
     result["after_restore_consistent"] = bool(state["matches_active"] and live_ok and
@@ -163,19 +163,19 @@ def main() -> None:
     started = time.time()
     prepare(os.path.abspath(args.data), root)
     seconds_prepare = time.time() - started
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
-    versions = label_store.dataset_versions(os.path.join(root, "raw", DATASET),
+    versions = storage.dataset_versions(os.path.join(root, "raw", DATASET),
                                             os.path.join(root, "preprocessed", DATASET))
     forward = switch(root, 1 if versions.active()["round"] == 0 else 0, None)
-    backward = switch(root, 1 if label_store.dataset_versions(
+    backward = switch(root, 1 if storage.dataset_versions(
         os.path.join(root, "raw", DATASET), os.path.join(root, "preprocessed", DATASET)).active()["round"] == 0
         else 0, None)
     longest = max(forward, backward)
     rng = np.random.default_rng(args.seed)
     trials = []
     for trial in range(args.kills):
-        current = label_store.dataset_versions(os.path.join(root, "raw", DATASET),
+        current = storage.dataset_versions(os.path.join(root, "raw", DATASET),
                                                os.path.join(root, "preprocessed", DATASET)).active()["round"]
         delay = float(rng.uniform(0, longest))
         switch(root, 1 - current, delay)

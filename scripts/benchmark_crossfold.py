@@ -160,7 +160,7 @@ def postprocessing_seconds(root: str, name: str, cache: str, cases: list[str]) -
     import blosc2
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
 
-    from nnunetv2_em import label_store, nnunet_data
+    from nnunetv2_em import nnunet_data, storage
 
     plans_manager, configuration_manager, dataset_json = _managers(root, name, CONFIGURATION)
     label_manager = plans_manager.get_label_manager(dataset_json)
@@ -187,10 +187,10 @@ def postprocessing_seconds(root: str, name: str, cache: str, cases: list[str]) -
                                                                       f"{case}.nii.gz"))[0][0]).astype(np.int32)
         raw = nnunet_data.refined_raw_label(raw_original, original, refined, properties, plans_manager,
                                             configuration_manager)
-        label_store.write_label_image(os.path.join(out, f"{case}.nii.gz"), raw, properties, reader_writer)
-        label_store.write_seg_b2nd(os.path.join(out, f"{case}_seg.b2nd"), refined[None],
+        storage.write_label_image(os.path.join(out, f"{case}.nii.gz"), raw, properties, reader_writer)
+        storage.write_seg_b2nd(os.path.join(out, f"{case}_seg.b2nd"), refined[None],
                                    configuration_manager.patch_size)
-        label_store.write_pickle(os.path.join(out, f"{case}.pkl"), properties)
+        storage.write_pickle(os.path.join(out, f"{case}.pkl"), properties)
         per_case.append(time.perf_counter() - started)
     return {"cases": len(cases), "fit_s": fit_seconds, "median_case_s": float(np.median(per_case)),
             "median_with_fit_share_s": float(np.median(per_case) + fit_seconds / len(cases))}
@@ -200,7 +200,7 @@ def _refresh_cases(root: str, name: str, configuration: str, cases: list[str], o
     import blosc2
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
 
-    from nnunetv2_em import label_store, nnunet_data
+    from nnunetv2_em import nnunet_data, storage
 
     plans_manager, configuration_manager, dataset_json = _managers(root, name, configuration)
     label_manager = plans_manager.get_label_manager(dataset_json)
@@ -209,8 +209,8 @@ def _refresh_cases(root: str, name: str, configuration: str, cases: list[str], o
         seg = blosc2.open(os.path.join(data_folder, f"{case}_seg.b2nd"))[:]
         properties = load_pickle(os.path.join(data_folder, f"{case}.pkl"))
         properties["class_locations"] = nnunet_data.class_locations(seg, label_manager)
-        label_store.write_seg_b2nd(os.path.join(out, f"{case}_seg.b2nd"), seg, configuration_manager.patch_size)
-        label_store.write_pickle(os.path.join(out, f"{case}.pkl"), properties)
+        storage.write_seg_b2nd(os.path.join(out, f"{case}_seg.b2nd"), seg, configuration_manager.patch_size)
+        storage.write_pickle(os.path.join(out, f"{case}.pkl"), properties)
 
 
 def refresh_vs_preprocess(root: str, name: str, configuration: str, cache: str) -> dict:
@@ -244,7 +244,7 @@ def peak_rss_mib() -> float:
 
 def memory_child(args) -> None:
     """Run one whole E-step over the first ``--cases`` cached cases and print the peak RSS (MiB)."""
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
     before = peak_rss_mib()
     with open(os.path.join(args.cache, "cases.json")) as handle:
@@ -260,7 +260,7 @@ def memory_child(args) -> None:
     os.makedirs(out, exist_ok=True)
     for case in cases:
         refined = step.case(case, decision).labels
-        label_store.write_seg_b2nd(os.path.join(out, f"{case}_seg.b2nd"), refined[None], (56, 40))
+        storage.write_seg_b2nd(os.path.join(out, f"{case}_seg.b2nd"), refined[None], (56, 40))
     print(json.dumps({"cases": len(cases), "peak_rss_mib": peak_rss_mib(), "rss_after_imports_mib": before}))
 
 
@@ -293,7 +293,7 @@ def refine_into(root: str, name: str, cache: str, cases: list[str], target_root:
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_em import checks, label_conventions, label_store, nnunet_data
+    from nnunetv2_em import checks, label_conventions, nnunet_data, storage
 
     source = os.path.join(root, "preprocessed", name)
     target = os.path.join(target_root, "preprocessed", name)
@@ -317,10 +317,10 @@ def refine_into(root: str, name: str, cache: str, cases: list[str], target_root:
         changed += scores["voxels_changed"] + scores["voxels_ignored"]
         properties = load_pickle(os.path.join(data_folder, f"{case}.pkl"))
         properties["class_locations"] = nnunet_data.class_locations(refined[None], label_manager)
-        label_store.write_seg_b2nd(os.path.join(data_folder, f"{case}_seg.b2nd"), refined[None], patch)
-        label_store.write_pickle(os.path.join(data_folder, f"{case}.pkl"), properties)
+        storage.write_seg_b2nd(os.path.join(data_folder, f"{case}_seg.b2nd"), refined[None], patch)
+        storage.write_pickle(os.path.join(data_folder, f"{case}.pkl"), properties)
     summary = {"voxels_changed_or_ignored": int(changed), "model_dice": decision.model_dice}
-    label_store.write_json(os.path.join(target, "em_refined.json"), summary)
+    storage.write_json(os.path.join(target, "em_refined.json"), summary)
     if not os.path.exists(os.path.join(target_root, "raw")):
         os.symlink(os.path.join(root, "raw"), os.path.join(target_root, "raw"))
     return summary

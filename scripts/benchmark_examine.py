@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from nnunetv2_em import label_store, selection
+from nnunetv2_em import selection, storage
 
 
 def embeddings(n: int, d: int, *, seed: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def main() -> None:
         difference = f"{row['max_relative_difference']:.1e}" if "max_relative_difference" in row else "-"
         lines.append(f"| {row['cases']:,} x {row['features']} | {row['fast_seconds']:.2f} s | {exact} | "
                      f"{difference} |")
-    label_store.write_text(args.out, "\n".join(lines) + "\n")
+    storage.write_text(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from nnunetv2_em import label_store
+from nnunetv2_em import storage
 from nnunetv2_em.benchmark import labelling_loop
 
 
@@ -83,7 +83,7 @@ def plot(summary: dict, path: str) -> None:
     axis.set_ylabel("test Dice (foreground mean, 95 % bootstrap)")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    label_store.atomic_write(path, lambda temp: figure.savefig(temp, dpi=120), suffix=".png")
+    storage.atomic_write(path, lambda temp: figure.savefig(temp, dpi=120), suffix=".png")
     plt.close(figure)
 
 
@@ -112,8 +112,8 @@ def main() -> None:
         # the command that trains is the one to rerun; --report-only only reads its records
         command = "python scripts/benchmark_labelling_loop.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
                                                                            if a != "--report-only")
-        label_store.write_text(args.report, markdown(summary, command))
-        label_store.write_json(os.path.splitext(args.report)[0] + ".json", summary)
+        storage.write_text(args.report, markdown(summary, command))
+        storage.write_json(os.path.splitext(args.report)[0] + ".json", summary)
         plot(summary, os.path.splitext(args.report)[0] + ".png")
     print(markdown(summary, "(this run)"))
 

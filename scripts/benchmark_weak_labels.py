@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 
-from nnunetv2_em import checks, label_store
+from nnunetv2_em import checks, storage
 from nnunetv2_em.benchmark import weak_regimes
 
 
@@ -48,8 +48,8 @@ def main() -> None:
             with open(temp, "w") as handle:
                 handle.write(text)
 
-        label_store.atomic_write(args.report, write, suffix=".md")
-        label_store.write_json(os.path.splitext(args.report)[0] + ".json", summary)
+        storage.atomic_write(args.report, write, suffix=".md")
+        storage.write_json(os.path.splitext(args.report)[0] + ".json", summary)
     print(json.dumps({regime: {arm: row["foreground"] for arm, row in entry["test"].items()}
                       for regime, entry in summary["regimes"].items()}, indent=1))
 

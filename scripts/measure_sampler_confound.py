@@ -39,7 +39,7 @@ def _binomial_two_sided(wins: int, n: int) -> float:
 
 
 def measure_seed(dataset: str, out: str, *, split_seed: int, training_seed: int, profile: str) -> dict:
-    from nnunetv2_em import label_conventions, label_store
+    from nnunetv2_em import label_conventions, storage
     from nnunetv2_em.benchmark import harness
 
     benchmark = harness.Benchmark(dataset, "clean", seed=split_seed, profile=profile,
@@ -55,7 +55,7 @@ def measure_seed(dataset: str, out: str, *, split_seed: int, training_seed: int,
         path = os.path.join(ignore_raw, "dataset.json")
         with open(path) as handle:
             dataset_json = json.load(handle)
-        label_store.write_json(path, label_conventions.with_ignore_label(dataset_json))
+        storage.write_json(path, label_conventions.with_ignore_label(dataset_json))
     scores = {}
     for arm, dataset_arm in (("vanilla", "noisy"), ("ignore_declared", "ignore_declared")):
         benchmark._plan(dataset_arm)  # nnU-Net's own planner for both
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report-only", action="store_true", help="report the records; train nothing")
     args = parser.parse_args(argv)
 
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
     os.makedirs(args.records, exist_ok=True)
     for seed in [] if args.report_only else args.seeds:
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             continue
         record = measure_seed(args.dataset, os.path.abspath(args.out), split_seed=args.split_seed,
                               training_seed=seed, profile=args.profile)
-        label_store.write_json(path, record)
+        storage.write_json(path, record)
         print(f"seed {seed} done", flush=True)
     records = []
     for name in sorted(os.listdir(args.records)):
@@ -153,8 +153,8 @@ def main(argv=None) -> int:
     text, summary = report(records)
     print(text)
     if args.report:
-        label_store.write_text(args.report, text)
-        label_store.write_json(os.path.splitext(args.report)[0] + ".json", summary)
+        storage.write_text(args.report, text)
+        storage.write_json(os.path.splitext(args.report)[0] + ".json", summary)
     return 0
 
 

@@ -27,7 +27,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_noise_models import replicates, suite_parser  # noqa: E402
 
-from nnunetv2_em import checks, estep, label_conventions, label_store, nnunet_data  # noqa: E402
+from nnunetv2_em import checks, estep, label_conventions, nnunet_data, storage  # noqa: E402
 from nnunetv2_em.benchmark import metrics  # noqa: E402
 from nnunetv2_em.benchmark.harness import _read_label  # noqa: E402
 from nnunetv2_em.estep.pipeline import ArrayCaseInputs, EStep, EStepOptions  # noqa: E402
@@ -84,8 +84,8 @@ def main():
     rows = []
     for setting, seed, _, folder, benchmark in replicates(args, args.settings):
         rows += simulate_replicate(setting, seed, folder, benchmark, settings, gate_policy=args.gate_policy)
-        label_store.write_json(os.path.splitext(args.out)[0] + ".json", rows)
-    label_store.write_text(args.out, markdown(rows, " ".join(sys.argv)))
+        storage.write_json(os.path.splitext(args.out)[0] + ".json", rows)
+    storage.write_text(args.out, markdown(rows, " ".join(sys.argv)))
 
 
 def simulate_replicate(setting, seed, folder, benchmark, settings, *, gate_policy: str) -> list[dict]:

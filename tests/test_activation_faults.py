@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset, tree_snapshot
 
-from nnunetv2_em import cli, label_store
+from nnunetv2_em import cli, storage
 from nnunetv2_em.demo import DEMO_DATA
 
 DATASET_ID = 931
@@ -39,8 +39,8 @@ ACTIVATION_WINDOWS = ["staged", "journal_written", "bridge_json", "exchanged", "
                       "before_journal_removed"]
 
 
-def _versions(workspace: NnUNetWorkspace) -> label_store.DatasetLabelVersions:
-    return label_store.DatasetLabelVersions(os.path.join(workspace.raw, DATASET),
+def _versions(workspace: NnUNetWorkspace) -> storage.DatasetLabelVersions:
+    return storage.DatasetLabelVersions(os.path.join(workspace.raw, DATASET),
                                             os.path.join(workspace.preprocessed, DATASET), IDENTIFIER, ".nii.gz", RUN)
 
 
@@ -68,7 +68,7 @@ def _stage_round(versions, round_index: int, *, with_added_case: bool) -> None:
                   else versions.label_path(0, case))
         raw, raw_properties = reader_writer.read_seg(source)
         reference = LABELLED[0] if case == ADDED else case
-        segmentation = label_store.read_seg_b2nd(os.path.join(versions.segmentation_folder(0), f"{reference}_seg.b2nd"))
+        segmentation = storage.read_seg_b2nd(os.path.join(versions.segmentation_folder(0), f"{reference}_seg.b2nd"))
         with open(os.path.join(versions.segmentation_folder(0), f"{reference}.pkl"), "rb") as handle:
             import pickle
             properties = pickle.load(handle)
@@ -76,9 +76,9 @@ def _stage_round(versions, round_index: int, *, with_added_case: bool) -> None:
                             raw_properties=raw_properties, reader_writer=reader_writer,
                             segmentation=_changed(segmentation, round_index), properties=properties,
                             patch_size=patch_size)
-        entries[case] = {"provenance": label_store.REFINED}
+        entries[case] = {"provenance": storage.REFINED}
     if with_added_case:
-        entries[ADDED] = {"provenance": label_store.PSEUDO,
+        entries[ADDED] = {"provenance": storage.PSEUDO,
                           "images": versions.keep_added_images(ADDED, [os.path.join(DEMO_DATA, "imagesTr",
                                                                                     f"{ADDED}_0000.nii.gz")]),
                           "preprocessed_image": os.path.join(versions.live_data_folder(), f"{LABELLED[0]}.b2nd")}
@@ -110,21 +110,22 @@ def _copy(staged, tmp_path) -> NnUNetWorkspace:
 
 def _activate_in_child(workspace: NnUNetWorkspace, round_index: int, kill_at: str | None, *,
                        two_renames: bool = False) -> int:
-    patch = "label_store.exchange_paths = lambda a, b: False\n" if two_renames else ""
+    # where activation looks the swap up: as if the file system had no atomic exchange
+    patch = "storage.activation.exchange_paths = lambda a, b: False\n" if two_renames else ""
     script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
               "import test_activation_faults as t\n"
-              "from nnunetv2_em import label_store\n"
+              "from nnunetv2_em import storage\n"
               "from conftest import NnUNetWorkspace\n"
-              f"{patch}t._versions(NnUNetWorkspace({workspace.root!r})).activate({round_index})\n")
-    env = {**workspace.env, label_store.KILL_AT_ENV: kill_at or ""}
+              f"{patch}storage.activate(t._versions(NnUNetWorkspace({workspace.root!r})), {round_index})\n")
+    env = {**workspace.env, storage.KILL_AT_ENV: kill_at or ""}
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300).returncode
 
 
 def _labels_state(workspace):
-    versions = label_store.dataset_versions(os.path.join(workspace.raw, DATASET),
+    versions = storage.dataset_versions(os.path.join(workspace.raw, DATASET),
                                             os.path.join(workspace.preprocessed, DATASET))
-    return label_store.labels_folder_state(versions)
+    return storage.labels_folder_state(versions)
 
 
 def _verify(workspace) -> None:
@@ -138,14 +139,14 @@ def _assert_originals_intact(workspace, staged) -> None:
     assert versions.changed_originals() == []
     for case, digest in staged["raw_before"].items():
         if case.startswith("labelsTr/") and case.endswith(".nii.gz"):
-            assert label_store.sha256(versions.label_path(0, os.path.basename(case)[:-len(".nii.gz")])) == digest
+            assert storage.sha256(versions.label_path(0, os.path.basename(case)[:-len(".nii.gz")])) == digest
 
 
 def _assert_live_matches(workspace, round_index: int) -> None:
     versions = _versions(workspace)
     for case in versions.read_manifest(round_index)["cases"]:
         np.testing.assert_array_equal(
-            label_store.read_seg_b2nd(os.path.join(versions.live_data_folder(), f"{case}_seg.b2nd")),
+            storage.read_seg_b2nd(os.path.join(versions.live_data_folder(), f"{case}_seg.b2nd")),
             versions.read_segmentation(round_index, case))
 
 
@@ -168,7 +169,7 @@ def test_a_kill_while_activating_leaves_one_complete_version_and_restore_finishe
         assert state["equal_to"] in ({"run": None, "round": 0}, {"run": RUN, "round": 1})  # one complete version
         _verify(workspace)
     _assert_originals_intact(workspace, staged)
-    status = label_store.dataset_status(os.path.join(workspace.raw, DATASET),
+    status = storage.dataset_status(os.path.join(workspace.raw, DATASET),
                                         os.path.join(workspace.preprocessed, DATASET))
     assert (status["unfinished_switch"] is not None) == (kill_at != "staged")
 
@@ -180,8 +181,8 @@ def test_a_kill_while_activating_leaves_one_complete_version_and_restore_finishe
     if expected["round"] == 1:
         _assert_live_matches(workspace, 1)
         assert state["marker"]["round"] == 1
-    assert not os.path.exists(os.path.join(workspace.raw, DATASET, label_store.STAGING_LABELS))
-    assert not os.path.exists(os.path.join(workspace.raw, DATASET, label_store.PREVIOUS_LABELS))
+    assert not os.path.exists(os.path.join(workspace.raw, DATASET, storage.STAGING_LABELS))
+    assert not os.path.exists(os.path.join(workspace.raw, DATASET, storage.PREVIOUS_LABELS))
 
 
 @pytest.mark.parametrize("kill_at", ["journal_written", "raw_switched", "preprocessed_partly"])
@@ -195,7 +196,7 @@ def test_restore_to_the_originals_is_byte_identical_even_after_a_kill(staged, tm
     _verify(workspace)
 
     script = f"from nnunetv2_em import cli; cli.main(['restore', '-d', '{DATASET_ID}', '--round', '0'])"
-    killed = subprocess.run([sys.executable, "-c", script], env={**workspace.env, label_store.KILL_AT_ENV: kill_at},
+    killed = subprocess.run([sys.executable, "-c", script], env={**workspace.env, storage.KILL_AT_ENV: kill_at},
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     _assert_originals_intact(workspace, staged)
@@ -208,7 +209,7 @@ def test_restore_to_the_originals_is_byte_identical_even_after_a_kill(staged, tm
     versions = _versions(workspace)
     for case in LABELLED:
         np.testing.assert_array_equal(
-            label_store.read_seg_b2nd(os.path.join(versions.live_data_folder(), f"{case}_seg.b2nd")),
+            storage.read_seg_b2nd(os.path.join(versions.live_data_folder(), f"{case}_seg.b2nd")),
             versions.read_segmentation(0, case))
     assert not os.path.exists(os.path.join(versions.live_data_folder(), f"{ADDED}_seg.b2nd"))
     # and forward again: round 2 comes back complete, its added image included
@@ -270,7 +271,7 @@ def test_refined_labels_are_never_taken_for_annotations(staged, tmp_path):
     assert result.returncode == 2 and "original annotations" in result.stderr and "missing" in result.stderr
     # once restored, the same commands work again
     shutil.copytree(os.path.join(staged["workspace"].raw, DATASET, "em_labels"), os.path.join(raw, "em_labels"))
-    label_store.write_json(os.path.join(raw, "em_labels", "active.json"),
+    storage.write_json(os.path.join(raw, "em_labels", "active.json"),
                            {"run": RUN, "round": 1, "data_identifier": IDENTIFIER})
     workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")
     assert "labelled cases" in workspace.run("nnunetv2_em", "check", "-d", str(DATASET_ID)).stdout
@@ -302,7 +303,7 @@ def test_a_manually_changed_labels_folder_is_reported_by_status(staged, tmp_path
 def _files(workspace) -> dict:
     """Every file of the workspace but the dataset's lock file (beside the raw dataset, empty when free, never
     deleted: the one file a refused command that took the lock leaves)."""
-    lock = os.path.relpath(label_store.lock_path(os.path.join(workspace.raw, DATASET)), workspace.root)
+    lock = os.path.relpath(storage.lock_path(os.path.join(workspace.raw, DATASET)), workspace.root)
     return {path: digest for path, digest in tree_snapshot(workspace.root).items() if path != lock}
 
 
@@ -381,8 +382,8 @@ def test_refined_labels_copied_into_another_dataset_are_not_taken_for_annotation
     assert repaired.returncode == 0 and "the originals are back" in repaired.stdout
     versions = _versions(workspace)
     for case in LABELLED:
-        assert label_store.sha256(os.path.join(gt, f"{case}.nii.gz")) == \
-            label_store.sha256(versions.label_path(0, case))
+        assert storage.sha256(os.path.join(gt, f"{case}.nii.gz")) == \
+            storage.sha256(versions.label_path(0, case))
     assert "gt_segmentations: CHANGED" not in workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
 
 
@@ -405,7 +406,7 @@ def test_a_symlinked_labelsTr_is_switched_behind_its_link(staged, tmp_path, kill
     assert os.path.islink(os.path.join(raw, "labelsTr"))
     for name, digest in staged["raw_before"].items():
         if name.startswith("labelsTr/") and digest != "dir":
-            assert label_store.sha256(os.path.join(shared, name[len("labelsTr/"):])) == digest
+            assert storage.sha256(os.path.join(shared, name[len("labelsTr/"):])) == digest
     assert sorted(os.listdir(shared.parent)) == ["hippo_labels"]  # no staging or previous folder left
     assert sorted(os.listdir(raw)) == sorted(os.listdir(os.path.join(staged["workspace"].raw, DATASET)))
 

@@ -180,7 +180,7 @@ def test_every_case_was_judged_by_the_fold_that_did_not_train_on_it(finished_run
 
 
 def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished_run):
-    from nnunetv2_em import crossfold, estep, label_store
+    from nnunetv2_em import crossfold, estep, storage
 
     workspace = finished_run["workspace"]
     preprocessed = os.path.join(workspace.preprocessed, DATASET)
@@ -196,7 +196,7 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
     assert settings.noise_model == "per_case"  # the default
     for case in LABELLED[:4]:
         logits = np.load(os.path.join(round_folder, "logits", f"{case}.npy")).astype(np.float32)
-        original = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_00",
+        original = storage.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_00",
                                                           "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         mirrored = np.load(os.path.join(round_folder, "logits_mirrored", f"{case}.npy")).astype(np.float32)
         assert mirrored.shape == logits.shape and not np.array_equal(mirrored, logits)  # a second opinion
@@ -205,9 +205,9 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
                                         allow_changes=fit["gate"]["changes_allowed"],
                                         case_prior_strength=settings.case_prior,
                                         seed=estep.case_seed(settings.seed, 2, case), second_opinion=mirrored)
-        staged = label_store.read_seg_b2nd(os.path.join(preprocessed, "em_labels", RUN_NAME, "round_02",
+        staged = storage.read_seg_b2nd(os.path.join(preprocessed, "em_labels", RUN_NAME, "round_02",
                                                         "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
-        live = label_store.read_seg_b2nd(os.path.join(preprocessed, "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
+        live = storage.read_seg_b2nd(os.path.join(preprocessed, "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         np.testing.assert_array_equal(staged, expected)
         np.testing.assert_array_equal(live, expected)
     assert crossfold.UNLABELED_FOLDER in os.listdir(preprocessed)
@@ -219,7 +219,7 @@ def test_both_drivers_give_the_same_case_results_through_the_one_estep(finished_
     which are the run's staged ones."""
     from types import SimpleNamespace
 
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
     from nnunetv2_em.crossfold.options import RunContext, RunOptions
     from nnunetv2_em.crossfold.tasks import RunCaseInputs
     from nnunetv2_em.estep.pipeline import EStep, EStepOptions, RoundDecision
@@ -244,15 +244,15 @@ def test_both_drivers_give_the_same_case_results_through_the_one_estep(finished_
 
     # the trainer's files: its float16 logits cache, a view of the originals, an exchange holding round 1
     originals = os.path.join(preprocessed, "em_labels", "round_00", "nnUNetPlans_2d")
-    training_labels = label_store.TrainingLabelFolder(originals, str(tmp_path / "training_labels"))
-    exchange = label_store.FoldExchange(str(tmp_path / "exchange"))
+    training_labels = storage.TrainingLabelFolder(originals, str(tmp_path / "training_labels"))
+    exchange = storage.FoldExchange(str(tmp_path / "exchange"))
     cache = str(tmp_path / "logits_cache")
     os.makedirs(cache)
     for case in cases:
         shutil.copy(layout.logits_file(round_index, case), _TrainerCaseInputs.logits_file(cache, case))
         shutil.copy(layout.mirrored_logits_file(round_index, case),
                     _TrainerCaseInputs.logits_file(cache, case, mirrored=True))
-        exchange.publish(0, round_index - 1, case, label_store.read_seg_b2nd(staged.format(round_index - 1, case)),
+        exchange.publish(0, round_index - 1, case, storage.read_seg_b2nd(staged.format(round_index - 1, case)),
                          original_seg_path=training_labels.original_seg_path(case), patch_size=(56, 40))
     trainer = SimpleNamespace(_training_labels=training_labels, _exchange=exchange,
                               _case_constraints=lambda case, shape: None, _reviewed_truth=lambda case: None)
@@ -273,7 +273,7 @@ def test_both_drivers_give_the_same_case_results_through_the_one_estep(finished_
         np.testing.assert_array_equal(results["run"].uncertainty, results["trainer"].uncertainty)
         assert results["run"].scores == results["trainer"].scores
         np.testing.assert_array_equal(results["run"].labels,
-                                      label_store.read_seg_b2nd(staged.format(round_index, case))[0])
+                                      storage.read_seg_b2nd(staged.format(round_index, case))[0])
         with open(layout.case_file(round_index, case)) as handle:
             marker = json.load(handle)
         assert {k: v for k, v in marker.items() if k not in ("case", "provenance")} == \
@@ -307,9 +307,9 @@ def test_running_a_finished_run_again_changes_nothing(finished_run):
     before = tree_snapshot(workspace.root)
     workspace.run(*RUN, "--unlabeled", finished_run["extra"])
     after = tree_snapshot(workspace.root)
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
-    lock = os.path.join("raw", DATASET + label_store.LOCK_SUFFIX)  # kept for good, emptied on release
+    lock = os.path.join("raw", DATASET + storage.LOCK_SUFFIX)  # kept for good, emptied on release
     assert {k: v for k, v in after.items() if k != lock} == {k: v for k, v in before.items() if k != lock}
 
 

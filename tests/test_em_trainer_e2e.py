@@ -212,9 +212,9 @@ def test_refinements_of_held_out_cases_go_to_the_exchange_and_the_originals_stay
     # nothing nnU-Net owns was written: raw data, preprocessed originals, validation reference
     assert tree_snapshot(os.path.join(trained.raw, DATASET)) == trained.raw_before
     assert _original_preprocessed_snapshot(trained) == trained.preprocessed_before
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
     with open(os.path.join(fold, "em", "originals.json")) as handle:
-        assert label_store.changed_files(json.load(handle)) == []
+        assert storage.changed_files(json.load(handle)) == []
 
 
 def test_a_second_fold_trains_on_the_first_folds_out_of_fold_refinements(trained):

@@ -256,7 +256,7 @@ def test_the_next_round_keeps_reviewed_cases_byte_identical_and_trusts_them(revi
 
 
 def test_em_trainer_trains_on_reviewed_labels_never_judges_them_and_trusts_them(tmp_path):
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
     workspace = NnUNetWorkspace(str(tmp_path))
     cases = demo_cases(8)
@@ -274,7 +274,7 @@ def test_em_trainer_trains_on_reviewed_labels_never_judges_them_and_trusts_them(
         array[:4, :4, :4] = 2
         reviewed[case] = str(tmp_path / f"{case}_reviewed.nii.gz")
         _write_like(original, array, reviewed[case])
-    store = label_store.ReviewedLabels(folder, os.path.join(workspace.preprocessed, dataset), ".nii.gz")
+    store = storage.ReviewedLabels(folder, os.path.join(workspace.preprocessed, dataset), ".nii.gz")
     store.commit(store.keep({case: (path, {"reviewer": "test", "selection": "audit" if case in validation else "top"})
                              for case, path in reviewed.items()}))
     raw_before = tree_snapshot(os.path.join(folder, "labelsTr"))

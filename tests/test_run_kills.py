@@ -18,7 +18,7 @@ import time
 import pytest
 from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset
 
-from nnunetv2_em import label_store
+from nnunetv2_em import storage
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def _sha(path):
 def _processes_left(lock: str, grace_s: float = 30) -> list[str]:
     """Command lines of live processes the run started under its lock (the marker in their environment), after
     giving the kill ``grace_s`` to propagate."""
-    marker = f"{label_store.LOCK_ENV}={lock}".encode()
+    marker = f"{storage.LOCK_ENV}={lock}".encode()
     deadline = time.monotonic() + grace_s
     while True:
         left = []
@@ -60,11 +60,11 @@ def _processes_left(lock: str, grace_s: float = 30) -> list[str]:
 
 def _run_killed_at(workspace: NnUNetWorkspace, window: str) -> subprocess.CompletedProcess:
     executable = os.path.join(os.path.dirname(sys.executable), RUN[0])
-    process = subprocess.Popen([executable, *RUN[1:]], env={**workspace.env, label_store.KILL_AT_ENV: window},
+    process = subprocess.Popen([executable, *RUN[1:]], env={**workspace.env, storage.KILL_AT_ENV: window},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=900)
-        left = _processes_left(label_store.lock_path(os.path.join(workspace.raw, DATASET)))
+        left = _processes_left(storage.lock_path(os.path.join(workspace.raw, DATASET)))
         assert not left, f"after a kill at {window}, the run's children outlived it: {left}"
     finally:
         try:  # the run's Dask workers and trainings, orphaned by the kill
@@ -93,8 +93,8 @@ def test_a_run_killed_at_every_window_stays_valid_and_finishes(tmp_path):
         killed = _run_killed_at(workspace, window)
         assert killed.returncode == -signal.SIGKILL, f"{window} not reached:\n{killed.stdout[-3000:]}"
         verify_dataset_integrity(raw, num_processes=1)
-        versions = label_store.dataset_versions(raw, preprocessed)
-        state = label_store.labels_folder_state(versions)
+        versions = storage.dataset_versions(raw, preprocessed)
+        state = storage.labels_folder_state(versions)
         if versions.has_originals():
             assert versions.changed_originals() == []
             assert {case: _sha(versions.label_path(0, case)) for case in CASES} == originals
@@ -112,9 +112,9 @@ def test_a_run_killed_at_every_window_stays_valid_and_finishes(tmp_path):
     verify_dataset_integrity(raw, num_processes=1)
     status = workspace.run("nnunetv2_em", "status", "-d", str(DATASET_ID)).stdout
     assert "labelsTr: round 1 of run" in status and "checksums match" in status and "UNFINISHED" not in status
-    versions = label_store.dataset_versions(raw, preprocessed)
+    versions = storage.dataset_versions(raw, preprocessed)
     assert {case: _sha(versions.label_path(0, case)) for case in CASES} == originals
-    assert label_store.lock_holder(raw) is None
+    assert storage.lock_holder(raw) is None
     fold_folder = os.path.join(workspace.results, DATASET, "em_run__VanillaTrainer_tiny__nnUNetPlans__2d",
                                "round_01", "nnUNet_results", DATASET, "VanillaTrainer_tiny__nnUNetPlans__2d", "fold_1")
     with open(os.path.join(fold_folder, "em_mstep_done.json")) as handle:

@@ -95,7 +95,7 @@ def test_the_soft_target_trainer_trains_and_validates_through_the_stock_command(
 
     from conftest import TEST_DEVICE, demo_cases, make_raw_dataset
 
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
     from nnunetv2_em.trainers.soft_targets import DEFAULT_SAMPLES, soft_targets_path
 
     cases = demo_cases(8)
@@ -103,21 +103,21 @@ def test_the_soft_target_trainer_trains_and_validates_through_the_stock_command(
     workspace.run("nnunetv2_em", "plan", "-d", "912", "-c", "2d")
     folder = os.path.join(workspace.preprocessed, "Dataset912_Soft", "nnUNetPlans_2d")
     for case in cases[:5]:  # K sampled maps: the annotation with its boundary moved by -1..+2 voxels
-        seg = label_store.read_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"))
+        seg = storage.read_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"))
         maps = np.concatenate([np.where(seg >= 0, np.roll(np.maximum(seg, 0), shift, axis=2), seg)
                                for shift in range(-1, DEFAULT_SAMPLES - 1)])
-        label_store.write_seg_b2nd(soft_targets_path(folder, case), maps, (56, 40))
+        storage.write_seg_b2nd(soft_targets_path(folder, case), maps, (56, 40))
     from nnunetv2_em.trainers.soft_targets import SoftTargetDatasetBlosc2
 
     dataset = SoftTargetDatasetBlosc2(folder, cases)
     assert sorted(dataset.get_identifiers(folder)) == sorted(cases)  # the maps are not taken for cases
     for case in (cases[0], cases[-1]):
         _, seg, _, _ = dataset.load_case(case)
-        original = label_store.read_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"))
+        original = storage.read_seg_b2nd(os.path.join(folder, f"{case}_seg.b2nd"))
         assert seg.shape == (1 + DEFAULT_SAMPLES, *original.shape[1:])
         np.testing.assert_array_equal(seg[:1], original)
         if case == cases[0]:
-            stored = label_store.read_seg_b2nd(soft_targets_path(folder, case))
+            stored = storage.read_seg_b2nd(soft_targets_path(folder, case))
             np.testing.assert_array_equal(seg[1:], np.where(original < 0, original, stored))
             assert not np.array_equal(seg[1], seg[3])
         else:  # no maps: the segmentation repeated, i.e. nnU-Net's hard target

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from nnunetv2_em import checks, engine, label_store
+from nnunetv2_em import checks, engine, storage
 from nnunetv2_em.errors import EMInputError
 
 
@@ -29,18 +29,18 @@ def _dataset(tmp_path, name="Dataset001_X"):
 
 def test_the_lock_file_is_never_deleted_so_a_late_opener_still_excludes_a_new_holder(tmp_path):
     raw, preprocessed = _dataset(tmp_path)
-    with label_store.dataset_lock(raw, preprocessed):
-        late = open(label_store.lock_path(raw), "a+")  # opened while the first holder had it
-    assert os.path.isfile(label_store.lock_path(raw))
+    with storage.dataset_lock(raw, preprocessed):
+        late = open(storage.lock_path(raw), "a+")  # opened while the first holder had it
+    assert os.path.isfile(storage.lock_path(raw))
     fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the late opener now holds it
     try:
         with pytest.raises(EMInputError, match="already working on this dataset"):
-            with label_store.dataset_lock(raw, preprocessed):
+            with storage.dataset_lock(raw, preprocessed):
                 pass
-        assert label_store.lock_holder(raw) is not None
+        assert storage.lock_holder(raw) is not None
     finally:
         late.close()
-    assert label_store.lock_holder(raw) is None
+    assert storage.lock_holder(raw) is None
 
 
 def test_the_lock_belongs_to_the_raw_dataset_whatever_the_preprocessed_folder_or_links(tmp_path):
@@ -50,13 +50,13 @@ def test_the_lock_belongs_to_the_raw_dataset_whatever_the_preprocessed_folder_or
     linked_raw = tmp_path / "linked_raw"
     linked_raw.mkdir()
     os.symlink(raw, linked_raw / "Dataset001_X")
-    with label_store.dataset_lock(raw, preprocessed):
+    with storage.dataset_lock(raw, preprocessed):
         for raw_path, preprocessed_path in ((raw, str(other_preprocessed)),
                                             (str(linked_raw / "Dataset001_X"), preprocessed)):
             with pytest.raises(EMInputError, match="already working"):
-                with label_store.dataset_lock(raw_path, preprocessed_path):
+                with storage.dataset_lock(raw_path, preprocessed_path):
                     pass
-    assert not os.path.exists(os.path.join(raw, label_store.LOCK_SUFFIX))  # beside the dataset, not inside it
+    assert not os.path.exists(os.path.join(raw, storage.LOCK_SUFFIX))  # beside the dataset, not inside it
     assert os.listdir(raw) == ["labelsTr", "dataset.json"] or sorted(os.listdir(raw)) == ["dataset.json", "labelsTr"]
 
 
@@ -80,17 +80,17 @@ def _wait_dead(pid: int, seconds: float = 15) -> bool:
 def test_taking_the_lock_ends_processes_a_killed_holder_left_behind(tmp_path):
     raw, preprocessed = _dataset(tmp_path)
     leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
-                                env={**os.environ, label_store.LOCK_ENV: label_store.lock_path(raw)})
+                                env={**os.environ, storage.LOCK_ENV: storage.lock_path(raw)})
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
-                                env={**os.environ, label_store.LOCK_ENV: label_store.lock_path(raw) + "x"})
+                                env={**os.environ, storage.LOCK_ENV: storage.lock_path(raw) + "x"})
     try:
         time.sleep(0.5)
-        with label_store.dataset_lock(raw, preprocessed):
-            assert os.environ[label_store.LOCK_ENV] == label_store.lock_path(raw)  # inherited by what it starts
+        with storage.dataset_lock(raw, preprocessed):
+            assert os.environ[storage.LOCK_ENV] == storage.lock_path(raw)  # inherited by what it starts
             leftover.wait(timeout=10)
         assert leftover.returncode == -signal.SIGKILL
         assert stranger.poll() is None  # another dataset's process is left alone
-        assert label_store.LOCK_ENV not in os.environ
+        assert storage.LOCK_ENV not in os.environ
     finally:
         for process in (leftover, stranger):
             process.kill()
@@ -149,7 +149,7 @@ def _write_label(path, *, provenance=None):
                   "spacing": [1.0, 1.0, 1.0]}
     seg = np.zeros((4, 5, 6), dtype=np.uint8)
     seg[1:3, 1:3, 1:3] = 1
-    label_store.write_label_image(str(path), seg, properties, _reader_writer(), provenance=provenance)
+    storage.write_label_image(str(path), seg, properties, _reader_writer(), provenance=provenance)
     return seg
 
 
@@ -161,8 +161,8 @@ def test_a_label_the_e_step_wrote_says_so_in_its_header_wherever_it_is_copied(tm
     copied = tmp_path / "other_dataset" / "case.nii.gz"
     copied.parent.mkdir()
     shutil.copyfile(tmp_path / "refined.nii.gz", copied)  # a plain copy, no marker file anywhere
-    assert label_store.label_stamp(str(copied)) == "refined, round 2 of em_run__T__P__2d"
-    assert label_store.label_stamp(str(tmp_path / "annotation.nii.gz")) is None
+    assert storage.label_stamp(str(copied)) == "refined, round 2 of em_run__T__P__2d"
+    assert storage.label_stamp(str(tmp_path / "annotation.nii.gz")) is None
     np.testing.assert_array_equal(_reader_writer().read_seg(str(copied))[0][0], seg)  # the labels are unchanged
     with pytest.raises(EMInputError, match="written by nnunetv2_em .refined, round 2") as raised:
         checks.check_not_em_output(str(copied))
@@ -187,26 +187,26 @@ def test_an_optional_file_that_is_a_link_to_nothing_is_an_error_not_absent(tmp_p
 
 def test_unreadable_bookkeeping_is_one_error_naming_the_file(tmp_path):
     raw, preprocessed = _dataset(tmp_path)
-    versions = label_store.DatasetLabelVersions(raw, preprocessed, "id", ".nii.gz")
+    versions = storage.DatasetLabelVersions(raw, preprocessed, "id", ".nii.gz")
     os.makedirs(versions.root)
     with open(versions.active_path(), "w") as handle:
         handle.write('{"run": "em_run__a", "rou')  # cut short
     with pytest.raises(EMInputError, match="active.json: not valid JSON") as raised:
-        label_store.dataset_status(raw, preprocessed)
+        storage.dataset_status(raw, preprocessed)
     assert "restore" in str(raised.value)
 
 
 def test_temp_folders_of_a_killed_writer_are_no_runs_and_are_removed_under_the_lock(tmp_path):
     raw, preprocessed = _dataset(tmp_path)
-    versions = label_store.DatasetLabelVersions(raw, preprocessed, "id", ".nii.gz")
-    leftovers = [os.path.join(versions.root, f"{label_store.TEMP_DIR_PREFIX}dead"),
-                 os.path.join(versions.root, "em_run__a", "round_01", f"{label_store.TEMP_DIR_PREFIX}dead"),
-                 os.path.join(raw, "labelsTr", f"{label_store.TEMP_DIR_PREFIX}dead"),
-                 os.path.join(preprocessed, "nnUNetPlans_2d", f"{label_store.TEMP_DIR_PREFIX}dead")]
+    versions = storage.DatasetLabelVersions(raw, preprocessed, "id", ".nii.gz")
+    leftovers = [os.path.join(versions.root, f"{storage.TEMP_DIR_PREFIX}dead"),
+                 os.path.join(versions.root, "em_run__a", "round_01", f"{storage.TEMP_DIR_PREFIX}dead"),
+                 os.path.join(raw, "labelsTr", f"{storage.TEMP_DIR_PREFIX}dead"),
+                 os.path.join(preprocessed, "nnUNetPlans_2d", f"{storage.TEMP_DIR_PREFIX}dead")]
     for folder in leftovers:
         os.makedirs(os.path.join(folder, "file"))
     assert "em_run__a" in versions.runs() and not any(run.startswith(".") for run in versions.runs())
-    with label_store.dataset_lock(raw, preprocessed):
+    with storage.dataset_lock(raw, preprocessed):
         pass
     assert not any(os.path.exists(folder) for folder in leftovers)
     assert os.path.isdir(os.path.join(versions.root, "em_run__a", "round_01"))
@@ -218,9 +218,9 @@ def test_the_stamp_survives_a_resave_and_the_documented_fix_clears_it(tmp_path):
     path = str(tmp_path / "refined.nii.gz")
     _write_label(path, provenance="pseudo, round 1 of em_run__T__P__2d")
     sitk.WriteImage(sitk.ReadImage(path), path, True)
-    assert label_store.label_stamp(path) == "pseudo, round 1 of em_run__T__P__2d"
+    assert storage.label_stamp(path) == "pseudo, round 1 of em_run__T__P__2d"
     image = sitk.ReadImage(path)
     image.SetMetaData("ITK_FileNotes", "")
     sitk.WriteImage(image, path, True)
-    assert label_store.label_stamp(path) is None
+    assert storage.label_stamp(path) is None
     checks.check_not_em_output(path)

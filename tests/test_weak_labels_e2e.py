@@ -137,14 +137,14 @@ def test_em_trainer_judges_held_out_partial_cases_under_their_constraints(tmp_pa
 
 
 def test_sampled_maps_travel_with_the_version_and_the_soft_target_trainer_trains_on_them(weak_run):
-    from nnunetv2_em import label_store
+    from nnunetv2_em import storage
 
     workspace = weak_run["workspace"]
     live = os.path.join(workspace.preprocessed, DATASET, "nnUNetPlans_2d")
-    versions = label_store.dataset_versions(weak_run["folder"], os.path.join(workspace.preprocessed, DATASET))
+    versions = storage.dataset_versions(weak_run["folder"], os.path.join(workspace.preprocessed, DATASET))
     for case in ALL:
-        maps = label_store.read_seg_b2nd(label_store.soft_maps_path(live, case))
-        seg = label_store.read_seg_b2nd(os.path.join(live, f"{case}_seg.b2nd"))[0]
+        maps = storage.read_seg_b2nd(storage.soft_maps_path(live, case))
+        seg = storage.read_seg_b2nd(os.path.join(live, f"{case}_seg.b2nd"))[0]
         assert maps.shape == (3, *seg.shape)
         sure = seg != 3  # the hard labels everywhere the E-step was sure: not ignored, not changed
         if case not in WEAK_ONLY:
@@ -152,11 +152,11 @@ def test_sampled_maps_travel_with_the_version_and_the_soft_target_trainer_trains
         assert np.all(maps[:, sure] == seg[sure])
         assert set(np.unique(maps)) <= {-1, 0, 1, 2, 3}
     doubted = [case for case in WEAK_ONLY
-               if np.any(label_store.read_seg_b2nd(os.path.join(live, f"{case}_seg.b2nd")) == 3)]
-    assert doubted and all(not np.all(label_store.read_seg_b2nd(label_store.soft_maps_path(live, case)) == 3)
+               if np.any(storage.read_seg_b2nd(os.path.join(live, f"{case}_seg.b2nd")) == 3)]
+    assert doubted and all(not np.all(storage.read_seg_b2nd(storage.soft_maps_path(live, case)) == 3)
                            for case in doubted)  # the ignored voxels became a distribution
     workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "SoftTargetTrainer_tiny", "-device", TEST_DEVICE)
     assert os.path.isfile(os.path.join(workspace.results, DATASET, "SoftTargetTrainer_tiny__nnUNetPlans__2d",
                                        "fold_0", "checkpoint_final.pth"))
     workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")
-    assert not any(os.path.isfile(label_store.soft_maps_path(live, case)) for case in ALL)  # no stale maps
+    assert not any(os.path.isfile(storage.soft_maps_path(live, case)) for case in ALL)  # no stale maps

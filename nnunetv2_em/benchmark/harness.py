@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunetv2_em import checks, estep, label_conventions, label_store
+from nnunetv2_em import checks, estep, label_conventions, storage
 from nnunetv2_em.benchmark import metrics, noise
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.layout import RunLayout
@@ -103,9 +103,9 @@ class Workspace:
         return RunLayout(os.path.join(self.nnunet, "results"), self.dataset("em"), profile.trainer, "nnUNetPlans",
                          profile.configuration)
 
-    def em_versions(self, profile: Profile, file_ending: str) -> label_store.DatasetLabelVersions:
+    def em_versions(self, profile: Profile, file_ending: str) -> storage.DatasetLabelVersions:
         """The EM arm's label versions (round 0: the noisy labels; rounds >= 1: the run's refinements)."""
-        return label_store.DatasetLabelVersions(self.raw("em"), self.preprocessed("em"),
+        return storage.DatasetLabelVersions(self.raw("em"), self.preprocessed("em"),
                                                 f"nnUNetPlans_{profile.configuration}", file_ending,
                                                 run=self.em_run(profile).name)
 
@@ -162,7 +162,7 @@ def _write_label_like(array: np.ndarray, reference: str, path: str) -> None:
     image = sitk.ReadImage(reference)
     out = sitk.GetImageFromArray(array.astype(np.uint8))
     out.CopyInformation(image)
-    label_store.atomic_write(path, lambda temp: sitk.WriteImage(out, temp, True), suffix=".nii.gz")
+    storage.atomic_write(path, lambda temp: sitk.WriteImage(out, temp, True), suffix=".nii.gz")
 
 
 def update_plans(workspace: Workspace, arm: str, edit) -> None:
@@ -171,7 +171,7 @@ def update_plans(workspace: Workspace, arm: str, edit) -> None:
     with open(plans_file) as handle:
         plans = json.load(handle)
     edit(plans)
-    label_store.write_json(plans_file, plans)
+    storage.write_json(plans_file, plans)
 
 
 def write_test_folder(out: str, cases: dict, test_cases: list[str], ending: str) -> None:
@@ -185,7 +185,7 @@ def write_test_folder(out: str, cases: dict, test_cases: list[str], ending: str)
             target = os.path.join(test, "images", f"{case}_{index:04d}{ending}")
             if not os.path.lexists(target):
                 os.symlink(image, target)
-        label_store.copy_file(cases[case]["label"], os.path.join(test, "labels", case + ending))
+        storage.copy_file(cases[case]["label"], os.path.join(test, "labels", case + ending))
 
 
 def read_clean_dataset(benchmark, dataset_path: str) -> None:
@@ -246,10 +246,10 @@ class Benchmark:
         os.makedirs(corruption, exist_ok=True)
         for case in corrupted:
             mask = noisy[case] != clean[case]
-            label_store.atomic_write(os.path.join(corruption, f"{case}.npz"),
+            storage.atomic_write(os.path.join(corruption, f"{case}.npz"),
                                      lambda temp, m=mask: np.savez_compressed(temp, corrupted_voxels=m),
                                      suffix=".npz")
-        label_store.write_json(os.path.join(corruption, "records.json"),
+        storage.write_json(os.path.join(corruption, "records.json"),
                                {"setting": dataclasses.asdict(self.setting), "seed": self.seed,
                                 "corrupted_cases": corrupted, "records": records})
         for arm in ("noisy", "em"):
@@ -260,10 +260,10 @@ class Benchmark:
                 raise EMInputError(f"--verified {self.verified_cases}: only {len(untouched)} training cases are "
                                    f"untouched by the noise. Fix: ask for fewer.")
             chosen = np.random.default_rng(self.seed).choice(untouched, size=self.verified_cases, replace=False)
-            label_store.write_json(os.path.join(self.workspace.raw("em"), checks.VERIFIED_CASES_FILE),
+            storage.write_json(os.path.join(self.workspace.raw("em"), checks.VERIFIED_CASES_FILE),
                                    sorted(str(case) for case in chosen))
         write_test_folder(self.workspace.out, self.cases, split["test"], self.ending)
-        label_store.write_json(path, split)  # last: marks the preparation complete
+        storage.write_json(path, split)  # last: marks the preparation complete
         return split
 
     def _write_dataset(self, arm: str, cases: list[str], labels: dict[str, np.ndarray] | None = None,
@@ -277,14 +277,14 @@ class Benchmark:
                 os.symlink(image, os.path.join(folder, "imagesTr", f"{case}_{index:04d}{self.ending}"))
             target = os.path.join(folder, "labelsTr", case + self.ending)
             if label_files is not None:
-                label_store.copy_file(label_files[case], target)
+                storage.copy_file(label_files[case], target)
             else:
                 _write_label_like(labels[case], self.cases[case]["label"], target)
         dataset_json = {key: value for key, value in self.dataset_json.items() if key != "dataset"}
         if arm == "cleanlab":  # the flagged voxels are nnU-Net's ignore label
             dataset_json = label_conventions.with_ignore_label(dataset_json)
         dataset_json["numTraining"] = len(cases)
-        label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
+        storage.write_json(os.path.join(folder, "dataset.json"), dataset_json)
 
     # 3: the arms
     def _plan(self, arm: str) -> None:
@@ -326,7 +326,7 @@ class Benchmark:
                    "--keep-logits", *self._seed_arguments()]
         measured = _run_measured(command, self.workspace.env(), os.path.join(self.workspace.out, "logs",
                                                                              "em_run.log"))
-        label_store.write_json(marker, measured)
+        storage.write_json(marker, measured)
         return measured
 
     def _seed_arguments(self) -> list[str]:
@@ -367,7 +367,7 @@ class Benchmark:
             probabilities = estep.softmax(np.load(layout.logits_file(1, case)), 1.0).astype(np.float32)
             issues = find_label_issues(np.maximum(noisy, 0), np.moveaxis(probabilities, 0, 1), n_jobs=1,
                                        verbose=False) & (noisy >= 0)
-            label_store.atomic_write(os.path.join(folder, "flags", f"{case}.npz"),
+            storage.atomic_write(os.path.join(folder, "flags", f"{case}.npz"),
                                      lambda temp, m=issues: np.savez_compressed(temp, flagged=m), suffix=".npz")
             filtered = np.where(issues, self.ignore_label, noisy)
             raw = nnunet_data.refined_raw_label(_read_label(versions.original_label_path(case)), noisy, filtered,
@@ -375,7 +375,7 @@ class Benchmark:
                                                 configuration_manager)
             _write_label_like(raw, self.cases[case]["label"], files[case])
             counts[case] = int(issues.sum())
-        label_store.write_json(done, counts)
+        storage.write_json(done, counts)
         return files
 
     def run_arms(self, split: dict) -> dict:
@@ -410,7 +410,7 @@ class Benchmark:
                             "peak_rss_mib": max([s.get("peak_rss_mib", 0.0) for s in steps]
                                                 + [earlier.get("peak_rss_mib", 0.0)]),
                             "final_training": not self.label_quality_only}
-            label_store.write_json(timings_file, timings)
+            storage.write_json(timings_file, timings)
         if "em" in timings:
             self.filter_with_cleanlab(split)
         return timings
@@ -520,7 +520,7 @@ class Benchmark:
         if not self.label_quality_only:
             results["test_dice"] = self.test_dice()
         results["evaluation_minutes"] = (time.time() - started) / 60
-        label_store.write_json(os.path.join(self.workspace.out, "results.json"), results)
+        storage.write_json(os.path.join(self.workspace.out, "results.json"), results)
         return results
 
 

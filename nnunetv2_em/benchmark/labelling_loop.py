@@ -25,7 +25,7 @@ import shutil
 
 import numpy as np
 
-from nnunetv2_em import label_store, rank_unlabeled
+from nnunetv2_em import rank_unlabeled, storage
 from nnunetv2_em.benchmark import metrics
 from nnunetv2_em.benchmark.harness import (
     PROFILES,
@@ -104,14 +104,14 @@ class LabellingLoop:
                 os.symlink(self.cases[case]["label"], os.path.join(folder, "labelsTr", case + self.ending))
             dataset_json = {k: v for k, v in self.dataset_json.items() if k != "dataset"}
             dataset_json["numTraining"] = len(split["pool"])
-            label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
+            storage.write_json(os.path.join(folder, "dataset.json"), dataset_json)
             write_test_folder(self.out, self.cases, split["test"], self.ending)
-            label_store.write_json(path, split)
+            storage.write_json(path, split)
         with open(path) as handle:
             split = json.load(handle)
         recorded = os.path.join(self.records, "split.json")
         if not os.path.isfile(recorded):
-            label_store.write_json(recorded, split)
+            storage.write_json(recorded, split)
         with open(recorded) as handle:
             if json.load(handle) != split:
                 raise EMInputError(f"{recorded}: the records were made with another pool/test split than {path}. "
@@ -135,7 +135,7 @@ class LabellingLoop:
             if split["train"] == wanted:
                 return index
         splits.append({"train": wanted, "val": wanted[:2]})  # validation is off; nnU-Net wants a non-empty list
-        label_store.write_json(path, splits)
+        storage.write_json(path, splits)
         return len(splits) - 1
 
     # steps ------------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class LabellingLoop:
     def _record(self, path: str, labelled: list[str], seed: int, step: int, name: str) -> dict:
         """The step's record (trained and tested on ``labelled`` once; read back afterwards)."""
         if not os.path.isfile(path):
-            label_store.write_json(path, {"seed": seed, "step": step, "labelled": labelled,
+            storage.write_json(path, {"seed": seed, "step": step, "labelled": labelled,
                                           **self._train_and_test(labelled, seed, name)})
         with open(path) as handle:
             return json.load(handle)
@@ -206,7 +206,7 @@ class LabellingLoop:
         for seed in seeds:
             self.run_seed(seed, split)
         summary = self.summary()
-        label_store.write_json(os.path.join(self.out, "summary.json"), summary)
+        storage.write_json(os.path.join(self.out, "summary.json"), summary)
         return summary
 
     def summary(self) -> dict:
@@ -242,7 +242,7 @@ class LabellingLoop:
             embeddings, _ = self._features(self._ssl_model(seed), "all", candidates, embeddings=True, stats=False)
         picked = pick(strategy, candidates, embeddings=embeddings, stats=stats,
                       labelled_embeddings=labelled_embeddings, add=self.add, seed=seed * 1000 + record["step"])
-        label_store.write_json(picks_file, picked)
+        storage.write_json(picks_file, picked)
         return picked
 
 

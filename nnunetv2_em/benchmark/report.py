@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from nnunetv2_em import label_store
+from nnunetv2_em import storage
 from nnunetv2_em.benchmark import metrics
 
 VERSION_TITLES = {"noisy": "noisy input", "em": "EM (last round)", "cleanlab": "cleanlab filter"}
@@ -133,7 +133,7 @@ def reading(summary: dict) -> list[str]:
 def _save(figure, path):
     import matplotlib.pyplot as plt
 
-    label_store.atomic_write(path, lambda temp: figure.savefig(temp, dpi=100), suffix=".png")
+    storage.atomic_write(path, lambda temp: figure.savefig(temp, dpi=100), suffix=".png")
     plt.close(figure)
 
 
@@ -188,6 +188,6 @@ def plots(out: str, summary: dict) -> list[str]:
 
 
 def write(out: str, summary: dict) -> None:
-    label_store.write_json(os.path.join(out, "suite.json"), summary)
-    label_store.write_text(os.path.join(out, "report.md"), markdown(summary))
+    storage.write_json(os.path.join(out, "suite.json"), summary)
+    storage.write_text(os.path.join(out, "report.md"), markdown(summary))
     plots(out, summary)

@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from nnunetv2_em import label_conventions, label_store, weak_labels
+from nnunetv2_em import label_conventions, storage, weak_labels
 from nnunetv2_em.benchmark import metrics, suite
 from nnunetv2_em.benchmark.harness import (
     PROFILES,
@@ -224,7 +224,7 @@ class RegimeReplicate:
                                     with_ignore=True)
         for workspace in (self.workspace, self.sample_workspace):
             write_test_folder(workspace.out, self.cases, split["test"], self.ending)
-        label_store.write_json(path, {"regime": self.regime, "split": split, "design": design,
+        storage.write_json(path, {"regime": self.regime, "split": split, "design": design,
                                       "weak_labels": rows})
         return self.prepare()
 
@@ -243,9 +243,9 @@ class RegimeReplicate:
         if with_ignore:
             dataset_json = label_conventions.with_ignore_label(dataset_json)
         dataset_json["numTraining"] = len(labels)
-        label_store.write_json(os.path.join(folder, "dataset.json"), dataset_json)
+        storage.write_json(os.path.join(folder, "dataset.json"), dataset_json)
         if weak_rows:
-            label_store.write_json(weak_labels.weak_labels_path(folder),
+            storage.write_json(weak_labels.weak_labels_path(folder),
                                    {"version": weak_labels.FORMAT_VERSION, "cases": weak_rows})
 
     # steps ------------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ class RegimeReplicate:
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(source, target, symlinks=True)
         self._set_em(self.sample_workspace, weak_mode="sample", soft_targets=0)
-        label_store.write_json(marker, {"planned": True})
+        storage.write_json(marker, {"planned": True})
 
     def _set_em(self, workspace: Workspace, **settings) -> None:
         update_plans(workspace, "em", lambda plans: plans["em"].update({"mirroring": self.profile.mirroring,
@@ -310,7 +310,7 @@ class RegimeReplicate:
                    "--trainer", self.profile.trainer, "--device", self.profile.device, "--no-validation",
                    "--keep-logits", *self._seed_arguments()]
         measured = _run_measured(command, workspace.env(), os.path.join(self.out, "logs", f"{name}_run.log"))
-        label_store.write_json(marker, measured)
+        storage.write_json(marker, measured)
         return measured
 
     def _reuse_map_models(self) -> None:
@@ -345,7 +345,7 @@ class RegimeReplicate:
                 if not os.path.isfile(weak_file):  # which classes each partial case annotates (vanilla ignores it)
                     with open(os.path.join(self.out, "design.json")) as handle:
                         rows = json.load(handle)["weak_labels"]
-                    label_store.write_json(weak_file, {"version": weak_labels.FORMAT_VERSION, "cases": rows})
+                    storage.write_json(weak_file, {"version": weak_labels.FORMAT_VERSION, "cases": rows})
                 self._plan_vanilla("naive")
                 trainer = MARGINAL_TRAINERS[self.profile.trainer]
                 train_final(self.workspace, "naive", self.profile, trainer=trainer, log_name=arm,
@@ -382,7 +382,7 @@ class RegimeReplicate:
                 predict_test(self.sample_workspace, "em", self.profile, classes=self.classes, ending=self.ending,
                              name=arm)
             timings[arm] = {"wall_minutes": (time.time() - started) / 60}
-            label_store.write_json(timings_file, timings)
+            storage.write_json(timings_file, timings)
         return timings
 
     # evaluation -------------------------------------------------------------------------------------------
@@ -477,7 +477,7 @@ class RegimeReplicate:
                                                 arm, classes=self.classes, ending=self.ending, seed=self.seed)
                                  for arm in self.arms},
                    "label_quality": self.label_quality(prepared["design"])}
-        label_store.write_json(os.path.join(self.out, "results.json"), results)
+        storage.write_json(os.path.join(self.out, "results.json"), results)
         return results
 
 
@@ -494,7 +494,7 @@ def run_suite(dataset: str, *, regimes, seeds, profile: str, out: str, data_seed
             RegimeReplicate(dataset, regime, seed=seed, profile=profile, data_seed=data_seed,
                             out=replicate_folder(out, regime, seed)).run()
     summary = summarize(load_replicates(out))
-    label_store.write_json(os.path.join(out, "summary.json"), summary)
+    storage.write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 

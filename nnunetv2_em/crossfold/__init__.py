@@ -7,7 +7,7 @@ labels become the dataset's labels (raw ``labelsTr`` and the preprocessed segmen
 originals). Every step leaves a marker file, so the same command continues a killed run without redoing finished
 folds or cases.
 
-Paths of a run: ``nnunetv2_em.layout``; label versions: ``nnunetv2_em.label_store``. Modules: ``options``
+Paths of a run: ``nnunetv2_em.layout``; label versions: ``nnunetv2_em.storage``. Modules: ``options``
 (what a run is), ``tasks`` (the Dask tasks, one per fold or case), ``driver`` (checks, rounds, resuming).
 """
 

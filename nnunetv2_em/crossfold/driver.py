@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from nnunetv2_em import checks, engine, estep, label_conventions, label_store, reports, weak_labels
+from nnunetv2_em import checks, engine, estep, label_conventions, reports, storage, weak_labels
 from nnunetv2_em.crossfold.options import RunContext, RunOptions
 from nnunetv2_em.crossfold.tasks import (
     RunCaseInputs,
@@ -61,7 +61,7 @@ class CrossFoldRun:
         self._check_folds(preprocessed)
         self.extra_unlabeled = self._extra_unlabeled()
         self._check_trainer()
-        versions_folder = os.path.join(raw, label_store.EM_LABELS)
+        versions_folder = os.path.join(raw, storage.EM_LABELS)
         for folder in (versions_folder if os.path.lexists(versions_folder) else raw, paths["nnUNet_preprocessed"],
                        paths["nnUNet_results"]):
             if os.path.lexists(folder):
@@ -76,7 +76,7 @@ class CrossFoldRun:
     def _check_raw(self, raw):
         from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-        versions_manifest = label_store.originals_manifest_path(raw)
+        versions_manifest = storage.originals_manifest_path(raw)
         if os.path.isfile(versions_manifest):  # a run in progress already replaced labelsTr: check the originals
             with open(versions_manifest) as handle:
                 originals = sorted(json.load(handle)["cases"])
@@ -175,7 +175,7 @@ class CrossFoldRun:
 
     def locked(self):
         """Hold the dataset's run lock (released when the process ends, however it ends)."""
-        return label_store.dataset_lock(self.raw, self.preprocessed)
+        return storage.dataset_lock(self.raw, self.preprocessed)
 
     def _check_identity(self, *, write: bool) -> None:
         path = self.layout.file("run.json")
@@ -189,19 +189,19 @@ class CrossFoldRun:
                                    f"options to continue it, or move that folder away to start a new run.")
         elif write:
             os.makedirs(self.layout.folder, exist_ok=True)
-            label_store.write_json(path, identity)
+            storage.write_json(path, identity)
 
     # the loop -----------------------------------------------------------------------------------------------
     def run(self, client) -> dict:
         """Execute or continue the rounds; call inside ``locked()``."""
-        label_store.recover_activation(self.raw, self.preprocessed)
+        storage.recover_activation(self.raw, self.preprocessed)
         checks.guard_label_versions(self.raw, self.name, continuing_run=self.run_name)
         self._check_identity(write=False)
         self._ensure_planned()
         context = self._context()
         split = self._ensure_split(context)
         self._check_identity(write=True)  # only now: a run refused above leaves nothing behind
-        label_store.fault_point("run_started")
+        storage.fault_point("run_started")
         versions = context.versions()
         versions.keep_originals(self.labelled)
         changed = versions.changed_originals()
@@ -220,8 +220,8 @@ class CrossFoldRun:
             summary = self._run_round(client, context, round_index, split, unlabeled)
             state["rounds"][str(round_index)] = summary
             state["converged"] = bool(summary["converged"])
-            label_store.write_json(self.layout.file("state.json"), state)
-            label_store.fault_point("state_written")
+            storage.write_json(self.layout.file("state.json"), state)
+            storage.fault_point("state_written")
             reports.write_run_summary(self.layout.folder, state)
             if not context.options.keep_logits:  # only now: a rerun before this point still finds them
                 shutil.rmtree(context.layout.logits_folder(round_index), ignore_errors=True)
@@ -261,7 +261,7 @@ class CrossFoldRun:
                 splits = json.load(handle)
         else:
             splits = generate_crossval_split(sorted(self.labelled), seed=12345, n_splits=len(self.options.folds))
-            label_store.write_json(path, splits)
+            storage.write_json(path, splits)
         if max(self.options.folds) >= len(splits):
             raise EMInputError(f"{path}: has {len(splits)} splits, fold {max(self.options.folds)} requested. Fix: "
                                f"pick folds below {len(splits)}.")
@@ -301,12 +301,12 @@ class CrossFoldRun:
                                              embeddings=True, resources={engine.DEVICE: 1}, pure=False))
         _wait(client, predictions, "predicting out-of-fold")
         predicted = time.time()
-        label_store.write_json(context.layout.round_file(round_index, "out_of_fold.json"), out_of_fold)
+        storage.write_json(context.layout.round_file(round_index, "out_of_fold.json"), out_of_fold)
 
         fit = self._fit(context, round_index, sorted(out_of_fold))
-        kinds = {**{case: label_store.REVIEWED if case in self.reviewed else label_store.REFINED
+        kinds = {**{case: storage.REVIEWED if case in self.reviewed else storage.REFINED
                     for case in out_of_fold},
-                 **{case: label_store.PSEUDO for case in unlabeled}}
+                 **{case: storage.PSEUDO for case in unlabeled}}
         refinements = [client.submit(task_refine, context, round_index, case, kind, pure=False)
                        for case, kind in sorted(kinds.items())]
         _wait(client, refinements, "E-step per case", fault="estep_case")
@@ -331,7 +331,7 @@ class CrossFoldRun:
         for note in decision.notes():
             print(f"round {round_index}: {note}", flush=True)
         result = {**decision.to_dict(), "cases": len(cases), "seconds": round(time.time() - started, 2)}
-        label_store.write_json(path, result)
+        storage.write_json(path, result)
         return result
 
     def _rank_unlabeled(self, context: RunContext, round_index: int, cases: list[str]) -> None:
@@ -366,7 +366,7 @@ class CrossFoldRun:
         for case in kinds:
             with open(context.layout.case_file(round_index, case)) as handle:
                 scores[case] = json.load(handle)
-        labelled_scores = {c: s for c, s in scores.items() if s["provenance"] == label_store.REFINED}
+        labelled_scores = {c: s for c, s in scores.items() if s["provenance"] == storage.REFINED}
         summary = {"round": round_index, "noise_model": fit["noise_model"], "model_dice": fit["model_dice"],
                    "refinement_applied": fit["refine"], "refinement_refused": fit.get("refused"),
                    **estep.summarize_round(labelled_scores),
@@ -375,13 +375,13 @@ class CrossFoldRun:
                                     summary["fraction_changed_since_previous"] < context.em.tolerance)
         if unlabeled:
             self._rank_unlabeled(context, round_index, sorted(unlabeled))
-        to_rank = {c: s for c, s in scores.items() if s["provenance"] != label_store.REVIEWED}  # reviewed: done
+        to_rank = {c: s for c, s in scores.items() if s["provenance"] != storage.REVIEWED}  # reviewed: done
         reports.write_round_reports(context.layout.round_folder(round_index), summary, estep.rank_cases(to_rank))
         # cases no fold could judge keep their labels of the previous round, so the round folder stays complete
         for case in self.labelled:
             if case not in kinds:
                 versions.copy_case(round_index - 1, round_index, case)
-        manifest = {case: {"provenance": scores[case]["provenance"] if case in scores else label_store.ORIGINAL,
+        manifest = {case: {"provenance": scores[case]["provenance"] if case in scores else storage.ORIGINAL,
                            **({k: v for k, v in scores[case].items() if k not in ("case", "provenance")}
                               if case in scores else {})} for case in [*self.labelled, *unlabeled]}
         for case in unlabeled:  # what a restore of this round needs to bring the case back
@@ -392,9 +392,9 @@ class CrossFoldRun:
             dataset_json = label_conventions.with_ignore_label(json.load(handle))
         dataset_json.pop("dataset", None)
         versions.write_round_metadata(round_index, dataset_json, manifest)
-        label_store.fault_point("round_staged")
-        versions.activate(round_index)
-        label_store.fault_point("round_activated")
+        storage.fault_point("round_staged")
+        storage.activate(versions, round_index)
+        storage.fault_point("round_activated")
         print(f"round {round_index}: log-likelihood {fit['noise_model']['log_likelihood']:.5f}, temperature "
               f"{fit['noise_model']['temperature']:.3f}, changed {100 * summary['fraction_changed']:.3f}%, ignored "
               f"{100 * summary['fraction_ignored']:.3f}%, {100 * summary['fraction_changed_since_previous']:.3f}% "
@@ -413,7 +413,7 @@ def _wait(client, futures, description: str, *, fault: str | None = None) -> Non
             future.result()
             bar.update()
             if fault:
-                label_store.fault_point(fault)
+                storage.fault_point(fault)
 
 
 def run(options: RunOptions, *, scheduler: str | None = None) -> dict:

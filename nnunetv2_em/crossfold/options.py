@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from nnunetv2_em import label_store
+from nnunetv2_em import storage
 from nnunetv2_em.layout import RunLayout, unlabeled_folder
 from nnunetv2_em.settings import EMSettings
 
@@ -54,12 +54,12 @@ class RunContext:
     def em(self) -> EMSettings:
         return EMSettings.resolve(self.settings, source="run")
 
-    def versions(self) -> label_store.DatasetLabelVersions:
-        return label_store.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending,
+    def versions(self) -> storage.DatasetLabelVersions:
+        return storage.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending,
                                                 run=self.layout.name)
 
-    def reviewed_labels(self) -> label_store.ReviewedLabels:
-        return label_store.ReviewedLabels(self.raw, self.preprocessed, self.file_ending)
+    def reviewed_labels(self) -> storage.ReviewedLabels:
+        return storage.ReviewedLabels(self.raw, self.preprocessed, self.file_ending)
 
     def case_constraints(self, case: str):
         """The case's weak / partial labels (``CaseConstraints``, raw voxels), or None."""

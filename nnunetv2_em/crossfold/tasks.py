@@ -12,14 +12,14 @@ import sys
 
 import numpy as np
 
-from nnunetv2_em import checks, engine, label_conventions, label_store
+from nnunetv2_em import checks, engine, label_conventions, storage
 from nnunetv2_em.crossfold.options import RunContext
 from nnunetv2_em.estep.pipeline import EStep, EStepOptions, RoundDecision
 
 
 def _child_env(context: RunContext, round_index: int) -> dict:
     # the lock's variable marks the children as the run's: the next holder of the lock ends what a kill left behind
-    return {**os.environ, label_store.LOCK_ENV: label_store.lock_path(context.raw),
+    return {**os.environ, storage.LOCK_ENV: storage.lock_path(context.raw),
             "nnUNet_raw": os.path.dirname(context.raw),
             "nnUNet_preprocessed": os.path.dirname(context.preprocessed),
             "nnUNet_results": context.layout.round_results(round_index),
@@ -58,7 +58,7 @@ def task_predict(context: RunContext, round_index: int, folds: list[int], cases:
         return 0
     spec_file = os.path.join(context.layout.logs_folder(round_index), f"predict_{name}.json")
     os.makedirs(os.path.dirname(spec_file), exist_ok=True)
-    label_store.write_json(spec_file, {"model_folder": context.layout.model_folder(round_index), "folds": folds,
+    storage.write_json(spec_file, {"model_folder": context.layout.model_folder(round_index), "folds": folds,
                                        "cases": cases, "cache": cache, "mirroring": context.em.mirroring,
                                        "device": context.options.device, "flip_axis": 2 if mirrored else None,
                                        "embeddings_cache": context.layout.embeddings_folder(round_index)
@@ -83,11 +83,11 @@ def task_preprocess_unlabeled(context: RunContext, case: str, images: list[str])
     os.makedirs(folder, exist_ok=True)
     data = np.ascontiguousarray(data, dtype=np.float32)
     blocks, chunks = comp_blosc2_params(data.shape, tuple(configuration_manager.patch_size), data.itemsize)
-    label_store.atomic_write(os.path.join(folder, f"{case}.b2nd"), lambda temp: blosc2.asarray(
+    storage.atomic_write(os.path.join(folder, f"{case}.b2nd"), lambda temp: blosc2.asarray(
         data, urlpath=temp, chunks=chunks, blocks=blocks, cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5}),
         suffix=".b2nd")
-    label_store.write_seg_b2nd(os.path.join(folder, f"{case}_mask.b2nd"), seg, configuration_manager.patch_size)
-    label_store.write_pickle(os.path.join(folder, f"{case}.pkl"), properties)  # last: marks the case done
+    storage.write_seg_b2nd(os.path.join(folder, f"{case}_mask.b2nd"), seg, configuration_manager.patch_size)
+    storage.write_pickle(os.path.join(folder, f"{case}.pkl"), properties)  # last: marks the case done
     return case
 
 
@@ -122,7 +122,7 @@ class RunCaseInputs:
 
     def annotation(self, case: str) -> np.ndarray:
         if case in self.pseudo:
-            outside = label_store.read_seg_b2nd(os.path.join(self.context.unlabeled_folder(), f"{case}_mask.b2nd"))
+            outside = storage.read_seg_b2nd(os.path.join(self.context.unlabeled_folder(), f"{case}_mask.b2nd"))
             return np.where(outside[0] < 0, -1, 0)
         return self.versions.read_original_segmentation(case)[0]
 
@@ -174,12 +174,12 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     if os.path.isfile(marker):
         return case
     versions = context.versions()
-    if kind == label_store.REVIEWED:  # frozen: the reviewed label, byte for byte
+    if kind == storage.REVIEWED:  # frozen: the reviewed label, byte for byte
         reviewed = context.reviewed_labels()
         versions.stage_reviewed_case(round_index, case, reviewed)
-        label_store.write_json(marker, {"case": case, "provenance": kind, "reviewed": reviewed.provenance(case)})
+        storage.write_json(marker, {"case": case, "provenance": kind, "reviewed": reviewed.provenance(case)})
         return case
-    pseudo = kind == label_store.PSEUDO
+    pseudo = kind == storage.PSEUDO
     inputs = RunCaseInputs(context, round_index, pseudo=[case] if pseudo else [])
     with open(context.layout.round_file(round_index, "fit.json")) as handle:
         decision = RoundDecision.from_dict(json.load(handle))
@@ -195,11 +195,11 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
         original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
         raw_label = nnunet_data.refined_raw_label(original_raw, inputs.annotation(case), result.labels, properties,
                                                   plans_manager, configuration_manager)
-    label_store.write_uncertainty(context.layout.uncertainty_file(round_index, case), result.uncertainty)
+    storage.write_uncertainty(context.layout.uncertainty_file(round_index, case), result.uncertainty)
     properties = dict(properties)
     properties["class_locations"] = nnunet_data.class_locations(result.labels[None], label_manager)
     versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
                         reader_writer=reader_writer, segmentation=result.labels[None], properties=properties,
                         patch_size=configuration_manager.patch_size, soft_maps=result.soft_maps, provenance=kind)
-    label_store.write_json(marker, {"case": case, "provenance": kind, **result.scores})
+    storage.write_json(marker, {"case": case, "provenance": kind, **result.scores})
     return case

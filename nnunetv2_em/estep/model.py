@@ -26,7 +26,6 @@ import numpy as np
 from scipy import ndimage
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
-
 _TINY = 1e-30
 
 

@@ -7,7 +7,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from nnunetv2_em import checks, label_conventions, label_store
+from nnunetv2_em import checks, label_conventions, storage
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 
 
@@ -53,7 +53,7 @@ class EMPlanner(ExperimentPlanner):
                                                                                       load_json(preprocessed_json))):
             # images without labels wait in imagesTr for pseudo-labels: preprocessing must skip them
             dataset_json["dataset"] = labelled_cases_mapping(self.raw_dataset_folder, self.labelled_cases)
-        label_store.write_json(preprocessed_json, dataset_json)
+        storage.write_json(preprocessed_json, dataset_json)
         return plans
 
 

@@ -1,7 +1,7 @@
 """``-tr EMTrainer``: nnU-Net training with an E-step after every round of epochs.
 
 The trainer is glue: the E-step's arithmetic is in ``nnunetv2_em.estep``, every label file it writes goes through
-``nnunetv2_em.label_store``, and conversions between nnU-Net's spaces through ``nnunetv2_em.nnunet_data``.
+``nnunetv2_em.storage``, and conversions between nnU-Net's spaces through ``nnunetv2_em.nnunet_data``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_em import checks, label_conventions, label_store, nnunet_data, reports, weak_labels
+from nnunetv2_em import checks, label_conventions, nnunet_data, reports, storage, weak_labels
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.estep.pipeline import EStep, EStepOptions
 from nnunetv2_em.run_state import TrainerRunState
@@ -59,10 +59,10 @@ class EMTrainer(nnUNetTrainer):
         if not os.path.isdir(data_folder):
             raise EMInputError(f"{data_folder}: not found. Fix: nnUNetv2_plan_and_preprocess -d "
                                f"{plans['dataset_name']} -pl EMPlanner -c {configuration}.")
-        marker = label_store.preprocessed_em_output(data_folder)
+        marker = storage.preprocessed_em_output(data_folder)
         if marker:
             raise EMInputError(f"{data_folder}: holds the segmentations of "
-                               f"{label_store.version_name(marker.get('run'), int(marker.get('round', 0)))} written "
+                               f"{storage.version_name(marker.get('run'), int(marker.get('round', 0)))} written "
                                f"by `nnunetv2_em run`{' (switch interrupted)' if marker.get('switching') else ''}, not "
                                f"the annotations; EMTrainer would take them for originals. Fix: `nnunetv2_em restore "
                                f"-d {plans['dataset_name']} --round 0`, then train again.")
@@ -76,7 +76,7 @@ class EMTrainer(nnUNetTrainer):
         raw_folder = join(os.environ.get("nnUNet_raw", ""), plans["dataset_name"])
         self._verified_cases = checks.load_verified_cases(raw_folder, cases) if os.environ.get("nnUNet_raw") else []
         # labels a person reviewed (`nnunetv2_em review import`): trained on as they are, never judged, trusted
-        self._reviewed = label_store.ReviewedLabels(raw_folder, dataset_folder, dataset_json["file_ending"])
+        self._reviewed = storage.ReviewedLabels(raw_folder, dataset_folder, dataset_json["file_ending"])
         self._reviewed_cases = sorted(set(self._reviewed.records()) & set(cases)) \
             if os.environ.get("nnUNet_raw") else []
         # partial / tagged cases (em_weak_labels.json); nnU-Net preprocesses only cases with a label file, so
@@ -94,12 +94,12 @@ class EMTrainer(nnUNetTrainer):
         if not self.was_initialized:
             # train from a fold-private copy of the preprocessed folder whose segmentations the E-step replaces
             original_folder = self.preprocessed_dataset_folder
-            self._training_labels = label_store.TrainingLabelFolder(
+            self._training_labels = storage.TrainingLabelFolder(
                 original_folder,
                 join(self.preprocessed_dataset_folder_base, "em_training_labels",
                      os.path.basename(self.output_folder_base), f"fold_{self.fold}"))
             self._training_labels.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
-            self._exchange = label_store.FoldExchange(
+            self._exchange = storage.FoldExchange(
                 join(self.preprocessed_dataset_folder_base, "em_training_labels",
                      os.path.basename(self.output_folder_base), "exchange"))
             self.preprocessed_dataset_folder = self._training_labels.folder
@@ -155,7 +155,7 @@ class EMTrainer(nnUNetTrainer):
                 self.print_to_log_file(f"EM: training on other folds' out-of-fold refinements of {len(taken)} "
                                        f"case(s) from the start", also_print_to_console=True)
             os.makedirs(self.em_folder)
-            label_store.write_json(join(self.em_folder, "originals.json"), self._originals_manifest(all_cases))
+            storage.write_json(join(self.em_folder, "originals.json"), self._originals_manifest(all_cases))
             self._em_state = TrainerRunState.new(state_file, self.em_settings, training_cases)
             self._em_state.save()
             return
@@ -241,7 +241,7 @@ class EMTrainer(nnUNetTrainer):
                 continue
             result = step.case(case, decision)
             scores[case] = result.scores
-            label_store.write_uncertainty(join(round_folder, "uncertainty", f"{case}.npz"), result.uncertainty)
+            storage.write_uncertainty(join(round_folder, "uncertainty", f"{case}.npz"), result.uncertainty)
             self._exchange.publish(self.fold, round_index, case, result.labels[None],
                                    original_seg_path=self._training_labels.original_seg_path(case),
                                    patch_size=self.configuration_manager.patch_size,
@@ -336,7 +336,7 @@ class EMTrainer(nnUNetTrainer):
                                            exclude_fold=self.fold)
             if record is None:
                 continue
-            refined = label_store.read_seg_b2nd(record["seg_path"])
+            refined = storage.read_seg_b2nd(record["seg_path"])
             properties = load_pickle(self._training_labels.original_properties_path(case))
             properties["class_locations"] = nnunet_data.class_locations(refined, self.label_manager)
             self._training_labels.write_case(case, refined, properties, self.configuration_manager.patch_size)
@@ -382,20 +382,20 @@ class EMTrainer(nnUNetTrainer):
             properties = load_pickle(self._training_labels.original_properties_path(case))
             original_raw = np.asarray(reader_writer.read_seg(self._gt_path(case))[0][0]).astype(np.int32)
             raw = nnunet_data.refined_raw_label(original_raw, self._training_labels.read_original_seg(case),
-                                                label_store.read_seg_b2nd(records[case]["seg_path"]), properties,
+                                                storage.read_seg_b2nd(records[case]["seg_path"]), properties,
                                                 self.plans_manager, self.configuration_manager)
             return raw, properties
 
         def as_is(case):  # byte copies: the original annotation, or a reviewed label
             return self._reviewed.label_path(case) if case in self._reviewed_cases else self._gt_path(case)
 
-        label_store.write_round_labels(
+        storage.write_round_labels(
             join(round_folder, "labelsTr"), nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder),
             file_ending=self.dataset_json["file_ending"], original_label_path=as_is,
             refined_label=refined_label, reader_writer=reader_writer,
             provenance=f"refined, {os.path.basename(os.path.normpath(round_folder))} of {self.__class__.__name__} "
                        f"fold {self.fold}")
-        label_store.write_json(join(round_folder, "dataset.json"), self.dataset_json)
+        storage.write_json(join(round_folder, "dataset.json"), self.dataset_json)
 
     def _originals_manifest(self, cases) -> dict:
         files = {}
@@ -404,13 +404,13 @@ class EMTrainer(nnUNetTrainer):
             files[f"preprocessed/{case}.pkl"] = self._training_labels.original_properties_path(case)
             if os.path.isfile(self._gt_path(case)):
                 files[f"gt_segmentations/{case}{self.dataset_json['file_ending']}"] = self._gt_path(case)
-        return label_store.checksum_manifest(files)
+        return storage.checksum_manifest(files)
 
     def _verify_originals(self):
         manifest_file = join(self.em_folder, "originals.json")
         if not os.path.isfile(manifest_file):
             return
-        changed = label_store.changed_files(load_json(manifest_file))
+        changed = storage.changed_files(load_json(manifest_file))
         if changed:
             raise EMInputError(f"{len(changed)} original label file(s) changed since this run started, e.g. "
                                f"{changed[0]} (checksums in {manifest_file}). Fix: start a fresh training (without "
@@ -458,7 +458,7 @@ class _TrainerCaseInputs:
         labels = self.trainer._training_labels
         mine = self.trainer._exchange.latest(case, original_seg_path=labels.original_seg_path(case),
                                              up_to_round=self.round_index - 1)
-        return label_store.read_seg_b2nd(mine["seg_path"])[0] if mine else labels.read_original_seg(case)[0]
+        return storage.read_seg_b2nd(mine["seg_path"])[0] if mine else labels.read_original_seg(case)[0]
 
     def constraints(self, case: str):
         shape = np.load(self.logits_file(self.logits_cache, case), mmap_mode="r").shape[1:]

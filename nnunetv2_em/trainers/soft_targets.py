@@ -25,7 +25,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_em.label_store import soft_maps_path  # the one place that names the folder
+from nnunetv2_em.storage import soft_maps_path  # the one place that names the folder
 from nnunetv2_em.trainers.budgets import FixedEpochsBudget, deep_supervision_loss, split_target
 
 DEFAULT_SAMPLES = 4
