@@ -176,7 +176,7 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
     versions = context.versions()
     if kind == storage.REVIEWED:  # frozen: the reviewed label, byte for byte
         reviewed = context.reviewed_labels()
-        versions.stage_reviewed_case(round_index, case, reviewed)
+        storage.stage_reviewed_case(versions, round_index, case, reviewed)
         storage.write_json(marker, {"case": case, "provenance": kind, "reviewed": reviewed.provenance(case)})
         return case
     pseudo = kind == storage.PSEUDO

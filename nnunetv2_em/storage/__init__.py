@@ -67,7 +67,7 @@ from nnunetv2_em.storage.lock import (
     reap_leftover_processes,
     remove_stale_temp_folders,
 )
-from nnunetv2_em.storage.reviewed import ReviewedLabels, review_version_base, stage_review_version
+from nnunetv2_em.storage.reviewed import ReviewedLabels, review_version_base, stage_review_version, stage_reviewed_case
 from nnunetv2_em.storage.status import dataset_status, dataset_versions, labels_folder_state, restore
 from nnunetv2_em.storage.trainer_labels import FoldExchange, TrainingLabelFolder, write_round_labels
 from nnunetv2_em.storage.versions import (
@@ -161,6 +161,7 @@ __all__ = [
     "sha256",
     "soft_maps_path",
     "stage_review_version",
+    "stage_reviewed_case",
     "stamp_label",
     "temporary_folder",
     "verified_copy",

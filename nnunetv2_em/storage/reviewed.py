@@ -8,7 +8,16 @@ import shutil
 
 import numpy as np
 
-from nnunetv2_em.storage.files import read_json, read_seg_b2nd, verified_copy, write_json, write_pickle, write_seg_b2nd
+from nnunetv2_em.storage.files import (
+    copy_file,
+    read_json,
+    read_seg_b2nd,
+    sha256,
+    verified_copy,
+    write_json,
+    write_pickle,
+    write_seg_b2nd,
+)
 from nnunetv2_em.storage.versions import EM_LABELS, REVIEW_RUN, REVIEWED, DatasetLabelVersions
 
 
@@ -101,6 +110,20 @@ class ReviewedLabels:
         write_json(self.index_path, {"cases": {**self.records(), **records}})
 
 
+def stage_reviewed_case(versions: DatasetLabelVersions, round_index: int, case: str, reviewed: ReviewedLabels
+                        ) -> None:
+    """Stage a reviewed case into a round: its reviewed label file byte for byte, and its preprocessed
+    segmentation for this data identifier (``ReviewedLabels.write_segmentation`` made it)."""
+    os.makedirs(versions.labels_folder(round_index), exist_ok=True)
+    copy_file(reviewed.label_path(case), versions.label_path(round_index, case))
+    if sha256(versions.label_path(round_index, case)) != reviewed.records()[case]["sha256"]:
+        raise OSError(f"{versions.label_path(round_index, case)}: copy differs from {reviewed.label_path(case)}")
+    os.makedirs(versions.segmentation_folder(round_index), exist_ok=True)
+    for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
+        copy_file(os.path.join(reviewed.segmentation_folder(versions.data_identifier), name),
+                  os.path.join(versions.segmentation_folder(round_index), name))
+
+
 def stage_review_version(versions: DatasetLabelVersions, reviewed: ReviewedLabels, cases: list[str]) -> int:
     """A new ``em_review`` version: the active version with ``cases`` replaced by their reviewed labels, staged
     complete (manifest last); returns its round number. ``versions``: set to the active run and data identifier."""
@@ -114,7 +137,7 @@ def stage_review_version(versions: DatasetLabelVersions, reviewed: ReviewedLabel
     entries = {}
     for case, entry in base_manifest["cases"].items():
         if case in cases:
-            target.stage_reviewed_case(round_index, case, reviewed)
+            stage_reviewed_case(target, round_index, case, reviewed)
             entries[case] = {"provenance": REVIEWED, "reviewed": reviewed.provenance(case)}
             continue
         target.copy_case(active["round"], round_index, case, from_run=active["run"])

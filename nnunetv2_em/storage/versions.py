@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,9 +28,6 @@ from nnunetv2_em.storage.files import (
     write_pickle,
     write_seg_b2nd,
 )
-
-if TYPE_CHECKING:  # annotations only: reviewed.py builds on this module
-    from nnunetv2_em.storage.reviewed import ReviewedLabels
 
 ORIGINAL, REFINED, PSEUDO, REVIEWED = "original", "refined", "pseudo", "reviewed"
 REVIEW_RUN = "em_review"  # the label versions that imports of reviewed labels activate: a "run" of their own
@@ -313,18 +309,6 @@ class DatasetLabelVersions:
             "round": round_index, "run": self.run, "data_identifier": self.data_identifier, **(extra or {}),
             "labels_sha256": labels_digest({case: entry["sha256"] for case, entry in entries.items()}),
             "cases": entries})
-
-    def stage_reviewed_case(self, round_index: int, case: str, reviewed: ReviewedLabels) -> None:
-        """Stage a reviewed case into a round: its reviewed label file byte for byte, and its preprocessed
-        segmentation for this data identifier (``ReviewedLabels.write_segmentation`` made it)."""
-        os.makedirs(self.labels_folder(round_index), exist_ok=True)
-        copy_file(reviewed.label_path(case), self.label_path(round_index, case))
-        if sha256(self.label_path(round_index, case)) != reviewed.records()[case]["sha256"]:
-            raise OSError(f"{self.label_path(round_index, case)}: copy differs from {reviewed.label_path(case)}")
-        os.makedirs(self.segmentation_folder(round_index), exist_ok=True)
-        for name in (f"{case}_seg.b2nd", f"{case}.pkl"):
-            copy_file(os.path.join(reviewed.segmentation_folder(self.data_identifier), name),
-                      os.path.join(self.segmentation_folder(round_index), name))
 
 
 def read_labels_marker(labels_folder: str) -> dict | None:
