@@ -122,7 +122,7 @@ def select_cases(ranked: list[dict], eligible: set[str], *, top: int | None, bud
     reviewed before; then ``audit`` cases drawn at random (``seed``) from the eligible rest.
 
     Only the audit cases are a random sample of the dataset: the precision gate estimates from them alone, since
-    top-ranked cases are where the E-step is least sure (on the benchmark they closed the gate, see the README).
+    top-ranked cases are where the E-step is least sure (on the benchmark they closed the gate, see docs/review.md).
     """
     if cases:
         unknown = [case for case in cases if case not in eligible]

@@ -76,7 +76,7 @@ def parse_weak_labels(content, *, source: str, class_names: dict[str, int], labe
     """
     if not isinstance(content, dict) or not isinstance(content.get("cases"), dict):
         raise EMInputError(f'{source}: expected {{"version": {FORMAT_VERSION}, "cases": {{case id: {{...}}}}}}. '
-                           f"Fix: see the format in the README (weak and partial labels).")
+                           f"Fix: see the format in docs/weak_labels.md.")
     if content.get("version", FORMAT_VERSION) != FORMAT_VERSION:
         raise EMInputError(f"{source}: version {content.get('version')!r} is not supported. Fix: write version "
                            f"{FORMAT_VERSION}.")

@@ -9,7 +9,7 @@ drawn uniformly over the measured length of a switch. After each kill it checks 
 one complete version by checksum, nnU-Net's verify_dataset_integrity accepts the dataset, the originals are
 byte-identical), then runs `nnunetv2_em restore -d D` and checks that the switch was completed (labelsTr, markers
 and every preprocessed segmentation equal the journal's target). Also times an unkilled switch and a restore.
-Writes results.json and results.md to --out (the README quotes them). About 10 minutes on 2 CPU cores.
+Writes results.json and results.md to --out (docs/run.md quotes them). About 10 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

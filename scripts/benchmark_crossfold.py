@@ -1,4 +1,4 @@
-"""Speed and memory figures of the cross-fold loop on real Hippocampus MRI (the README quotes its output).
+"""Speed and memory figures of the cross-fold loop on real Hippocampus MRI (docs/run.md quotes its output).
 
     python scripts/benchmark_crossfold.py --data ../shared/data/Dataset004_Hippocampus --out bench_out/crossfold
 

@@ -112,7 +112,7 @@ def report(records: list[dict]) -> tuple[str, dict]:
         f"**{interval[0]:+.4f} [{interval[1]:+.4f}, {interval[2]:+.4f}]**; verdict (the suite's rule): **{verdict}**; "
         f"sign test over seeds: {higher} higher, {lower} lower, two-sided p = {sign_p:.3f}.",
         "",
-        "For comparison, the noise suite's `clean` control (README section 5): EM - vanilla = -0.008 "
+        "For comparison, the noise suite's `clean` control (docs/benchmark.md): EM - vanilla = -0.008 "
         "[-0.015, -0.002], every seed lower, with 0.27 % of voxels ignored.",
     ]
     return "\n".join(lines) + "\n", summary

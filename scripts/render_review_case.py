@@ -1,4 +1,4 @@
-"""Render one case of a review export as a PNG (the README's picture of what a reviewer opens).
+"""Render one case of a review export as a PNG (the picture in docs/review.md of what a reviewer opens).
 
     python scripts/render_review_case.py EXPORT_FOLDER CASE OUT.png
 
