@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 
+from nnunetv2_em.layout import TrainerLayout
+
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data", "hippocampus")
 DEMO_DATASET_ID = 904
 DEMO_DATASET = "Dataset904_HippocampusDemo"
@@ -55,8 +57,8 @@ def run_demo(workdir: str, *, trainer: str = "EMTrainer_cpu", configuration: str
     if not (os.path.isfile(plans) and os.path.isdir(data_folder)):
         _stock(["nnUNetv2_plan_and_preprocess", "-d", str(DEMO_DATASET_ID), "-pl", "EMPlanner", "-c", configuration,
                 "-np", "2", "-npfp", "2"], env)
-    fold_folder = os.path.join(paths["nnUNet_results"], DEMO_DATASET, f"{trainer}__nnUNetPlans__{configuration}",
-                               f"fold_{fold}")
+    fold_folder = TrainerLayout.of(paths["nnUNet_results"], DEMO_DATASET, trainer, "nnUNetPlans", configuration,
+                                   fold).fold_folder
     if not os.path.isfile(os.path.join(fold_folder, "validation", "summary.json")):
         resume = ["--c"] if any(os.path.isfile(os.path.join(fold_folder, c))
                                 for c in ("checkpoint_latest.pth", "checkpoint_final.pth")) else []
@@ -67,7 +69,8 @@ def run_demo(workdir: str, *, trainer: str = "EMTrainer_cpu", configuration: str
 
 def report(fold_folder: str, top: int = 5) -> dict:
     """Print the rounds and the cases most in need of review; return the numbers printed."""
-    with open(os.path.join(fold_folder, "em", "state.json")) as handle:
+    layout = TrainerLayout(fold_folder)
+    with open(layout.state_file) as handle:
         state = json.load(handle)
     with open(os.path.join(fold_folder, "validation", "summary.json")) as handle:
         validation = json.load(handle)
@@ -78,7 +81,7 @@ def report(fold_folder: str, top: int = 5) -> dict:
         print(f"{summary['round']:5d} | {noise['log_likelihood']:13.5f} | {noise['temperature']:11.3f} | "
               f"{100 * summary['fraction_changed']:9.3f} | {100 * summary['fraction_ignored']:9.3f} | "
               f"{100 * summary['fraction_changed_since_previous']:.3f}")
-    last = os.path.join(fold_folder, "em", f"round_{state['rounds'][-1]['round']:02d}")
+    last = layout.round_folder(state["rounds"][-1]["round"])
     with open(os.path.join(last, "cases.json")) as handle:
         ranked = json.load(handle)
     print(f"\ncases most in need of review (of the {len(ranked)} validation cases this fold judged: a network "

@@ -1,4 +1,4 @@
-"""Every on-disk path of a cross-fold run (``nnunetv2_em run``), in one place.
+"""Every on-disk path of a cross-fold run (``nnunetv2_em run``) and of an ``EMTrainer`` fold, in one place.
 
 Label versions (``em_labels/``) are laid out by ``storage.DatasetLabelVersions``; this module names the rest::
 
@@ -17,6 +17,15 @@ Label versions (``em_labels/``) are laid out by ``storage.DatasetLabelVersions``
         round_NN/cases.csv|json          ranked by review score;  round_NN/summary.json
         round_NN/logs/                   child-process logs and prediction specs
     nnUNet_preprocessed/<Dataset>/em_unlabeled/<data_identifier>/   unlabeled cases, preprocessed once
+
+An ``EMTrainer`` fold (``TrainerLayout``) keeps its E-steps inside nnU-Net's output folder of the fold::
+
+    nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>/fold_<f>/em/
+        state.json, originals.json       resumable state; checksums of the originals it reads
+        round_NN/labelsTr/, dataset.json the round's labels in raw geometry
+        round_NN/cases.csv|json, summary.json, uncertainty/<case>.npz
+        logits_cache/                    the E-step's logits while it runs
+    nnUNet_preprocessed/<Dataset>/em_training_labels/<Trainer>__<Plans>__<configuration>/fold_<f>/, exchange/
 """
 
 from __future__ import annotations
@@ -108,6 +117,63 @@ class RunLayout:
 
     def logs_folder(self, round_index: int) -> str:
         return os.path.join(self.round_folder(round_index), "logs")
+
+
+def trainer_output_name(trainer: str, plans: str, configuration: str) -> str:
+    """nnU-Net's name of a trainer's output folder in nnUNet_results/<Dataset>."""
+    return f"{trainer}__{plans}__{configuration}"
+
+
+@dataclass(frozen=True)
+class TrainerLayout:
+    """Paths of one ``EMTrainer`` fold; ``fold_folder`` is nnU-Net's output folder of the fold."""
+
+    fold_folder: str
+
+    @classmethod
+    def of(cls, results_root: str, dataset_name: str, trainer: str, plans: str, configuration: str,
+           fold) -> TrainerLayout:
+        return cls(os.path.join(results_root, dataset_name, trainer_output_name(trainer, plans, configuration),
+                                f"fold_{fold}"))
+
+    @property
+    def em_folder(self) -> str:
+        return os.path.join(self.fold_folder, "em")
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.em_folder, "state.json")
+
+    @property
+    def originals_file(self) -> str:
+        return os.path.join(self.em_folder, "originals.json")
+
+    @property
+    def logits_cache(self) -> str:
+        return os.path.join(self.em_folder, "logits_cache")
+
+    def round_folder(self, round_index: int) -> str:
+        return os.path.join(self.em_folder, f"round_{round_index:02d}")
+
+    def uncertainty_file(self, round_index: int, case: str) -> str:
+        return os.path.join(self.round_folder(round_index), "uncertainty", f"{case}.npz")
+
+    def finished_rounds(self) -> list[int]:
+        """Rounds whose ranked case list was written (the last file of a round)."""
+        if not os.path.isdir(self.em_folder):
+            return []
+        return sorted(int(name.split("_")[1]) for name in os.listdir(self.em_folder) if name.startswith("round_")
+                      and os.path.isfile(os.path.join(self.em_folder, name, "cases.json")))
+
+
+def training_labels_folder(preprocessed_dataset: str, output_name: str, fold) -> str:
+    """An ``EMTrainer`` fold's private view of the preprocessed data (``storage.TrainingLabelFolder``)."""
+    return os.path.join(preprocessed_dataset, "em_training_labels", output_name, f"fold_{fold}")
+
+
+def exchange_folder(preprocessed_dataset: str, output_name: str) -> str:
+    """Where the folds of one ``EMTrainer`` configuration hand each other refinements (``storage.FoldExchange``)."""
+    return os.path.join(preprocessed_dataset, "em_training_labels", output_name, "exchange")
 
 
 def unlabeled_folder(preprocessed_dataset: str, data_identifier: str) -> str:

@@ -42,7 +42,7 @@ import numpy as np
 
 from nnunetv2_em import checks, label_conventions, storage
 from nnunetv2_em.errors import EMInputError
-from nnunetv2_em.layout import RUN_PREFIX, RunLayout
+from nnunetv2_em.layout import RUN_PREFIX, RunLayout, TrainerLayout, trainer_output_name
 
 EXPORT_FORMAT = 1
 STATUSES = ("pending", "accepted", "corrected", "skipped")
@@ -309,17 +309,17 @@ def trainer_round_source(raw: str, preprocessed: str, results: str, *, trainer: 
     from nnU-Net's ``gt_segmentations``."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    name = f"{trainer}__{plans}__{configuration}"
-    em_folder = os.path.join(results, os.path.basename(raw), name, f"fold_{fold}", "em")
-    rounds = sorted(int(n.split("_")[1]) for n in os.listdir(em_folder) if n.startswith("round_") and
-                    os.path.isfile(os.path.join(em_folder, n, "cases.json"))) if os.path.isdir(em_folder) else []
+    name = trainer_output_name(trainer, plans, configuration)
+    layout = TrainerLayout.of(results, os.path.basename(raw), trainer, plans, configuration, fold)
+    em_folder = layout.em_folder
+    rounds = layout.finished_rounds()
     if not rounds:
         raise EMInputError(f"{em_folder}: no finished EM round. Fix: train the fold with an EMTrainer first "
                            f"(nnUNetv2_train ... -tr {trainer}).")
     round_index = max(rounds) if round_index is None else round_index
     if round_index not in rounds:
         raise EMInputError(f"--round {round_index}: {em_folder} has rounds {rounds}. Fix: pick one of them.")
-    round_folder = os.path.join(em_folder, f"round_{round_index:02d}")
+    round_folder = layout.round_folder(round_index)
     with open(os.path.join(round_folder, "cases.json")) as handle:
         eligible = sorted(row["case"] for row in json.load(handle))
     with open(os.path.join(round_folder, "dataset.json")) as handle:

@@ -25,6 +25,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_em import checks, label_conventions, nnunet_data, reports, storage, weak_labels
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.estep.pipeline import EStep, EStepOptions
+from nnunetv2_em.layout import TrainerLayout, exchange_folder, training_labels_folder
 from nnunetv2_em.run_state import TrainerRunState
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 
@@ -85,7 +86,8 @@ class EMTrainer(nnUNetTrainer):
                       if os.path.isfile(weak_labels.weak_labels_path(raw_folder)) else {})
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.em_settings.total_epochs
-        self.em_folder = join(self.output_folder, "em")
+        self.layout = TrainerLayout(self.output_folder)
+        self.em_folder = self.layout.em_folder
         self._training_labels = None
         self._em_state: TrainerRunState | None = None
 
@@ -94,14 +96,12 @@ class EMTrainer(nnUNetTrainer):
         if not self.was_initialized:
             # train from a fold-private copy of the preprocessed folder whose segmentations the E-step replaces
             original_folder = self.preprocessed_dataset_folder
+            output_name = os.path.basename(self.output_folder_base)
             self._training_labels = storage.TrainingLabelFolder(
-                original_folder,
-                join(self.preprocessed_dataset_folder_base, "em_training_labels",
-                     os.path.basename(self.output_folder_base), f"fold_{self.fold}"))
+                original_folder, training_labels_folder(self.preprocessed_dataset_folder_base, output_name, self.fold))
             self._training_labels.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
-            self._exchange = storage.FoldExchange(
-                join(self.preprocessed_dataset_folder_base, "em_training_labels",
-                     os.path.basename(self.output_folder_base), "exchange"))
+            self._exchange = storage.FoldExchange(exchange_folder(self.preprocessed_dataset_folder_base,
+                                                                  output_name))
             self.preprocessed_dataset_folder = self._training_labels.folder
         super().initialize()
 
@@ -134,7 +134,7 @@ class EMTrainer(nnUNetTrainer):
         self.on_epoch_end()
 
     def _start_or_resume_em(self):
-        state_file = join(self.em_folder, "state.json")
+        state_file = self.layout.state_file
         training_cases, _ = self.do_split()
         all_cases = nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder)
         if self.current_epoch == 0:
@@ -155,7 +155,7 @@ class EMTrainer(nnUNetTrainer):
                 self.print_to_log_file(f"EM: training on other folds' out-of-fold refinements of {len(taken)} "
                                        f"case(s) from the start", also_print_to_console=True)
             os.makedirs(self.em_folder)
-            storage.write_json(join(self.em_folder, "originals.json"), self._originals_manifest(all_cases))
+            storage.write_json(self.layout.originals_file, self._originals_manifest(all_cases))
             self._em_state = TrainerRunState.new(state_file, self.em_settings, training_cases)
             self._em_state.save()
             return
@@ -201,7 +201,7 @@ class EMTrainer(nnUNetTrainer):
         started = time.time()
         settings = self.em_settings
         cases = self.held_out_cases()
-        round_folder = join(self.em_folder, f"round_{round_index:02d}")
+        round_folder = self.layout.round_folder(round_index)
         if not cases:
             taken = self._take_exchanged_labels(self._em_state.training_cases)
             summary = {"round": round_index, "epochs_trained": self.current_epoch, "judged_cases": [],
@@ -219,7 +219,7 @@ class EMTrainer(nnUNetTrainer):
             self.set_deep_supervision_enabled(self.enable_deep_supervision)
             self.network.train()
             return
-        logits_cache = join(self.em_folder, "logits_cache")
+        logits_cache = self.layout.logits_cache
         os.makedirs(logits_cache, exist_ok=True)
         inputs = _TrainerCaseInputs(self, logits_cache, round_index)
         self._predict_logits(cases, logits_cache)
@@ -241,7 +241,7 @@ class EMTrainer(nnUNetTrainer):
                 continue
             result = step.case(case, decision)
             scores[case] = result.scores
-            storage.write_uncertainty(join(round_folder, "uncertainty", f"{case}.npz"), result.uncertainty)
+            storage.write_uncertainty(self.layout.uncertainty_file(round_index, case), result.uncertainty)
             self._exchange.publish(self.fold, round_index, case, result.labels[None],
                                    original_seg_path=self._training_labels.original_seg_path(case),
                                    patch_size=self.configuration_manager.patch_size,
@@ -407,7 +407,7 @@ class EMTrainer(nnUNetTrainer):
         return storage.checksum_manifest(files)
 
     def _verify_originals(self):
-        manifest_file = join(self.em_folder, "originals.json")
+        manifest_file = self.layout.originals_file
         if not os.path.isfile(manifest_file):
             return
         changed = storage.changed_files(load_json(manifest_file))
