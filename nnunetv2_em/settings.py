@@ -56,8 +56,9 @@ class EMSettings:
         return RefinementThresholds(self.change_threshold, self.keep_threshold)
 
     @property
-    def case_prior(self) -> float | None:
-        """The E-step's per-case prior strength (``EStepOptions.case_prior``): None for the dataset-wide model."""
+    def per_case_prior_strength(self) -> float | None:
+        """``case_prior_strength`` where the noise model is per case (``EStepOptions.per_case_prior_strength``),
+        None for the dataset-wide model."""
         return self.case_prior_strength if self.noise_model in ("per_case", "boundary_per_case") else None
 
     @property

@@ -203,7 +203,7 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
         expected, _ = estep.refine_case(logits, original, model, thresholds=settings.thresholds, ignore_label=3,
                                         apply=case not in VERIFIED,  # verified cases keep their labels
                                         allow_changes=fit["gate"]["changes_allowed"],
-                                        case_prior_strength=settings.case_prior,
+                                        case_prior_strength=settings.per_case_prior_strength,
                                         seed=estep.case_seed(settings.seed, 2, case), second_opinion=mirrored)
         staged = storage.read_seg_b2nd(os.path.join(preprocessed, "em_labels", RUN_NAME, "round_02",
                                                         "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]

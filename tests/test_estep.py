@@ -653,8 +653,8 @@ def test_a_posterior_handed_over_gives_the_same_refinement_and_scores_as_one_com
     options = dict(thresholds=RefinementThresholds(), ignore_label=2, case_prior_strength=100.0, seed=[0, 1, 2])
     inside = estep.refine_case(logits, eroded, model, **options)
     posterior = estep.case_posterior(logits, eroded, model, case_prior_strength=100.0, seed=[0, 1, 2])
-    handed = estep.refine_case(logits, eroded, model, **options, posterior=posterior)
+    handed = estep.refine_case(logits, eroded, model, **options, known_posterior=posterior)
     assert np.array_equal(inside[0], handed[0]) and inside[1] == handed[1]
     assert "case_flip_rate" in handed[1]
     with pytest.raises(ValueError, match="does not match"):
-        estep.refine_case(logits, eroded, model, **options, posterior=(posterior[0][:, :4], None))
+        estep.refine_case(logits, eroded, model, **options, known_posterior=(posterior[0][:, :4], None))

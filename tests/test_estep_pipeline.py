@@ -47,7 +47,7 @@ def test_every_em_setting_is_an_estep_option_or_named_as_something_else():
     """A new ``em`` setting has to be mapped (or declared not the E-step's), so no driver can silently drop it."""
     not_estep = {"rounds", "epochs_per_round", "mirroring"}  # the M-step's schedule; the prediction's mirroring
     mapped_otherwise = {"change_threshold": "thresholds", "keep_threshold": "thresholds",
-                        "noise_model": "case_prior/band_width", "boundary_band_width": "band_width",
+                        "noise_model": "per_case_prior_strength / band_width", "boundary_band_width": "band_width",
                         "case_prior_strength": "band_prior_strength"}
     options = {field.name for field in dataclasses.fields(EStepOptions)}
     for field in dataclasses.fields(EMSettings):
@@ -55,7 +55,8 @@ def test_every_em_setting_is_an_estep_option_or_named_as_something_else():
     settings = EMSettings.resolve({"noise_model": "boundary_per_case", "second_opinion": "mirror",
                                    "soft_targets": 3, "weak_mode": "sample", "seed": 7}, source="test")
     options = EStepOptions.from_settings(settings)
-    assert options.band_width == settings.boundary_band_width and options.case_prior == settings.case_prior_strength
+    assert options.band_width == settings.boundary_band_width
+    assert options.per_case_prior_strength == settings.case_prior_strength
     assert options.second_opinion and options.soft_targets == 3 and options.weak_mode == "sample"
     assert options.seed == 7 and options.thresholds == settings.thresholds
 
@@ -77,7 +78,7 @@ def test_a_round_through_the_front_door_equals_the_stages_run_by_hand():
     for case in CASES:
         logits, annotation, truth = ARRAYS[case]
         expected, scores = estep.refine_case(logits, annotation, fit.model, thresholds=options.thresholds,
-                                             ignore_label=IGNORE, case_prior_strength=options.case_prior,
+                                             ignore_label=IGNORE, case_prior_strength=options.per_case_prior_strength,
                                              seed=estep.case_seed(options.seed, 2, case))
         result = step.case(case, decision)
         np.testing.assert_array_equal(result.labels, expected)

@@ -57,15 +57,15 @@ def test_a_wrong_type_in_the_plans_is_reported_even_where_a_variant_overrides_th
 
 
 def test_the_noise_model_setting_selects_the_per_case_prior():
-    assert EMSettings().case_prior == 100.0  # per-case models by default
+    assert EMSettings().per_case_prior_strength == 100.0  # per-case models by default
     settings = EMSettings.resolve({"noise_model": "per_case", "case_prior_strength": 30}, source="plans.json")
-    assert settings.case_prior == 30.0
-    assert EMSettings.resolve({"noise_model": "global"}, source="plans.json").case_prior is None
+    assert settings.per_case_prior_strength == 30.0
+    assert EMSettings.resolve({"noise_model": "global"}, source="plans.json").per_case_prior_strength is None
 
 
 def test_the_boundary_noise_models_select_bands_and_the_per_case_prior():
     assert EMSettings().band_width is None
     boundary = EMSettings.resolve({"noise_model": "boundary", "boundary_band_width": 3}, source="plans.json")
-    assert (boundary.band_width, boundary.case_prior) == (3.0, None)
+    assert (boundary.band_width, boundary.per_case_prior_strength) == (3.0, None)
     both = EMSettings.resolve({"noise_model": "boundary_per_case"}, source="plans.json")
-    assert (both.band_width, both.case_prior) == (2.0, 100.0)
+    assert (both.band_width, both.per_case_prior_strength) == (2.0, 100.0)

@@ -340,10 +340,11 @@ def refine_labelled_case(logits, annotations, model: NoiseModel, constraints: Ca
                          thresholds: RefinementThresholds, ignore_label: int, previous=None, apply: bool = True,
                          allow_changes: bool = True, case_prior_strength: float | None = None, mode: str = "map",
                          samples: int = 16, agreement: float = 0.8, seed=0,
-                         second_opinion=None, posterior=None) -> tuple[np.ndarray, dict]:
+                         second_opinion=None, known_posterior=None) -> tuple[np.ndarray, dict]:
     """The one per-case E-step of a labelled case, with or without weak labels (what every driver calls).
     ``second_opinion``: logits that must confirm each change (``agree_on_changes``; cases without weak
-    labels only). ``posterior``: the case's ``proposal_posterior`` when the caller has it already (not recomputed).
+    labels only). ``known_posterior``: the case's ``proposal_posterior`` when the caller has it already (not
+    recomputed).
 
     Without ``constraints``: ``refine_case``. With them (in the array's voxels): ``constrained_labels``
     (set-valued voxels and constraints; singleton changes only where ``apply and allow_changes``), scored like
@@ -355,11 +356,12 @@ def refine_labelled_case(logits, annotations, model: NoiseModel, constraints: Ca
         return refine_case(logits, annotations, model, thresholds=thresholds, ignore_label=ignore_label,
                            previous=previous, apply=apply, allow_changes=allow_changes,
                            case_prior_strength=case_prior_strength, seed=seed, second_opinion=second_opinion,
-                           posterior=posterior)
+                           known_posterior=known_posterior)
     refined, report = constrained_labels(logits, annotations, model, constraints, thresholds=thresholds,
                                          ignore_label=ignore_label, mode=mode, samples=samples, agreement=agreement,
                                          allow_changes=allow_changes and apply, seed=seed)
-    q = observation_posterior(logits, annotations, model, constraints) if posterior is None else posterior[0]
+    q = observation_posterior(logits, annotations, model, constraints) if known_posterior is None \
+        else known_posterior[0]
     scores = score_case(annotations, refined, q, np.asarray(logits).argmax(axis=0), previous=previous,
                         ignore_label=ignore_label)
     return refined, {**scores, "weak_labels": {"kind": weak_case_kind(constraints), **report}}
@@ -368,7 +370,7 @@ def refine_labelled_case(logits, annotations, model: NoiseModel, constraints: Ca
 def proposal_posterior(logits, annotations, model: NoiseModel, constraints: CaseConstraints | None, *, pseudo: bool,
                        case_prior_strength: float | None, seed) -> tuple[np.ndarray, float | None]:
     """The posterior ``(C, *spatial)`` a case's proposal is read from, computed once per case for the E-step
-    (``refine_labelled_case(posterior=)``), its uncertainty map and its soft targets: the calibrated network alone
+    (``refine_labelled_case(known_posterior=)``), its uncertainty map and its soft targets: the calibrated network alone
     for a pseudo-labelled case, under its constraints for a constrained one, the (per-case) noise model otherwise
     (``case_posterior``). Returns ``(posterior, case flip rate or None)`` as ``case_posterior`` does."""
     if constraints is not None:

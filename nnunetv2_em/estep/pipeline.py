@@ -47,7 +47,7 @@ class EStepOptions:
     max_ignored_share: float = 0.25
     band_width: float | None = None  # boundary-aware models: the band width, else None
     band_prior_strength: float = 100.0
-    case_prior: float | None = None  # per-case models: the prior strength toward the round's T, else None
+    per_case_prior_strength: float | None = None  # per-case models: prior strength toward the round's T, else None
     min_change_precision: float = 0.8
     changes_without_verified_cases: bool = False
     weak_mode: str = "map"
@@ -65,7 +65,8 @@ class EStepOptions:
                    fit_iterations=settings.fit_iterations, fit_sample_voxels=settings.fit_sample_voxels,
                    min_model_dice=settings.min_model_dice, max_ignored_share=settings.max_ignored_share,
                    band_width=settings.band_width, band_prior_strength=settings.case_prior_strength,
-                   case_prior=settings.case_prior, min_change_precision=settings.min_change_precision,
+                   per_case_prior_strength=settings.per_case_prior_strength,
+                   min_change_precision=settings.min_change_precision,
                    changes_without_verified_cases=settings.changes_without_verified_cases,
                    weak_mode=settings.weak_mode, weak_samples=settings.weak_samples,
                    weak_agreement=settings.weak_agreement, second_opinion=settings.second_opinion == "mirror",
@@ -226,7 +227,7 @@ class EStep:
 
         refine, gate = gate_round(
             fit, cases, verified, case_arrays, thresholds=options.thresholds, ignore_label=self.ignore_label,
-            case_prior_strength=options.case_prior, min_change_precision=options.min_change_precision,
+            case_prior_strength=options.per_case_prior_strength, min_change_precision=options.min_change_precision,
             min_model_dice=options.min_model_dice, seed=options.seed, round_index=self.round_index,
             changes_without_verified_cases=options.changes_without_verified_cases, truth_of=self.inputs.truth)
         return RoundDecision(fit.model, fit.model_dice, refine, fit.refused, gate, tuple(verified))
@@ -239,8 +240,8 @@ class EStep:
         annotations = self.inputs.annotation(case)
         weak = self.inputs.constraints(case)
         seed = self._seed(case)
-        posterior = proposal_posterior(logits, annotations, decision.model, weak, pseudo=pseudo,
-                                       case_prior_strength=options.case_prior, seed=seed)
+        proposal = proposal_posterior(logits, annotations, decision.model, weak, pseudo=pseudo,
+                                      case_prior_strength=options.per_case_prior_strength, seed=seed)
         weak_report = None
         applied = not pseudo and decision.applies_to(case)
         if pseudo:
@@ -259,15 +260,15 @@ class EStep:
             labels, scores = refine_labelled_case(
                 logits, annotations, decision.model, weak, thresholds=options.thresholds,
                 ignore_label=self.ignore_label, previous=self.inputs.previous(case), apply=applied,
-                allow_changes=decision.changes_allowed, case_prior_strength=options.case_prior,
+                allow_changes=decision.changes_allowed, case_prior_strength=options.per_case_prior_strength,
                 mode=options.weak_mode, samples=options.weak_samples, agreement=options.weak_agreement, seed=seed,
-                second_opinion=self._second_opinion(case), posterior=posterior)
+                second_opinion=self._second_opinion(case), known_posterior=proposal)
         soft_maps = None
         if options.soft_targets:
-            soft_maps = self._soft_maps(posterior[0], annotations, labels, seed,
+            soft_maps = self._soft_maps(proposal[0], annotations, labels, seed,
                                         sample_ignored=pseudo or weak is not None,
                                         changes_allowed=applied and decision.changes_allowed)
-        return CaseResult(labels, scores, proposal_uncertainty(posterior[0], labels), soft_maps, applied)
+        return CaseResult(labels, scores, proposal_uncertainty(proposal[0], labels), soft_maps, applied)
 
     def _soft_maps(self, q, annotations, labels, seed, *, sample_ignored: bool, changes_allowed: bool):
         """Label maps sampled from the posterior ``q`` where the E-step was in doubt (the changed or ignored

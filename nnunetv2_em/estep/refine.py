@@ -156,7 +156,7 @@ def agree_on_changes(refined, annotations, second_posterior, *, thresholds: Refi
 def refine_case(logits, annotations, model: NoiseModel, *, thresholds: RefinementThresholds, ignore_label: int,
                 previous=None, apply: bool = True, allow_changes: bool = True,
                 case_prior_strength: float | None = None, seed=0,
-                second_opinion=None, posterior=None) -> tuple[np.ndarray, dict]:
+                second_opinion=None, known_posterior=None) -> tuple[np.ndarray, dict]:
     """Posterior, refined labels and scores of one case.
 
     Args:
@@ -170,16 +170,17 @@ def refine_case(logits, annotations, model: NoiseModel, *, thresholds: Refinemen
             transition matrix shrunk toward it (``fit_case_transition``, on a stratified sample drawn with ``seed``).
         second_opinion: ``(C, *spatial)`` logits of a second model that did not train on the case (e.g. the mirrored
             image): changes it does not confirm become ignore (``agree_on_changes``).
-        posterior: this case's ``case_posterior(logits, annotations, model, case_prior_strength=..., seed=...)``
+        known_posterior: this case's ``case_posterior(logits, annotations, model, case_prior_strength=..., seed=...)``
             when the caller has it already (it keeps it for the uncertainty map and soft targets): not recomputed.
 
     Returns:
         ``(refined (*spatial) like annotations, scores dict of score_case)``; with a per-case model the scores add
         ``case_flip_rate``, the share of the case's annotated voxels its ``T`` expects to be mislabelled.
     """
-    if posterior is None:
-        posterior = case_posterior(logits, annotations, model, case_prior_strength=case_prior_strength, seed=seed)
-    probabilities, case_flip_rate = posterior
+    if known_posterior is None:
+        known_posterior = case_posterior(logits, annotations, model, case_prior_strength=case_prior_strength,
+                                         seed=seed)
+    probabilities, case_flip_rate = known_posterior
     if probabilities.shape != np.shape(logits):
         raise ValueError(f"posterior {probabilities.shape} does not match logits {np.shape(logits)}")
     if apply:
