@@ -190,20 +190,21 @@ def _benchmark(args):
     print(markdown(summary))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunetv2_em", description=__doc__.split(":", 1)[1].strip())
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_plan(commands) -> None:
     plan = commands.add_parser("plan", help="check a raw dataset, then plan (EMPlanner) and preprocess it")
     plan.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name under $nnUNet_raw")
     plan.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
     plan.add_argument("-np", type=int, default=2, help="worker processes for fingerprint and preprocessing")
     plan.set_defaults(handler=_plan)
 
+
+def _add_check(commands) -> None:
     check = commands.add_parser("check", help="check a raw dataset (labels, label values, geometry); writes nothing")
     check.add_argument("-d", "--dataset", required=True)
     check.set_defaults(handler=_check)
 
+
+def _add_run(commands) -> None:
     run = commands.add_parser("run", help="cross-validated EM over a whole dataset (out-of-fold E-steps, on Dask)")
     run.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name under $nnUNet_raw")
     run.add_argument("-c", "--configuration", default="3d_fullres")
@@ -225,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "in the training process; see nnunetv2_em/seeding.py)")
     run.set_defaults(handler=_run)
 
+
+def _add_status(commands) -> None:
     status = commands.add_parser("status", help="which label version labelsTr holds, kept versions, runs, checksums, "
                                  "anything unfinished; writes nothing")
     status.add_argument("-d", "--dataset", required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
 
+
+def _add_restore(commands) -> None:
     restore = commands.add_parser("restore", help="put a kept label version back into labelsTr (atomically), or "
                                   "complete an interrupted switch")
     restore.add_argument("-d", "--dataset", required=True)
@@ -239,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--run", help="run whose round to restore (default: the active run, or the only one)")
     restore.set_defaults(handler=_restore)
 
+
+def _add_merge(commands) -> None:
     merge = commands.add_parser("merge", help="one nnU-Net dataset from several that annotate different structures "
                                 "(labels remapped, annotated classes per case in em_weak_labels.json)")
     merge.add_argument("-d", "--datasets", required=True, nargs="+", help="two or more dataset ids or names")
@@ -249,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--prefix", action="store_true", help="prefix case ids with their source dataset's name")
     merge.set_defaults(handler=_merge)
 
+
+def _add_review(commands) -> None:
     review = commands.add_parser("review", help="the human review loop: export the top cases of a round for "
                                  "ITK-SNAP / 3D Slicer, import the reviewed labels (frozen, trusted)")
     review_commands = review.add_subparsers(dest="review_command", required=True)
@@ -278,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--reviewer", help="name recorded where review.csv has none")
     imported.set_defaults(handler=_review_import)
 
+
+def _add_rank_unlabeled(commands) -> None:
     from nnunetv2_em.rank_unlabeled import STRATEGIES
 
     rank = commands.add_parser("rank-unlabeled", help="which unlabeled images to annotate next: EXAMINE on the "
@@ -298,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("-o", "--out", required=True, help="CSV to write (a JSON and the embeddings beside it)")
     rank.set_defaults(handler=_rank_unlabeled)
 
+
+def _add_predict_tags(commands) -> None:
     tags = commands.add_parser("predict-tags", help="segmentations, presence-tag probabilities and Grad-CAM saliency "
                                "maps of a model trained with -tr MultiTaskTrainer")
     tags.add_argument("-i", "--input", required=True, help="folder of images <case>_0000<ending>")
@@ -309,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     tags.add_argument("--device", default="cpu")
     tags.set_defaults(handler=_predict_tags)
 
+
+def _add_benchmark(commands) -> None:
     from nnunetv2_em.benchmark.harness import PROFILES
     from nnunetv2_em.benchmark.noise import SETTINGS
 
@@ -335,11 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="output folder (rerunning continues where it stopped)")
     bench.set_defaults(handler=_benchmark)
 
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="the EM loop on 30 real Hippocampus MRI cases, CPU, minutes")
     demo.add_argument("--workdir", default="em_demo", help="folder for nnUNet_raw/preprocessed/results (reused)")
     demo.add_argument("--trainer", default="EMTrainer_cpu")
     demo.add_argument("--configuration", default="2d")
     demo.set_defaults(handler=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunetv2_em", description=__doc__.split(":", 1)[1].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_plan, _add_check, _add_run, _add_status, _add_restore, _add_merge, _add_review,
+                _add_rank_unlabeled, _add_predict_tags, _add_benchmark, _add_demo):  # the order of --help
+        add(commands)
     return parser
 
 
