@@ -527,19 +527,36 @@ def _check_returned_label(path: str, image_path: str, reader_writer, allowed: se
 def import_review(folder: str, *, reviewer: str | None = None) -> dict:
     """Check every returned label of an export folder, then keep them as reviewed labels and activate a version
     with them (see the module docstring). Returns the import summary (also written to ``imported.json``)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    from nnunetv2_em.review_effort import edit_effort
-
     folder = os.path.abspath(folder)
+    export, sheet = _read_export(folder)
+    raw, preprocessed, results = _dataset_folders(export["dataset"])
+    dataset_json = label_conventions.with_ignore_label(checks.load_dataset_json(os.path.join(raw, "dataset.json")))
+    images = get_filenames_of_train_images_and_targets(raw, dataset_json)
+    first = next(iter(export["cases"]))
+    reader_writer = _reader_writer(dataset_json, os.path.join(folder, first, export["cases"][first]["images"][0]))
+    allowed = {int(value) for value in export["labels"]} | {int(export["ignore_label"])}
+    versions = storage.DatasetLabelVersions(raw, preprocessed, export["data_identifier"], export["file_ending"],
+                                            export["run"] if export.get("source", "run") == "run" else None)
+    returned, skipped = _returned_labels(folder, export, sheet, versions=versions, images=images, raw=raw,
+                                         reader_writer=reader_writer, allowed=allowed)
+    if not returned:
+        return {"imported": {}, "skipped": skipped, "version": None}
+    records = _review_records(folder, export, sheet, returned, allowed=allowed, reviewer=reviewer)
+    kept, version = _keep_and_activate(export, returned, records, versions=versions, images=images,
+                                       dataset_json=dataset_json, raw=raw, preprocessed=preprocessed)
+    return _write_import_reports(folder, export, sheet, kept, skipped=skipped, version=version, results=results)
+
+
+def _read_export(folder: str) -> tuple[dict, dict]:
+    """An export's ``export.json`` and its review sheet, refusing labels returned for cases it does not hold."""
     export_path = os.path.join(folder, "export.json")
     if not os.path.isfile(export_path):
         raise EMInputError(f"{folder}: no export.json, not a folder written by `nnunetv2_em review export`. Fix: "
                            f"pass the exported folder.")
     with open(export_path) as handle:
         export = json.load(handle)
-    raw, preprocessed, results = _dataset_folders(export["dataset"])
     ending = export["file_ending"]
     sheet = _read_sheet(os.path.join(folder, "review.csv"))
     unknown = sorted(case for case in sheet if case not in export["cases"])
@@ -550,13 +567,14 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
         raise EMInputError(f"{os.path.join(folder, case)}: case {case} is not in this export ({export_path}). Fix: "
                            f"return labels only for the exported cases (export the case first).")
 
-    dataset_json = label_conventions.with_ignore_label(checks.load_dataset_json(os.path.join(raw, "dataset.json")))
-    images = get_filenames_of_train_images_and_targets(raw, dataset_json)
-    first = next(iter(export["cases"]))
-    reader_writer = _reader_writer(dataset_json, os.path.join(folder, first, export["cases"][first]["images"][0]))
-    allowed = {int(value) for value in export["labels"]} | {int(export["ignore_label"])}
-    versions = storage.DatasetLabelVersions(raw, preprocessed, export["data_identifier"], ending,
-                                                export["run"] if export.get("source", "run") == "run" else None)
+    return export, sheet
+
+
+def _returned_labels(folder: str, export: dict, sheet: dict, *, versions, images: dict, raw: str, reader_writer,
+                     allowed: set[int]) -> tuple[dict, list[str]]:
+    """``({case: (reviewed file, labels, proposal)}, skipped cases)``: each returned label checked against the
+    export (its proposal untouched, its annotation unchanged since, its values and geometry)."""
+    ending = export["file_ending"]
     returned, skipped = {}, []
     for case, entry in export["cases"].items():
         case_folder = os.path.join(folder, case)
@@ -581,9 +599,15 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
                                        allowed)
         proposal, _ = reader_writer.read_seg(proposal_file)
         returned[case] = (reviewed_file, labels, np.asarray(proposal[0]).astype(np.int32))
-    if not returned:
-        return {"imported": {}, "skipped": skipped, "version": None}
+    return returned, skipped
 
+
+def _review_records(folder: str, export: dict, sheet: dict, returned: dict, *, allowed: set[int],
+                    reviewer: str | None) -> dict:
+    """Per returned case: who reviewed it, when, in how many minutes, what it was, and the edit effort."""
+    from nnunetv2_em.review_effort import edit_effort
+
+    ending = export["file_ending"]
     classes = [value for value in sorted(allowed) if 0 < value != int(export["ignore_label"])]
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     records = {}
@@ -599,6 +623,16 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
                                       "sha256": export["cases"][case]["proposal_sha256"]},
                          "export": folder, "effort": effort}
 
+    return records
+
+
+def _keep_and_activate(export: dict, returned: dict, records: dict, *, versions, images: dict, dataset_json: dict,
+                       raw: str, preprocessed: str) -> tuple[dict, int | None]:
+    """Keep the reviewed labels in the store (under the dataset's lock) and, when labelsTr holds a run's labels,
+    activate a version with them in; returns the kept records and that version (or None)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    ending = export["file_ending"]
     plans_manager = PlansManager(os.path.join(preprocessed, export["plans"] + ".json"))
     configuration_manager = plans_manager.get_configuration(export["configuration"])
     store = storage.ReviewedLabels(raw, preprocessed, ending)
@@ -623,6 +657,12 @@ def import_review(folder: str, *, reviewer: str | None = None) -> dict:
         # else labelsTr holds the originals (restored, or EMTrainer's dataset): they stay; the next round of
         # `nnunetv2_em run` and EMTrainer take the reviewed labels from the store
 
+    return kept, version
+
+
+def _write_import_reports(folder: str, export: dict, sheet: dict, kept: dict, *, skipped: list[str],
+                          version: int | None, results: str) -> dict:
+    """``imported.json`` in the export, the round's ``review.json`` (all imports so far) and the review sheet."""
     summary = {"imported": {case: {k: v for k, v in record.items() if k != "export"} for case, record in
                             kept.items()},
                "skipped": skipped,
