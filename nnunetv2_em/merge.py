@@ -129,7 +129,7 @@ def merge_datasets(sources: list[str], output: str, *, mapping=None, link: bool 
                                    f"{item['source']}/dataset.json. Fix: correct the file.")
             remapped = item["lookup"][seg[0].astype(np.int64)].astype(np.uint8 if len(table) < 255 else np.uint16)
             storage.write_label_image(os.path.join(staging, "labelsTr", f"{case}{ending}"), remapped,
-                                          properties, reader_writer)
+                                      properties, reader_writer)
         partial = {case: {"annotated_classes": item["annotated_classes"]} for case, item in plan.items()
                    if set(item["annotated_classes"]) != set(foreground)}
         dataset_json = {"channel_names": first["channel_names"], "labels": table, "numTraining": len(plan),
@@ -139,7 +139,7 @@ def merge_datasets(sources: list[str], output: str, *, mapping=None, link: bool 
         storage.write_json(os.path.join(staging, "dataset.json"), dataset_json)
         if partial:
             storage.write_json(os.path.join(staging, WEAK_LABELS_FILE),
-                                   {"version": FORMAT_VERSION, "cases": partial})
+                               {"version": FORMAT_VERSION, "cases": partial})
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

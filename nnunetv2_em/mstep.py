@@ -56,8 +56,8 @@ def train_fold(dataset: str, configuration: str, fold: int | str, trainer_name: 
     if validate:
         trainer.perform_actual_validation(False)
     storage.write_json(os.path.join(trainer.output_folder, DONE_MARKER),
-                           {"fold": fold, "epochs": trainer.num_epochs, "warm_start": init_checkpoint, "seed": seed,
-                            "repeatable": seed is not None and not resumable})
+                       {"fold": fold, "epochs": trainer.num_epochs, "warm_start": init_checkpoint, "seed": seed,
+                        "repeatable": seed is not None and not resumable})
     return trainer.output_folder
 
 

@@ -48,13 +48,13 @@ def predict_cases(model_folder: str, folds: list[int], cases: dict[str, str], ca
             os.makedirs(embeddings_cache, exist_ok=True)
             embedding = case_embedding(predictor, data)
             storage.atomic_write(os.path.join(embeddings_cache, f"{case}.npy"),
-                                     lambda temp, e=embedding: np.save(temp, e), suffix=".npy")
+                                 lambda temp, e=embedding: np.save(temp, e), suffix=".npy")
         logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.ascontiguousarray(data)))
         array = logits.float().cpu().numpy().astype(np.float16)
         if flip_axis is not None:
             array = np.ascontiguousarray(np.flip(array, axis=1 + flip_axis))
         storage.atomic_write(os.path.join(cache, f"{case}.npy"), lambda temp, a=array: np.save(temp, a),
-                                 suffix=".npy")
+                             suffix=".npy")
     return todo
 
 

@@ -291,7 +291,7 @@ def run_round_source(raw: str, preprocessed: str, results: str, *, run: str | No
         raise EMInputError(f"--round {round_index}: run {run} keeps rounds {rounds}. Fix: pick one of them.")
     manifest = versions.read_manifest(round_index, run)
     versions = storage.DatasetLabelVersions(raw, preprocessed, manifest["data_identifier"], versions.file_ending,
-                                                run)
+                                            run)
     layout = run_layout(results, os.path.basename(raw), run)
     eligible = sorted(case for case, entry in manifest["cases"].items()
                       if entry.get("provenance") == storage.REFINED)
@@ -342,7 +342,6 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    from nnunetv2_em import nnunet_data
 
     raw, preprocessed, results = _dataset_folders(dataset)
     dataset_name = os.path.basename(raw)
@@ -390,54 +389,13 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
     try:
         exported = {}
         for rank, case in enumerate(chosen, start=1):
-            folder = os.path.join(staging, case)
-            os.makedirs(folder)
-            image_names = []
-            for index, image in enumerate(images[case]["images"]):
-                name = f"image_{index:04d}{ending}"
-                shutil.copyfile(image, os.path.join(folder, name))
-                image_names.append(name)
-            proposal, original = f"proposal{ending}", f"original{ending}"
-            shutil.copyfile(source.proposal(case, ending), os.path.join(folder, proposal))
-            shutil.copyfile(source.originals[case], os.path.join(folder, original))
-            proposed, properties = reader_writer.read_seg(os.path.join(folder, proposal))
-            annotated, _ = reader_writer.read_seg(os.path.join(folder, original))
-            changes = np.where(proposed[0] == ignore_label, 2, np.where(proposed[0] != annotated[0], 1, 0))
-            reader_writer.write_seg(changes.astype(np.uint8), os.path.join(folder, f"changes{ending}"), properties)
-            uncertainty = ""
-            stored = source.uncertainty_file(case)
-            if os.path.isfile(stored) and ending in SITK_ENDINGS:
-                from batchgenerators.utilities.file_and_folder_operations import load_pickle
-
-                values = np.load(stored)["uncertainty"].astype(np.float32) / 255.0
-                case_properties = load_pickle(os.path.join(source.properties_folder, f"{case}.pkl"))
-                raw_values = nnunet_data.preprocessed_map_to_raw_geometry(values, case_properties, plans_manager,
-                                                                          configuration_manager)
-                if _write_float_like(os.path.join(folder, proposal), raw_values,
-                                     os.path.join(folder, "uncertainty.nii.gz")):
-                    uncertainty = "uncertainty.nii.gz"
-            layers = [(image_names[0], "MainRole", "image"), (proposal, "SegmentationRole", "proposal"),
-                      (original, "SegmentationRole", "original")]
-            layers += [(name, "OverlayRole", f"image_{i:04d}") for i, name in enumerate(image_names[1:], start=1)]
-            if uncertainty:
-                layers.append((uncertainty, "OverlayRole", "uncertainty"))
-            storage.write_text(os.path.join(folder, f"{case}.itksnap"), itksnap_workspace(
-                os.path.join(out, case), layers))
-            storage.write_text(os.path.join(folder, "load_in_slicer.py"), slicer_loader(
-                image_names, proposal, original, uncertainty, f"reviewed{ending}"))
-            storage.write_text(os.path.join(folder, "README.txt"), _case_readme(case, ending, rows_by_case[case]))
-            # the label tables in each case folder too: one case folder is enough for a reviewer
-            storage.write_text(os.path.join(folder, "labels_itksnap.txt"),
-                                   itksnap_label_descriptions(table, ignore_label))
-            storage.write_text(os.path.join(folder, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
-            exported[case] = {"rank": rank, "selection": selection[case],
-                              "review_score": rows_by_case[case].get("review_score"),
-                              "why": _why(rows_by_case[case]), "images": image_names, "uncertainty": uncertainty,
-                              "proposal_sha256": storage.sha256(os.path.join(folder, proposal)),
-                              "original_sha256": storage.sha256(os.path.join(folder, original)),
-                              "original_file": source.originals[case]}
+            exported[case] = _export_case(staging, case, rank, selection[case], rows_by_case[case], out=out,
+                                          source=source, images=images[case]["images"], ending=ending,
+                                          reader_writer=reader_writer, ignore_label=ignore_label, table=table,
+                                          plans_manager=plans_manager,
+                                          configuration_manager=configuration_manager)
         storage.write_text(os.path.join(staging, "labels_itksnap.txt"),
-                               itksnap_label_descriptions(table, ignore_label))
+                           itksnap_label_descriptions(table, ignore_label))
         storage.write_text(os.path.join(staging, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
         storage.write_text(os.path.join(staging, "review.csv"), review_sheet(
             [{"rank": entry["rank"], "case": case, "selection": entry["selection"],
@@ -456,6 +414,57 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return record
+
+
+def _export_case(staging: str, case: str, rank: int, selection: str, row: dict, *, out: str, source: RoundSource,
+                 images: list[str], ending: str, reader_writer, ignore_label: int, table: dict, plans_manager,
+                 configuration_manager) -> dict:
+    """One case's review folder in ``staging`` (images, proposal, original, changes, uncertainty, the ITK-SNAP
+    workspace and 3D Slicer loader, the label tables); returns its entry of ``export.json``."""
+    from nnunetv2_em import nnunet_data
+
+    folder = os.path.join(staging, case)
+    os.makedirs(folder)
+    image_names = []
+    for index, image in enumerate(images):
+        name = f"image_{index:04d}{ending}"
+        shutil.copyfile(image, os.path.join(folder, name))
+        image_names.append(name)
+    proposal, original = f"proposal{ending}", f"original{ending}"
+    shutil.copyfile(source.proposal(case, ending), os.path.join(folder, proposal))
+    shutil.copyfile(source.originals[case], os.path.join(folder, original))
+    proposed, properties = reader_writer.read_seg(os.path.join(folder, proposal))
+    annotated, _ = reader_writer.read_seg(os.path.join(folder, original))
+    changes = np.where(proposed[0] == ignore_label, 2, np.where(proposed[0] != annotated[0], 1, 0))
+    reader_writer.write_seg(changes.astype(np.uint8), os.path.join(folder, f"changes{ending}"), properties)
+    uncertainty = ""
+    stored = source.uncertainty_file(case)
+    if os.path.isfile(stored) and ending in SITK_ENDINGS:
+        from batchgenerators.utilities.file_and_folder_operations import load_pickle
+
+        values = np.load(stored)["uncertainty"].astype(np.float32) / 255.0
+        case_properties = load_pickle(os.path.join(source.properties_folder, f"{case}.pkl"))
+        raw_values = nnunet_data.preprocessed_map_to_raw_geometry(values, case_properties, plans_manager,
+                                                                  configuration_manager)
+        if _write_float_like(os.path.join(folder, proposal), raw_values,
+                             os.path.join(folder, "uncertainty.nii.gz")):
+            uncertainty = "uncertainty.nii.gz"
+    layers = [(image_names[0], "MainRole", "image"), (proposal, "SegmentationRole", "proposal"),
+              (original, "SegmentationRole", "original")]
+    layers += [(name, "OverlayRole", f"image_{i:04d}") for i, name in enumerate(image_names[1:], start=1)]
+    if uncertainty:
+        layers.append((uncertainty, "OverlayRole", "uncertainty"))
+    storage.write_text(os.path.join(folder, f"{case}.itksnap"), itksnap_workspace(os.path.join(out, case), layers))
+    storage.write_text(os.path.join(folder, "load_in_slicer.py"), slicer_loader(
+        image_names, proposal, original, uncertainty, f"reviewed{ending}"))
+    storage.write_text(os.path.join(folder, "README.txt"), _case_readme(case, ending, row))
+    # the label tables in each case folder too: one case folder is enough for a reviewer
+    storage.write_text(os.path.join(folder, "labels_itksnap.txt"), itksnap_label_descriptions(table, ignore_label))
+    storage.write_text(os.path.join(folder, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
+    return {"rank": rank, "selection": selection, "review_score": row.get("review_score"), "why": _why(row),
+            "images": image_names, "uncertainty": uncertainty,
+            "proposal_sha256": storage.sha256(os.path.join(folder, proposal)),
+            "original_sha256": storage.sha256(os.path.join(folder, original)), "original_file": source.originals[case]}
 
 
 def _case_readme(case: str, ending: str, row: dict) -> str:

@@ -194,6 +194,6 @@ def predict_tags(model_folder: str, input_folder: str, output_folder: str, *, fo
                                                                    predictor.configuration_manager)
                 _write_map(raw, data_properties, os.path.join(output_folder, f"{case}_saliency_{name}{ending}"))
     storage.write_json(os.path.join(output_folder, "tags.json"),
-                           {"model": os.path.abspath(model_folder), "folds": list(folds), "tags": results})
+                       {"model": os.path.abspath(model_folder), "folds": list(folds), "tags": results})
     print(json.dumps({"cases": len(results), "output": output_folder}))
     return results

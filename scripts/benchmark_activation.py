@@ -144,7 +144,7 @@ def check(root: str) -> dict:
     state = storage.labels_folder_state(versions)
     live_ok = all(storage.sha256(os.path.join(versions.live_data_folder(IDENTIFIER), f"{case}_seg.b2nd")) ==
                   storage.sha256(os.path.join(versions.segmentation_folder(active["round"], active["run"],
-                                                                               IDENTIFIER), f"{case}_seg.b2nd"))
+                                                                           IDENTIFIER), f"{case}_seg.b2nd"))
                   for case in versions.read_manifest(0)["cases"])
     result["after_restore_consistent"] = bool(state["matches_active"] and live_ok and
                                               not os.path.isfile(versions.journal_path()))
@@ -166,7 +166,7 @@ def main() -> None:
     from nnunetv2_em import storage
 
     versions = storage.dataset_versions(os.path.join(root, "raw", DATASET),
-                                            os.path.join(root, "preprocessed", DATASET))
+                                        os.path.join(root, "preprocessed", DATASET))
     forward = switch(root, 1 if versions.active()["round"] == 0 else 0, None)
     backward = switch(root, 1 if storage.dataset_versions(
         os.path.join(root, "raw", DATASET), os.path.join(root, "preprocessed", DATASET)).active()["round"] == 0
@@ -176,7 +176,7 @@ def main() -> None:
     trials = []
     for trial in range(args.kills):
         current = storage.dataset_versions(os.path.join(root, "raw", DATASET),
-                                               os.path.join(root, "preprocessed", DATASET)).active()["round"]
+                                           os.path.join(root, "preprocessed", DATASET)).active()["round"]
         delay = float(rng.uniform(0, longest))
         switch(root, 1 - current, delay)
         outcome = {"trial": trial, "from_round": current, "killed_after_s": round(delay, 3), **check(root)}

@@ -189,7 +189,7 @@ def postprocessing_seconds(root: str, name: str, cache: str, cases: list[str]) -
                                             configuration_manager)
         storage.write_label_image(os.path.join(out, f"{case}.nii.gz"), raw, properties, reader_writer)
         storage.write_seg_b2nd(os.path.join(out, f"{case}_seg.b2nd"), refined[None],
-                                   configuration_manager.patch_size)
+                               configuration_manager.patch_size)
         storage.write_pickle(os.path.join(out, f"{case}.pkl"), properties)
         per_case.append(time.perf_counter() - started)
     return {"cases": len(cases), "fit_s": fit_seconds, "median_case_s": float(np.median(per_case)),

@@ -41,7 +41,7 @@ ACTIVATION_WINDOWS = ["staged", "journal_written", "bridge_json", "exchanged", "
 
 def _versions(workspace: NnUNetWorkspace) -> storage.DatasetLabelVersions:
     return storage.DatasetLabelVersions(os.path.join(workspace.raw, DATASET),
-                                            os.path.join(workspace.preprocessed, DATASET), IDENTIFIER, ".nii.gz", RUN)
+                                        os.path.join(workspace.preprocessed, DATASET), IDENTIFIER, ".nii.gz", RUN)
 
 
 def _changed(array: np.ndarray, seed: int) -> np.ndarray:
@@ -124,7 +124,7 @@ def _activate_in_child(workspace: NnUNetWorkspace, round_index: int, kill_at: st
 
 def _labels_state(workspace):
     versions = storage.dataset_versions(os.path.join(workspace.raw, DATASET),
-                                            os.path.join(workspace.preprocessed, DATASET))
+                                        os.path.join(workspace.preprocessed, DATASET))
     return storage.labels_folder_state(versions)
 
 
@@ -170,7 +170,7 @@ def test_a_kill_while_activating_leaves_one_complete_version_and_restore_finishe
         _verify(workspace)
     _assert_originals_intact(workspace, staged)
     status = storage.dataset_status(os.path.join(workspace.raw, DATASET),
-                                        os.path.join(workspace.preprocessed, DATASET))
+                                    os.path.join(workspace.preprocessed, DATASET))
     assert (status["unfinished_switch"] is not None) == (kill_at != "staged")
 
     workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID))  # completes (or clears) the interrupted switch
@@ -272,7 +272,7 @@ def test_refined_labels_are_never_taken_for_annotations(staged, tmp_path):
     # once restored, the same commands work again
     shutil.copytree(os.path.join(staged["workspace"].raw, DATASET, "em_labels"), os.path.join(raw, "em_labels"))
     storage.write_json(os.path.join(raw, "em_labels", "active.json"),
-                           {"run": RUN, "round": 1, "data_identifier": IDENTIFIER})
+                       {"run": RUN, "round": 1, "data_identifier": IDENTIFIER})
     workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")
     assert "labelled cases" in workspace.run("nnunetv2_em", "check", "-d", str(DATASET_ID)).stdout
 

@@ -197,7 +197,7 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
     for case in LABELLED[:4]:
         logits = np.load(os.path.join(round_folder, "logits", f"{case}.npy")).astype(np.float32)
         original = storage.read_seg_b2nd(os.path.join(preprocessed, "em_labels", "round_00",
-                                                          "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
+                                                      "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         mirrored = np.load(os.path.join(round_folder, "logits_mirrored", f"{case}.npy")).astype(np.float32)
         assert mirrored.shape == logits.shape and not np.array_equal(mirrored, logits)  # a second opinion
         expected, _ = estep.refine_case(logits, original, model, thresholds=settings.thresholds, ignore_label=3,
@@ -206,7 +206,7 @@ def test_the_resumed_estep_matches_a_recomputation_from_the_same_logits(finished
                                         case_prior_strength=settings.per_case_prior_strength,
                                         seed=estep.case_seed(settings.seed, 2, case), second_opinion=mirrored)
         staged = storage.read_seg_b2nd(os.path.join(preprocessed, "em_labels", RUN_NAME, "round_02",
-                                                        "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
+                                                    "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         live = storage.read_seg_b2nd(os.path.join(preprocessed, "nnUNetPlans_2d", f"{case}_seg.b2nd"))[0]
         np.testing.assert_array_equal(staged, expected)
         np.testing.assert_array_equal(live, expected)

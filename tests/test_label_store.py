@@ -113,7 +113,7 @@ def test_fold_exchange_hands_on_the_newest_refinement_of_the_same_originals(tmp_
     assert exchange.latest("case", original_seg_path=str(original), exclude_fold=0) is None  # never its own
     # a record exists only once its segmentation is complete: a segmentation without one is not handed on
     storage.write_seg_b2nd(str(tmp_path / "exchange" / "fold_0" / "round_03" / "case_seg.b2nd"),
-                               np.full((1, 2, 4, 4), 3), (2, 4, 4))
+                           np.full((1, 2, 4, 4), 3), (2, 4, 4))
     assert exchange.latest("case", original_seg_path=str(original))["round"] == 2
     # a refinement of other originals is never handed on
     storage.write_seg_b2nd(str(original), np.ones((1, 2, 4, 4), np.int16), (2, 4, 4))

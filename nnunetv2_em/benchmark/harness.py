@@ -106,8 +106,8 @@ class Workspace:
     def em_versions(self, profile: Profile, file_ending: str) -> storage.DatasetLabelVersions:
         """The EM arm's label versions (round 0: the noisy labels; rounds >= 1: the run's refinements)."""
         return storage.DatasetLabelVersions(self.raw("em"), self.preprocessed("em"),
-                                                f"nnUNetPlans_{profile.configuration}", file_ending,
-                                                run=self.em_run(profile).name)
+                                            f"nnUNetPlans_{profile.configuration}", file_ending,
+                                            run=self.em_run(profile).name)
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -247,11 +247,11 @@ class Benchmark:
         for case in corrupted:
             mask = noisy[case] != clean[case]
             storage.atomic_write(os.path.join(corruption, f"{case}.npz"),
-                                     lambda temp, m=mask: np.savez_compressed(temp, corrupted_voxels=m),
-                                     suffix=".npz")
+                                 lambda temp, m=mask: np.savez_compressed(temp, corrupted_voxels=m),
+                                 suffix=".npz")
         storage.write_json(os.path.join(corruption, "records.json"),
-                               {"setting": dataclasses.asdict(self.setting), "seed": self.seed,
-                                "corrupted_cases": corrupted, "records": records})
+                           {"setting": dataclasses.asdict(self.setting), "seed": self.seed,
+                            "corrupted_cases": corrupted, "records": records})
         for arm in ("noisy", "em"):
             self._write_dataset(arm, split["train"], noisy)
         if self.verified_cases:  # a reviewer checked a few cases: the EM arm's precision gate learns from them
@@ -261,7 +261,7 @@ class Benchmark:
                                    f"untouched by the noise. Fix: ask for fewer.")
             chosen = np.random.default_rng(self.seed).choice(untouched, size=self.verified_cases, replace=False)
             storage.write_json(os.path.join(self.workspace.raw("em"), checks.VERIFIED_CASES_FILE),
-                                   sorted(str(case) for case in chosen))
+                               sorted(str(case) for case in chosen))
         write_test_folder(self.workspace.out, self.cases, split["test"], self.ending)
         storage.write_json(path, split)  # last: marks the preparation complete
         return split
@@ -368,7 +368,7 @@ class Benchmark:
             issues = find_label_issues(np.maximum(noisy, 0), np.moveaxis(probabilities, 0, 1), n_jobs=1,
                                        verbose=False) & (noisy >= 0)
             storage.atomic_write(os.path.join(folder, "flags", f"{case}.npz"),
-                                     lambda temp, m=issues: np.savez_compressed(temp, flagged=m), suffix=".npz")
+                                 lambda temp, m=issues: np.savez_compressed(temp, flagged=m), suffix=".npz")
             filtered = np.where(issues, self.ignore_label, noisy)
             raw = nnunet_data.refined_raw_label(_read_label(versions.original_label_path(case)), noisy, filtered,
                                                 load_pickle(versions.original_properties_path(case)), plans_manager,

@@ -184,7 +184,7 @@ class LabellingLoop:
         """The step's record (trained and tested on ``labelled`` once; read back afterwards)."""
         if not os.path.isfile(path):
             storage.write_json(path, {"seed": seed, "step": step, "labelled": labelled,
-                                          **self._train_and_test(labelled, seed, name)})
+                                      **self._train_and_test(labelled, seed, name)})
         with open(path) as handle:
             return json.load(handle)
 

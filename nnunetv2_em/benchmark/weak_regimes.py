@@ -225,7 +225,7 @@ class RegimeReplicate:
         for workspace in (self.workspace, self.sample_workspace):
             write_test_folder(workspace.out, self.cases, split["test"], self.ending)
         storage.write_json(path, {"regime": self.regime, "split": split, "design": design,
-                                      "weak_labels": rows})
+                                  "weak_labels": rows})
         return self.prepare()
 
     def _write_dataset(self, workspace: Workspace, arm: str, labels: dict[str, np.ndarray], *,
@@ -246,7 +246,7 @@ class RegimeReplicate:
         storage.write_json(os.path.join(folder, "dataset.json"), dataset_json)
         if weak_rows:
             storage.write_json(weak_labels.weak_labels_path(folder),
-                                   {"version": weak_labels.FORMAT_VERSION, "cases": weak_rows})
+                               {"version": weak_labels.FORMAT_VERSION, "cases": weak_rows})
 
     # steps ------------------------------------------------------------------------------------------------
     def _seed_arguments(self) -> list[str]:

@@ -56,7 +56,7 @@ class RunContext:
 
     def versions(self) -> storage.DatasetLabelVersions:
         return storage.DatasetLabelVersions(self.raw, self.preprocessed, self.data_identifier, self.file_ending,
-                                                run=self.layout.name)
+                                            run=self.layout.name)
 
     def reviewed_labels(self) -> storage.ReviewedLabels:
         return storage.ReviewedLabels(self.raw, self.preprocessed, self.file_ending)

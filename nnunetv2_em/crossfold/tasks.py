@@ -59,10 +59,10 @@ def task_predict(context: RunContext, round_index: int, folds: list[int], cases:
     spec_file = os.path.join(context.layout.logs_folder(round_index), f"predict_{name}.json")
     os.makedirs(os.path.dirname(spec_file), exist_ok=True)
     storage.write_json(spec_file, {"model_folder": context.layout.model_folder(round_index), "folds": folds,
-                                       "cases": cases, "cache": cache, "mirroring": context.em.mirroring,
-                                       "device": context.options.device, "flip_axis": 2 if mirrored else None,
-                                       "embeddings_cache": context.layout.embeddings_folder(round_index)
-                                       if embeddings else None})
+                                   "cases": cases, "cache": cache, "mirroring": context.em.mirroring,
+                                   "device": context.options.device, "flip_axis": 2 if mirrored else None,
+                                   "embeddings_cache": context.layout.embeddings_folder(round_index)
+                                   if embeddings else None})
     engine.run_child([sys.executable, "-m", "nnunetv2_em.oof", spec_file], env=_child_env(context, round_index),
                      log_file=spec_file[:-len(".json")] + ".log")
     return len(cases)
@@ -95,8 +95,8 @@ def managers(context: RunContext):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans_manager = PlansManager(context.plans_file())
-    dataset_json = label_conventions.with_ignore_label(checks.load_dataset_json(os.path.join(context.preprocessed,
-                                                                                  "dataset.json")))
+    dataset_json = label_conventions.with_ignore_label(
+        checks.load_dataset_json(os.path.join(context.preprocessed, "dataset.json")))
     return plans_manager, plans_manager.get_configuration(context.options.configuration), dataset_json
 
 
