@@ -58,6 +58,11 @@ def test_a_network_sure_of_a_class_outside_the_set_does_not_underflow_the_poster
     q = con.observation_posterior(logits, np.zeros(4, np.int64), MODEL3, region)
     np.testing.assert_array_equal(q.argmax(axis=0), [0, 0, 0, 0])
     assert np.all(q[2][:2] == 0) and np.allclose(q.sum(axis=0), 1.0)
+    # a degenerate T (every true class annotated as 1) leaves the set's voxels to the network, still inside the set
+    degenerate = NoiseModel(np.array([[0.0, 1.0, 0.0]] * 3), 1.0)
+    q = con.observation_posterior(logits, np.zeros(4, np.int64), degenerate, partial)
+    assert np.all(q[1] == 0) and np.allclose(q.sum(axis=0), 1.0)
+    np.testing.assert_array_equal(q.argmax(axis=0), [2, 2, 0, 0])
 
 
 @pytest.mark.parametrize("mode", con.MODES)

@@ -112,6 +112,7 @@ def observation_posterior(logits, annotations, model: NoiseModel, constraints: C
     constraints.check(num_classes, annotations.shape)
     unannotated = constraints.unannotated_classes(num_classes)
     q = posterior(logits, annotations, model)
+    excluded = np.zeros(q.shape, bool)  # classes a voxel cannot be: outside its set, absent, outside a region
     if unannotated:
         allowed = np.zeros(num_classes, bool)
         allowed[[0, *sorted(unannotated)]] = True
@@ -121,6 +122,8 @@ def observation_posterior(logits, annotations, model: NoiseModel, constraints: C
             set_valued = np.ones(annotations.shape, bool)
         else:
             set_valued = annotations == 0
+        for c in np.flatnonzero(~allowed):
+            excluded[c][set_valued] = True
         with np.errstate(divide="ignore"):  # log 0 = -inf: the classes outside S
             log_set = np.log(set_likelihood).astype(np.float32)
         # in log space: where the network is sure of a class outside S, every class in S has a prior that
@@ -130,12 +133,12 @@ def observation_posterior(logits, annotations, model: NoiseModel, constraints: C
                                                + log_set[:, None])
         else:  # no class of S produces an observation in S (a degenerate T): left to the fallback below
             q[:, set_valued] = 0.0
-    excluded = np.zeros(q.shape, bool)
     for c in constraints.absent:
         excluded[c] = True
     for c, box in constraints.region.items():
-        excluded[c] = True
-        excluded[c][tuple(slice(start, stop) for start, stop in box)] = False
+        outside = np.ones(annotations.shape, bool)
+        outside[tuple(slice(start, stop) for start, stop in box)] = False
+        excluded[c] |= outside
     q[excluded] = 0.0
     total = q.sum(axis=0)
     empty = total <= 0
