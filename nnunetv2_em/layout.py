@@ -166,14 +166,18 @@ class TrainerLayout:
                       and os.path.isfile(os.path.join(self.em_folder, name, "cases.json")))
 
 
+def _training_labels_root(preprocessed_dataset: str, output_name: str) -> str:
+    return os.path.join(preprocessed_dataset, "em_training_labels", output_name)
+
+
 def training_labels_folder(preprocessed_dataset: str, output_name: str, fold) -> str:
     """An ``EMTrainer`` fold's private view of the preprocessed data (``storage.TrainingLabelFolder``)."""
-    return os.path.join(preprocessed_dataset, "em_training_labels", output_name, f"fold_{fold}")
+    return os.path.join(_training_labels_root(preprocessed_dataset, output_name), f"fold_{fold}")
 
 
 def exchange_folder(preprocessed_dataset: str, output_name: str) -> str:
     """Where the folds of one ``EMTrainer`` configuration hand each other refinements (``storage.FoldExchange``)."""
-    return os.path.join(preprocessed_dataset, "em_training_labels", output_name, "exchange")
+    return os.path.join(_training_labels_root(preprocessed_dataset, output_name), "exchange")
 
 
 def unlabeled_folder(preprocessed_dataset: str, data_identifier: str) -> str:

@@ -87,7 +87,6 @@ class EMTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.em_settings.total_epochs
         self.layout = TrainerLayout(self.output_folder)
-        self.em_folder = self.layout.em_folder
         self._training_labels = None
         self._em_state: TrainerRunState | None = None
 
@@ -144,8 +143,8 @@ class EMTrainer(nnUNetTrainer):
             if os.path.isfile(stale_final):
                 self.print_to_log_file("EM: fresh start, removing the previous run's checkpoint_final.pth")
                 os.remove(stale_final)
-            if os.path.isdir(self.em_folder):
-                shutil.rmtree(self.em_folder)
+            if os.path.isdir(self.layout.em_folder):
+                shutil.rmtree(self.layout.em_folder)
             self._training_labels.reset(all_cases)
             self._exchange.clear_fold(self.fold)
             self._complete_class_locations(all_cases)
@@ -154,7 +153,7 @@ class EMTrainer(nnUNetTrainer):
             if taken:
                 self.print_to_log_file(f"EM: training on other folds' out-of-fold refinements of {len(taken)} "
                                        f"case(s) from the start", also_print_to_console=True)
-            os.makedirs(self.em_folder)
+            os.makedirs(self.layout.em_folder)
             storage.write_json(self.layout.originals_file, self._originals_manifest(all_cases))
             self._em_state = TrainerRunState.new(state_file, self.em_settings, training_cases)
             self._em_state.save()
