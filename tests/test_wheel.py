@@ -2,17 +2,20 @@
 
 The wheel is built from this checkout and installed without dependencies into a fresh venv that borrows this
 environment's packages (so nothing is downloaded) with MONAI, cleanlab and pytest (the extras) hidden. Its own
-console script and ``.pth`` hook then run the commands that need no training: every command's ``--help``,
-``check``, ``plan`` (nnU-Net's planning and preprocessing through the plugin's planner), ``status``, ``restore``
-and ``merge``.
+console script and ``.pth`` hook then run every command's smoke path: ``--help``, ``check``, ``plan`` (nnU-Net's
+planning and preprocessing through the plugin's planner), ``status``, ``restore``, ``merge``, and with tiny
+trainings ``run``, ``review export`` / ``import``, ``rank-unlabeled`` and ``predict-tags``.
 """
 
 from __future__ import annotations
 
 import ast
+import csv
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,6 +25,7 @@ import pytest
 from conftest import NNUNET_TEST_ENV, demo_cases, make_raw_dataset
 
 import nnunetv2_em
+from nnunetv2_em.demo import DEMO_DATA
 
 pytestmark = pytest.mark.slow
 
@@ -103,20 +107,27 @@ def test_every_third_party_import_of_the_product_is_a_runtime_requirement(wheel)
                 assert PROVIDED_BY[top] in requirements, f"{path}: {top} needs {PROVIDED_BY[top]} in dependencies"
 
 
-def test_the_plain_install_runs_the_commands_that_need_no_training(plain_install, tmp_path):
-    script = plain_install / "bin" / "nnunetv2_em"
-    root = tmp_path / "nnunet"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "PYTHON"))}, **NNUNET_TEST_ENV,
-           "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
-           "nnUNet_results": str(root / "results")}
-    for folder in ("raw", "preprocessed", "results"):
-        (root / folder).mkdir(parents=True)
+class PlainCLI:
+    """The plain install's console script (and python) in an nnU-Net workspace of its own."""
 
-    def run(*arguments, check=True):
-        result = subprocess.run([str(script), *arguments], env=env, capture_output=True, text=True, timeout=900)
+    def __init__(self, venv: pathlib.Path, root: pathlib.Path):
+        self.venv, self.root = venv, root
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "PYTHON"))},
+                    **NNUNET_TEST_ENV, "nnUNet_raw": str(root / "raw"),
+                    "nnUNet_preprocessed": str(root / "preprocessed"), "nnUNet_results": str(root / "results")}
+        for folder in ("raw", "preprocessed", "results"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, *arguments, check=True, program="nnunetv2_em"):
+        result = subprocess.run([str(self.venv / "bin" / program), *arguments], env=self.env, capture_output=True,
+                                text=True, timeout=900)
         assert not check or result.returncode == 0, f"{arguments}: {result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         return result
 
+
+def test_the_plain_install_runs_the_commands_that_need_no_training(plain_install, tmp_path):
+    run = PlainCLI(plain_install, tmp_path / "nnunet")
+    root, env = run.root, run.env
     where = subprocess.run([str(plain_install / "bin" / "python"), "-c",
                             "import nnunetv2_em, importlib.util as u; print(nnunetv2_em.__file__); "
                             "print(u.find_spec('monai'))"], env=env, capture_output=True, text=True)
@@ -144,3 +155,72 @@ def test_the_plain_install_runs_the_commands_that_need_no_training(plain_install
     bad = run("check", "-d", "999", check=False)  # and the one-line error, not a traceback
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "Fix:" in bad.stderr
     assert not list((root / "raw").glob("Dataset999*"))
+
+
+def _sha(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_plain_install_runs_a_round_reviews_it_ranks_restores_and_predicts_tags(plain_install, tmp_path):
+    """Each command's smoke path that trains: ``run`` (2 folds x 1 round, tiny), ``review export`` / ``import``
+    (edit effort through the runtime surface metrics, no MONAI), ``rank-unlabeled`` from the round's model,
+    ``restore`` to the originals, and ``predict-tags`` from a ``MultiTaskTrainer_tiny`` trained by nnU-Net's own
+    entry point (the trainer found through the wheel's hook)."""
+    run = PlainCLI(plain_install, tmp_path / "nnunet")
+    cases = demo_cases(10)
+    labelled, new = cases[:8], cases[8:]
+    folder = pathlib.Path(make_raw_dataset(str(run.root / "raw"), 974, labelled))
+    originals = {case: _sha(folder / "labelsTr" / f"{case}.nii.gz") for case in labelled}
+    run("plan", "-d", "974", "-c", "2d", "-np", "1")
+    plans_file = run.root / "preprocessed" / "Dataset974_Hippo" / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["em"].update({"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0,
+                        "changes_without_verified_cases": True})
+    plans_file.write_text(json.dumps(plans))
+    run("run", "-d", "974", "-c", "2d", "--folds", "0", "1", "--rounds", "1", "--trainer", "VanillaTrainer_tiny",
+        "--device", "cpu", "--no-validation", "--seed", "0")
+    active = json.loads((folder / "em_labels" / "active.json").read_text())
+    assert active["round"] == 1
+    assert "round 1" in run("status", "-d", "974").stdout.lower()
+
+    review = tmp_path / "review"
+    run("review", "export", "-d", "974", "--top", "1", "-o", str(review))
+    export = json.loads((review / "export.json").read_text())
+    (case,) = export["cases"]
+    with open(review / "review.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows[0].update(status="accepted", reviewer="ana", minutes="2")
+    with open(review / "review.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run("review", "import", str(review))
+    imported = json.loads((review / "imported.json").read_text())["imported"][case]
+    assert imported["effort"]["voxels_edited"] == 0 and "surface_dice_1" in imported["effort"]
+    assert _sha(folder / "labelsTr" / f"{case}.nii.gz") == _sha(review / case / "proposal.nii.gz")
+
+    images = tmp_path / "new_images"
+    images.mkdir()
+    for name in new:
+        shutil.copy(pathlib.Path(DEMO_DATA) / "imagesTr" / f"{name}_0000.nii.gz", images)
+    model = (run.root / "results" / "Dataset974_Hippo" / "em_run__VanillaTrainer_tiny__nnUNetPlans__2d" / "round_01"
+             / "nnUNet_results" / "Dataset974_Hippo" / "VanillaTrainer_tiny__nnUNetPlans__2d")
+    ranking = tmp_path / "to_label.csv"
+    run("rank-unlabeled", "-d", "974", "--model", str(model), "--folds", "0", "1", "--images", str(images),
+        "-o", str(ranking))
+    ranked = json.loads(ranking.with_suffix(".json").read_text())["cases"]
+    assert sorted(row["case"] for row in ranked) == sorted(new)
+
+    run("restore", "-d", "974", "--round", "0")
+    assert {c: _sha(folder / "labelsTr" / f"{c}.nii.gz") for c in labelled} == originals
+
+    training = subprocess.run([str(plain_install / "bin" / "python"), "-m", "nnunetv2.run.run_training", "974", "2d",
+                               "all", "-tr", "MultiTaskTrainer_tiny", "-device", "cpu"], env=run.env,
+                              capture_output=True, text=True, timeout=900)
+    assert training.returncode == 0, training.stdout[-2000:] + training.stderr[-3000:]
+    tags = tmp_path / "tags"
+    run("predict-tags", "-i", str(images), "-o", str(tags), "--folds", "all", "--model",
+        str(run.root / "results" / "Dataset974_Hippo" / "MultiTaskTrainer_tiny__nnUNetPlans__2d"))
+    predicted = json.loads((tags / "tags.json").read_text())["tags"]
+    assert sorted(predicted) == sorted(new)
+    assert all(0 <= p <= 1 for case_tags in predicted.values() for p in case_tags.values())
