@@ -231,6 +231,7 @@ def test_both_drivers_give_the_same_case_results_through_the_one_estep(finished_
     from nnunetv2_em.layout import RunLayout
     from nnunetv2_em.settings import EMSettings
     from nnunetv2_em.trainers.em_trainer import _TrainerCaseInputs
+    from nnunetv2_em.trainers.fold_labels import FoldLabels
 
     workspace = finished_run["workspace"]
     preprocessed = os.path.join(workspace.preprocessed, DATASET)
@@ -259,14 +260,15 @@ def test_both_drivers_give_the_same_case_results_through_the_one_estep(finished_
                     _TrainerCaseInputs.logits_file(cache, case, mirrored=True))
         exchange.publish(0, round_index - 1, case, storage.read_seg_b2nd(staged.format(round_index - 1, case)),
                          original_seg_path=training_labels.original_seg_path(case), patch_size=(56, 40))
-    trainer = SimpleNamespace(_training_labels=training_labels, _exchange=exchange,
-                              _case_constraints=lambda case, shape: None, _reviewed_truth=lambda case: None)
+    trainer = SimpleNamespace(fold=0, configuration_manager=SimpleNamespace(data_identifier="nnUNetPlans_2d"))
+    fold_labels = FoldLabels(trainer, training=training_labels, exchange=exchange, reviewed=None, reviewed_cases=[],
+                             weak={})
 
     options = EStepOptions.from_settings(settings)
     assert options.second_opinion  # the fixture's plans ask for the mirrored second opinion
     steps = {name: EStep(options, inputs, num_classes=3, ignore_label=3, round_index=round_index) for name, inputs in
              (("run", RunCaseInputs(context, round_index)),
-              ("trainer", _TrainerCaseInputs(trainer, cache, round_index)))}
+              ("trainer", _TrainerCaseInputs(fold_labels, cache, round_index)))}
     decisions = {name: step.fit(cases, verified=VERIFIED) for name, step in steps.items()}
     as_json = {name: json.dumps(decision.to_dict(), sort_keys=True) for name, decision in decisions.items()}
     assert as_json["run"] == as_json["trainer"]

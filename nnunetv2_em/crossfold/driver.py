@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from nnunetv2_em import checks, engine, estep, label_conventions, reports, storage, weak_labels
+from nnunetv2_em.crossfold import preflight
 from nnunetv2_em.crossfold.options import RunContext, RunOptions
 from nnunetv2_em.crossfold.tasks import (
     RunCaseInputs,
@@ -38,29 +39,19 @@ class CrossFoldRun:
         self.name = dataset_name(options.dataset)
         raw = os.path.join(paths["nnUNet_raw"], self.name)
         preprocessed = os.path.join(paths["nnUNet_preprocessed"], self.name)
-        if options.rounds is not None and options.rounds < 1:
-            raise EMInputError(f"--rounds {options.rounds}: must be at least 1. Fix: pass --rounds 1 or more.")
-        if options.seed is not None and options.seed < 0:
-            raise EMInputError(f"--seed {options.seed}: must be an integer >= 0. Fix: e.g. --seed 0.")
-        if not 0 < options.warm_fraction <= 1:
-            raise EMInputError(f"--warm-fraction {options.warm_fraction}: must be in (0, 1]. Fix: e.g. 0.5.")
-        if not options.folds or len(set(options.folds)) != len(options.folds) or min(options.folds) < 0:
-            raise EMInputError(f"--folds {list(options.folds)}: need distinct fold numbers >= 0. Fix: e.g. 0 1 2.")
-        if options.unlabeled and not os.path.isdir(options.unlabeled):
-            raise EMInputError(f"--unlabeled {options.unlabeled}: not a folder. Fix: pass a folder of images named "
-                               f"<case>_0000<file ending>.")
+        preflight.check_options(options)
         self.layout = RunLayout(paths["nnUNet_results"], self.name, options.trainer, options.plans,
                                 options.configuration)
         checks.guard_label_versions(raw, self.name, continuing_run=self.run_name)
-        self.labelled, self.unlabeled_in_dataset = self._check_raw(raw)
+        self.labelled, self.unlabeled_in_dataset = preflight.raw_cases(raw)
         self.verified = checks.load_verified_cases(raw, self.labelled)
         self.reviewed: list[str] = []  # cases with reviewed labels (nnunetv2_em review import), found in run()
         self.weak = weak_labels.load_weak_labels(raw, checks.load_dataset_json(os.path.join(raw, "dataset.json")),
                                                  labelled=self.labelled,
                                                  images=[*self.labelled, *self.unlabeled_in_dataset])
-        self._check_folds(preprocessed)
-        self.extra_unlabeled = self._extra_unlabeled()
-        self._check_trainer()
+        preflight.check_folds(preprocessed, options.folds, labelled=len(self.labelled), dataset=self.name)
+        self.extra_unlabeled = preflight.extra_unlabeled(options.unlabeled, raw, labelled=self.labelled)
+        preflight.check_trainer(options.trainer)
         versions_folder = os.path.join(raw, storage.EM_LABELS)
         for folder in (versions_folder if os.path.lexists(versions_folder) else raw, paths["nnUNet_preprocessed"],
                        paths["nnUNet_results"]):
@@ -71,72 +62,6 @@ class CrossFoldRun:
     @property
     def run_name(self) -> str:
         return self.layout.name
-
-    # checks -------------------------------------------------------------------------------------------------
-    def _check_raw(self, raw):
-        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-        versions_manifest = storage.originals_manifest_path(raw)
-        if os.path.isfile(versions_manifest):  # a run in progress already replaced labelsTr: check the originals
-            with open(versions_manifest) as handle:
-                originals = sorted(json.load(handle)["cases"])
-            dataset_json = checks.load_dataset_json(os.path.join(raw, "dataset.json"))
-            cases = get_filenames_of_train_images_and_targets(raw, dataset_json)
-            labelled = {case: cases[case] for case in originals if case in cases}
-            # cases without an original label stay pseudo-labelled cases, whatever labelsTr holds for them now
-            return labelled, {case: entry for case, entry in cases.items() if case not in labelled}
-        labelled = checks.check_raw_dataset(raw, allow_unlabeled=True)
-        dataset_json = checks.load_dataset_json(os.path.join(raw, "dataset.json"))
-        _, unlabeled = checks.split_labelled(get_filenames_of_train_images_and_targets(raw, dataset_json))
-        if unlabeled:
-            checks.check_unlabeled_images({case: entry["images"] for case, entry in unlabeled.items()}, raw,
-                                          f"{raw}/imagesTr")
-        return labelled, unlabeled
-
-    def _check_folds(self, preprocessed: str) -> None:
-        path = os.path.join(preprocessed, "splits_final.json")
-        if os.path.isfile(path):
-            try:
-                with open(path) as handle:
-                    splits = json.load(handle)
-                num_splits = len(splits)
-                for split in splits:
-                    split["train"], split["val"]  # noqa: B018 (the keys nnU-Net reads)
-            except (json.JSONDecodeError, TypeError, KeyError):
-                raise EMInputError(f"{path}: not a list of {{'train': [...], 'val': [...]}} splits. Fix: repair it or "
-                                   f"delete it (the run then creates one split per fold).") from None
-            if max(self.options.folds) >= num_splits:
-                raise EMInputError(f"{path}: has {num_splits} splits, fold {max(self.options.folds)} requested. "
-                                   f"Fix: pick folds below {num_splits}.")
-            return
-        if sorted(self.options.folds) != list(range(len(self.options.folds))) or len(self.options.folds) < 2:
-            raise EMInputError(f"--folds {list(self.options.folds)}: without a splits_final.json the run creates "
-                               f"one split per fold, so folds must be 0..K-1 with K >= 2. Fix: e.g. --folds 0 1 2.")
-        if len(self.labelled) < len(self.options.folds):
-            raise EMInputError(f"{self.name}: {len(self.labelled)} labelled case(s) for {len(self.options.folds)} "
-                               f"folds; every fold needs at least one case to judge. Fix: pass fewer --folds (at "
-                               f"least 2) or add labelled cases.")
-
-    def _extra_unlabeled(self) -> dict[str, list[str]]:
-        if not self.options.unlabeled:
-            return {}
-        return checks.unlabeled_images_in_folder(self.options.unlabeled, os.path.join(os.environ["nnUNet_raw"],
-                                                                                     self.name),
-                                                 existing=self.labelled, source=f"--unlabeled {self.options.unlabeled}")
-
-    def _check_trainer(self):
-        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-        from nnunetv2_em.trainers.em_trainer import EMTrainer
-
-        try:
-            trainer_class = recursive_find_trainer_class_by_name(self.options.trainer)
-        except RuntimeError:
-            raise EMInputError(f"--trainer {self.options.trainer}: no such nnU-Net trainer. Fix: use a trainer "
-                               f"name that nnUNetv2_train accepts, e.g. nnUNetTrainer.") from None
-        if issubclass(trainer_class, EMTrainer):
-            raise EMInputError(f"--trainer {self.options.trainer}: the cross-fold loop runs the E-steps itself and "
-                               f"needs a plain trainer. Fix: e.g. nnUNetTrainer (GPU) or VanillaTrainer_cpu.")
 
     # context ------------------------------------------------------------------------------------------------
     def _ensure_planned(self) -> None:

@@ -6,6 +6,7 @@ The trainer is glue: the E-step's arithmetic is in ``nnunetv2_em.estep``, every 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -16,18 +17,77 @@ import torch
 import torch.distributed as dist
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.utilities.file_and_folder_operations import join, load_json, load_pickle
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_em import checks, label_conventions, nnunet_data, reports, storage, weak_labels
+from nnunetv2_em import checks, label_conventions, reports, storage, weak_labels
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.estep.pipeline import EStep, EStepOptions
 from nnunetv2_em.layout import TrainerLayout, exchange_folder, training_labels_folder
 from nnunetv2_em.run_state import TrainerRunState
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
+from nnunetv2_em.trainers.fold_labels import FoldLabels
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerInputs:
+    """What an EMTrainer fold reads besides nnU-Net's own inputs, checked before anything is written."""
+
+    settings: EMSettings
+    verified_cases: list  # checked annotations (em_verified.json): the gate's evidence
+    reviewed: storage.ReviewedLabels
+    reviewed_cases: list  # reviewed labels (`review import`): trained on as they are, never judged, trusted
+    weak: dict  # {case: CaseConstraints} from em_weak_labels.json
+
+
+def check_inputs(plans: dict, configuration: str, dataset_json: dict, *, overrides: dict) -> TrainerInputs:
+    """The plans' ``em`` block (with a variant's ``overrides``), the labels, the preprocessed folder, the
+    verified / reviewed / weak labels: one ``EMInputError`` naming the file and the fix on the first problem."""
+    paths = checks.require_env("nnUNet_preprocessed", "nnUNet_results")
+    dataset_folder = join(paths["nnUNet_preprocessed"], plans["dataset_name"])
+    plans_file = join(dataset_folder, plans["plans_name"] + ".json")
+    settings = EMSettings.resolve(plans.get(PLANS_KEY), overrides, source=plans_file)
+    if settings.soft_targets:
+        raise EMInputError(f"{plans_file}: em.soft_targets is {settings.soft_targets}, but EMTrainer "
+                           f"trains on its hard labels; sampled label maps are staged by `nnunetv2_em run` for "
+                           f"SoftTargetTrainer. Fix: set em.soft_targets to 0 in the plans' em block, or run "
+                           f"`nnunetv2_em run --trainer SoftTargetTrainer`.")
+    classes = checks.label_values(dataset_json, join(dataset_folder, "dataset.json"))
+    if dist.is_available() and dist.is_initialized():
+        raise EMInputError("EMTrainer runs on one device per fold; multi-GPU (DDP) training of one fold is not "
+                           "supported. Fix: train without -num_gpus, one fold per GPU.")
+    data_folder = join(dataset_folder, PlansManager(plans).get_configuration(configuration).data_identifier)
+    if not os.path.isdir(data_folder):
+        raise EMInputError(f"{data_folder}: not found. Fix: nnUNetv2_plan_and_preprocess -d "
+                           f"{plans['dataset_name']} -pl EMPlanner -c {configuration}.")
+    marker = storage.preprocessed_em_output(data_folder)
+    if marker:
+        raise EMInputError(f"{data_folder}: holds the segmentations of "
+                           f"{storage.version_name(marker.get('run'), int(marker.get('round', 0)))} written "
+                           f"by `nnunetv2_em run`{' (switch interrupted)' if marker.get('switching') else ''}, not "
+                           f"the annotations; EMTrainer would take them for originals. Fix: `nnunetv2_em restore "
+                           f"-d {plans['dataset_name']} --round 0`, then train again.")
+    cases = nnUNetDatasetBlosc2.get_identifiers(data_folder)
+    if not cases:
+        raise EMInputError(f"{data_folder}: no blosc2 (.b2nd) cases. Fix: rerun nnUNetv2_plan_and_preprocess "
+                           f"with nnU-Net >= 2.7.")
+    dataset_json = label_conventions.with_ignore_label(dataset_json)
+    checks.check_preprocessed_segmentations(data_folder, cases,
+                                            set(classes) | {int(dataset_json["labels"]["ignore"])})
+    has_raw = bool(os.environ.get("nnUNet_raw"))
+    raw_folder = join(os.environ.get("nnUNet_raw", ""), plans["dataset_name"])
+    reviewed = storage.ReviewedLabels(raw_folder, dataset_folder, dataset_json["file_ending"])
+    # nnU-Net preprocesses only cases with a label file, so weak-only cases belong to `nnunetv2_em run`
+    weak = (weak_labels.load_weak_labels(raw_folder, dataset_json, labelled=cases, images=cases)
+            if os.path.isfile(weak_labels.weak_labels_path(raw_folder)) else {})
+    return TrainerInputs(settings=settings,
+                         verified_cases=checks.load_verified_cases(raw_folder, cases) if has_raw else [],
+                         reviewed=reviewed,
+                         reviewed_cases=sorted(set(reviewed.records()) & set(cases)) if has_raw else [],
+                         weak=weak)
 
 
 class EMTrainer(nnUNetTrainer):
@@ -43,51 +103,13 @@ class EMTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # everything that can reject the input runs before nnUNetTrainer.__init__ creates the output folder
-        paths = checks.require_env("nnUNet_preprocessed", "nnUNet_results")
-        dataset_folder = join(paths["nnUNet_preprocessed"], plans["dataset_name"])
-        plans_file = join(dataset_folder, plans["plans_name"] + ".json")
-        self.em_settings = EMSettings.resolve(plans.get(PLANS_KEY), self.em_overrides, source=plans_file)
-        if self.em_settings.soft_targets:
-            raise EMInputError(f"{plans_file}: em.soft_targets is {self.em_settings.soft_targets}, but EMTrainer "
-                               f"trains on its hard labels; sampled label maps are staged by `nnunetv2_em run` for "
-                               f"SoftTargetTrainer. Fix: set em.soft_targets to 0 in the plans' em block, or run "
-                               f"`nnunetv2_em run --trainer SoftTargetTrainer`.")
-        classes = checks.label_values(dataset_json, join(dataset_folder, "dataset.json"))
-        if dist.is_available() and dist.is_initialized():
-            raise EMInputError("EMTrainer runs on one device per fold; multi-GPU (DDP) training of one fold is not "
-                               "supported. Fix: train without -num_gpus, one fold per GPU.")
-        data_folder = join(dataset_folder, PlansManager(plans).get_configuration(configuration).data_identifier)
-        if not os.path.isdir(data_folder):
-            raise EMInputError(f"{data_folder}: not found. Fix: nnUNetv2_plan_and_preprocess -d "
-                               f"{plans['dataset_name']} -pl EMPlanner -c {configuration}.")
-        marker = storage.preprocessed_em_output(data_folder)
-        if marker:
-            raise EMInputError(f"{data_folder}: holds the segmentations of "
-                               f"{storage.version_name(marker.get('run'), int(marker.get('round', 0)))} written "
-                               f"by `nnunetv2_em run`{' (switch interrupted)' if marker.get('switching') else ''}, not "
-                               f"the annotations; EMTrainer would take them for originals. Fix: `nnunetv2_em restore "
-                               f"-d {plans['dataset_name']} --round 0`, then train again.")
-        cases = nnUNetDatasetBlosc2.get_identifiers(data_folder)
-        if not cases:
-            raise EMInputError(f"{data_folder}: no blosc2 (.b2nd) cases. Fix: rerun nnUNetv2_plan_and_preprocess "
-                               f"with nnU-Net >= 2.7.")
-        dataset_json = label_conventions.with_ignore_label(dataset_json)
-        checks.check_preprocessed_segmentations(data_folder, cases,
-                                                set(classes) | {int(dataset_json["labels"]["ignore"])})
-        raw_folder = join(os.environ.get("nnUNet_raw", ""), plans["dataset_name"])
-        self._verified_cases = checks.load_verified_cases(raw_folder, cases) if os.environ.get("nnUNet_raw") else []
-        # labels a person reviewed (`nnunetv2_em review import`): trained on as they are, never judged, trusted
-        self._reviewed = storage.ReviewedLabels(raw_folder, dataset_folder, dataset_json["file_ending"])
-        self._reviewed_cases = sorted(set(self._reviewed.records()) & set(cases)) \
-            if os.environ.get("nnUNet_raw") else []
-        # partial / tagged cases (em_weak_labels.json); nnU-Net preprocesses only cases with a label file, so
-        # weak-only cases belong to `nnunetv2_em run`
-        self._weak = (weak_labels.load_weak_labels(raw_folder, dataset_json, labelled=cases, images=cases)
-                      if os.path.isfile(weak_labels.weak_labels_path(raw_folder)) else {})
+        inputs = check_inputs(plans, configuration, dataset_json, overrides=self.em_overrides)
+        self.em_settings = inputs.settings
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.em_settings.total_epochs
         self.layout = TrainerLayout(self.output_folder)
-        self._training_labels = None
+        self._inputs = inputs
+        self.labels: FoldLabels | None = None  # made in initialize, when nnU-Net's folders are known
         self._em_state: TrainerRunState | None = None
 
     # ----------------------------------------------------------------------------------- nnU-Net hooks
@@ -96,12 +118,13 @@ class EMTrainer(nnUNetTrainer):
             # train from a fold-private copy of the preprocessed folder whose segmentations the E-step replaces
             original_folder = self.preprocessed_dataset_folder
             output_name = os.path.basename(self.output_folder_base)
-            self._training_labels = storage.TrainingLabelFolder(
+            training = storage.TrainingLabelFolder(
                 original_folder, training_labels_folder(self.preprocessed_dataset_folder_base, output_name, self.fold))
-            self._training_labels.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
-            self._exchange = storage.FoldExchange(exchange_folder(self.preprocessed_dataset_folder_base,
-                                                                  output_name))
-            self.preprocessed_dataset_folder = self._training_labels.folder
+            training.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
+            exchange = storage.FoldExchange(exchange_folder(self.preprocessed_dataset_folder_base, output_name))
+            self.labels = FoldLabels(self, training=training, exchange=exchange, reviewed=self._inputs.reviewed,
+                                     reviewed_cases=self._inputs.reviewed_cases, weak=self._inputs.weak)
+            self.preprocessed_dataset_folder = training.folder
         super().initialize()
 
     def on_train_start(self):
@@ -135,7 +158,6 @@ class EMTrainer(nnUNetTrainer):
     def _start_or_resume_em(self):
         state_file = self.layout.state_file
         training_cases, _ = self.do_split()
-        all_cases = nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder)
         if self.current_epoch == 0:
             # nnU-Net starts from scratch (no --c, or nothing to continue from): so does EM. A final checkpoint
             # of an earlier run would otherwise be what a later --c resumes from, with this run's labels
@@ -145,24 +167,19 @@ class EMTrainer(nnUNetTrainer):
                 os.remove(stale_final)
             if os.path.isdir(self.layout.em_folder):
                 shutil.rmtree(self.layout.em_folder)
-            self._training_labels.reset(all_cases)
-            self._exchange.clear_fold(self.fold)
-            self._complete_class_locations(all_cases)
-            taken = self._take_exchanged_labels(training_cases)
-            self._apply_reviewed_labels()
+            taken = self.labels.start_fresh(training_cases)
             if taken:
                 self.print_to_log_file(f"EM: training on other folds' out-of-fold refinements of {len(taken)} "
                                        f"case(s) from the start", also_print_to_console=True)
             os.makedirs(self.layout.em_folder)
-            storage.write_json(self.layout.originals_file, self._originals_manifest(all_cases))
+            storage.write_json(self.layout.originals_file, self.labels.originals_manifest())
             self._em_state = TrainerRunState.new(state_file, self.em_settings, training_cases)
             self._em_state.save()
             return
         self._em_state = TrainerRunState.load_or_new(state_file, self.em_settings, training_cases)
         self._em_state.check_compatible(self.em_settings, training_cases)
-        self._verify_originals()
-        self._complete_class_locations(all_cases)
-        self._apply_reviewed_labels()  # reviewed since the last start (--c picks them up)
+        FoldLabels.verify_originals(self.layout.originals_file)
+        self.labels.resume()
         boundary_round = self.current_epoch // self.em_settings.epochs_per_round
         if boundary_round > self._em_state.completed_rounds and not self._em_state.converged:
             self.print_to_log_file(f"EM: resuming the interrupted E-step of round {boundary_round}",
@@ -202,7 +219,7 @@ class EMTrainer(nnUNetTrainer):
         cases = self.held_out_cases()
         round_folder = self.layout.round_folder(round_index)
         if not cases:
-            taken = self._take_exchanged_labels(self._em_state.training_cases)
+            taken = self.labels.take_exchanged(self._em_state.training_cases)
             summary = {"round": round_index, "epochs_trained": self.current_epoch, "judged_cases": [],
                        "refinement_applied": False,
                        "exchanged_cases": {case: {"fold": r["fold"], "round": r["round"]} for case, r in taken.items()},
@@ -210,7 +227,7 @@ class EMTrainer(nnUNetTrainer):
                                              f"cases it trained on; it trains on the other folds' refinements "
                                              f"({len(taken)} case(s) so far)",
                        "seconds_total": round(time.time() - started, 2)}
-            self._export_round_labels(round_folder, {})
+            self.labels.export_round(round_folder, {})
             reports.write_round_reports(round_folder, summary, [])
             self._em_state.complete_round(summary, converged=False)
             self.print_to_log_file(f"EM round {round_index}: {summary['refinement_refused']}",
@@ -220,15 +237,15 @@ class EMTrainer(nnUNetTrainer):
             return
         logits_cache = self.layout.logits_cache
         os.makedirs(logits_cache, exist_ok=True)
-        inputs = _TrainerCaseInputs(self, logits_cache, round_index)
+        inputs = _TrainerCaseInputs(self.labels, logits_cache, round_index)
         self._predict_logits(cases, logits_cache)
         prediction_seconds = time.time() - started
         step = EStep(EStepOptions.from_settings(settings), inputs,
                      num_classes=self.label_manager.num_segmentation_heads,
                      ignore_label=int(self.label_manager.ignore_label), round_index=round_index)
         # the gate's evidence: checked annotations and reviewed cases drawn at random (review export --audit)
-        audited = [case for case in self._reviewed.audited() if case in self._reviewed_cases]
-        decision = step.fit(cases, verified=[*self._verified_cases, *audited])
+        audited = [case for case in self.labels.reviewed.audited() if case in self.labels.reviewed_cases]
+        decision = step.fit(cases, verified=[*self._inputs.verified_cases, *audited])
         for note in decision.notes():
             self.print_to_log_file(f"EM round {round_index}: {note}")
         refine, gate, verified = decision.refine, decision.gate, list(decision.verified)
@@ -236,22 +253,17 @@ class EMTrainer(nnUNetTrainer):
 
         scores, refined_cases = {}, {}
         for case in cases:
-            if case in self._reviewed_cases:  # frozen: trained on and exported as reviewed
+            if case in self.labels.reviewed_cases:  # frozen: trained on and exported as reviewed
                 continue
             result = step.case(case, decision)
             scores[case] = result.scores
             storage.write_uncertainty(self.layout.uncertainty_file(round_index, case), result.uncertainty)
-            self._exchange.publish(self.fold, round_index, case, result.labels[None],
-                                   original_seg_path=self._training_labels.original_seg_path(case),
-                                   patch_size=self.configuration_manager.patch_size,
-                                   record={"refined": result.applied})
-            refined_cases[case] = self._exchange.latest(
-                case, original_seg_path=self._training_labels.original_seg_path(case))
+            refined_cases[case] = self.labels.publish(round_index, case, result.labels, applied=result.applied)
         shutil.rmtree(logits_cache)
-        taken = self._take_exchanged_labels(self._em_state.training_cases)
-        self._apply_reviewed_labels()
+        taken = self.labels.take_exchanged(self._em_state.training_cases)
+        self.labels.apply_reviewed()
         refine_done = time.time()
-        self._export_round_labels(round_folder, {**refined_cases, **taken})
+        self.labels.export_round(round_folder, {**refined_cases, **taken})
         summary = {
             "round": round_index,
             "epochs_trained": self.current_epoch,
@@ -294,54 +306,6 @@ class EMTrainer(nnUNetTrainer):
                 np.save(_TrainerCaseInputs.logits_file(logits_cache, case, mirrored=mirror),
                         np.ascontiguousarray(logits).astype(np.float16))
 
-    def _case_constraints(self, case: str, shape):
-        """The case's weak labels in its preprocessed array, or None."""
-        if case not in self._weak:
-            return None
-        properties = load_pickle(self._training_labels.original_properties_path(case))
-        return nnunet_data.constraints_to_preprocessed(self._weak[case], properties, self.plans_manager, shape)
-
-    def _reviewed_truth(self, case: str):
-        """A reviewed case's labels in the preprocessed array (the fit's complete data, the gate's truth)."""
-        if case not in self._reviewed_cases:
-            return None
-        return self._reviewed.read_segmentation(case, self.configuration_manager.data_identifier)[0]
-
-    def _apply_reviewed_labels(self):
-        """Train every reviewed case on its reviewed label (its preprocessed segmentation is made once per
-        configuration from the reviewed file; images are not preprocessed again)."""
-        identifier = self.configuration_manager.data_identifier
-        for case in self._reviewed_cases:
-            if not self._reviewed.has_segmentation(case, identifier):
-                from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-                raw_folder = join(os.environ["nnUNet_raw"], self.plans_manager.dataset_name)
-                images = get_filenames_of_train_images_and_targets(raw_folder, self.dataset_json)[case]["images"]
-                self._reviewed.make_segmentation(case, images, self.plans_manager, self.configuration_manager,
-                                                 self.dataset_json)
-            segmentation = self._reviewed.read_segmentation(case, identifier)
-            properties = load_pickle(self._training_labels.original_properties_path(case))
-            properties["class_locations"] = nnunet_data.class_locations(segmentation, self.label_manager)
-            self._training_labels.write_case(case, segmentation, properties, self.configuration_manager.patch_size)
-
-    def _take_exchanged_labels(self, training_cases) -> dict[str, dict]:
-        """Train on the newest out-of-fold refinement another fold published for each training case (the others
-        keep their current labels; reviewed cases keep their reviewed labels); returns the records taken."""
-        taken = {}
-        for case in training_cases:
-            if case in self._reviewed_cases:
-                continue
-            record = self._exchange.latest(case, original_seg_path=self._training_labels.original_seg_path(case),
-                                           exclude_fold=self.fold)
-            if record is None:
-                continue
-            refined = storage.read_seg_b2nd(record["seg_path"])
-            properties = load_pickle(self._training_labels.original_properties_path(case))
-            properties["class_locations"] = nnunet_data.class_locations(refined, self.label_manager)
-            self._training_labels.write_case(case, refined, properties, self.configuration_manager.patch_size)
-            taken[case] = record
-        return taken
-
     def _estep_predictor(self) -> nnUNetPredictor:
         self.set_deep_supervision_enabled(False)
         self.network.eval()
@@ -354,66 +318,6 @@ class EMTrainer(nnUNetTrainer):
                                         self.dataset_json, self.__class__.__name__,
                                         self.inference_allowed_mirroring_axes)
         return predictor
-
-    # ------------------------------------------------------------------------------------------ files
-    def _complete_class_locations(self, cases):
-        """Plans from another planner lack the ignore label at preprocessing time, so their ``class_locations``
-        lack the annotated-voxels key nnU-Net's loader needs once the ignore label exists: add it."""
-        annotated_key = (-1, *self.label_manager.all_labels)
-        for case in cases:
-            properties = load_pickle(self._training_labels.properties_path(case))
-            if annotated_key not in properties["class_locations"]:
-                seg = self._training_labels.read_current_seg(case)
-                properties["class_locations"] = nnunet_data.class_locations(seg, self.label_manager)
-                self._training_labels.write_properties(case, properties)
-
-    def _gt_path(self, case: str) -> str:
-        return join(self.preprocessed_dataset_folder_base, "gt_segmentations", case + self.dataset_json["file_ending"])
-
-    def _export_round_labels(self, round_folder: str, records: dict[str, dict]):
-        """The round's labels in raw geometry: the exchange refinement in ``records`` (this fold's judged cases and
-        the training cases taken from other folds), the originals for every other case."""
-        reader_writer = self.plans_manager.image_reader_writer_class()
-
-        def refined_label(case):
-            if case not in records:
-                return None
-            properties = load_pickle(self._training_labels.original_properties_path(case))
-            original_raw = np.asarray(reader_writer.read_seg(self._gt_path(case))[0][0]).astype(np.int32)
-            raw = nnunet_data.refined_raw_label(original_raw, self._training_labels.read_original_seg(case),
-                                                storage.read_seg_b2nd(records[case]["seg_path"]), properties,
-                                                self.plans_manager, self.configuration_manager)
-            return raw, properties
-
-        def as_is(case):  # byte copies: the original annotation, or a reviewed label
-            return self._reviewed.label_path(case) if case in self._reviewed_cases else self._gt_path(case)
-
-        storage.write_round_labels(
-            join(round_folder, "labelsTr"), nnUNetDatasetBlosc2.get_identifiers(self._training_labels.original_folder),
-            file_ending=self.dataset_json["file_ending"], original_label_path=as_is,
-            refined_label=refined_label, reader_writer=reader_writer,
-            provenance=f"refined, {os.path.basename(os.path.normpath(round_folder))} of {self.__class__.__name__} "
-                       f"fold {self.fold}")
-        storage.write_json(join(round_folder, "dataset.json"), self.dataset_json)
-
-    def _originals_manifest(self, cases) -> dict:
-        files = {}
-        for case in cases:
-            files[f"preprocessed/{case}_seg.b2nd"] = self._training_labels.original_seg_path(case)
-            files[f"preprocessed/{case}.pkl"] = self._training_labels.original_properties_path(case)
-            if os.path.isfile(self._gt_path(case)):
-                files[f"gt_segmentations/{case}{self.dataset_json['file_ending']}"] = self._gt_path(case)
-        return storage.checksum_manifest(files)
-
-    def _verify_originals(self):
-        manifest_file = self.layout.originals_file
-        if not os.path.isfile(manifest_file):
-            return
-        changed = storage.changed_files(load_json(manifest_file))
-        if changed:
-            raise EMInputError(f"{len(changed)} original label file(s) changed since this run started, e.g. "
-                               f"{changed[0]} (checksums in {manifest_file}). Fix: start a fresh training (without "
-                               f"--c) on the current labels.")
 
     def _log_round(self, summary: dict, converged: bool):
         noise = summary["noise_model"]
@@ -434,12 +338,12 @@ class EMTrainer(nnUNetTrainer):
 
 
 class _TrainerCaseInputs:
-    """The E-step's inputs (``estep.pipeline.CaseInputs``) over the trainer's files: the round's logits cache, the
-    original preprocessed segmentations, this fold's newest refinement in the exchange, the weak labels and the
-    reviewed labels."""
+    """The E-step's inputs (``estep.pipeline.CaseInputs``) over a fold's files: the round's logits cache and
+    ``FoldLabels`` (the original preprocessed segmentations, this fold's newest refinement in the exchange, the weak
+    labels and the reviewed labels)."""
 
-    def __init__(self, trainer: EMTrainer, logits_cache: str, round_index: int):
-        self.trainer = trainer
+    def __init__(self, labels: FoldLabels, logits_cache: str, round_index: int):
+        self.labels = labels
         self.logits_cache = logits_cache
         self.round_index = round_index
 
@@ -451,20 +355,17 @@ class _TrainerCaseInputs:
         return np.load(self.logits_file(self.logits_cache, case)).astype(np.float32)
 
     def annotation(self, case: str) -> np.ndarray:
-        return self.trainer._training_labels.read_original_seg(case)[0]
+        return self.labels.annotation(case)
 
     def previous(self, case: str) -> np.ndarray:
-        labels = self.trainer._training_labels
-        mine = self.trainer._exchange.latest(case, original_seg_path=labels.original_seg_path(case),
-                                             up_to_round=self.round_index - 1)
-        return storage.read_seg_b2nd(mine["seg_path"])[0] if mine else labels.read_original_seg(case)[0]
+        return self.labels.previous(case, self.round_index)
 
     def constraints(self, case: str):
         shape = np.load(self.logits_file(self.logits_cache, case), mmap_mode="r").shape[1:]
-        return self.trainer._case_constraints(case, shape)
+        return self.labels.constraints(case, shape)
 
     def truth(self, case: str) -> np.ndarray | None:
-        return self.trainer._reviewed_truth(case)
+        return self.labels.reviewed_truth(case)
 
     def second_opinion(self, case: str) -> np.ndarray:
         return np.load(self.logits_file(self.logits_cache, case, mirrored=True)).astype(np.float32)
