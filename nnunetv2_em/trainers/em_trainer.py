@@ -37,6 +37,7 @@ class TrainerInputs:
     """What an EMTrainer fold reads besides nnU-Net's own inputs, checked before anything is written."""
 
     settings: EMSettings
+    dataset_json: dict  # with the ignore label EM writes (declared or added)
     verified_cases: list  # checked annotations (em_verified.json): the gate's evidence
     reviewed: storage.ReviewedLabels
     reviewed_cases: list  # reviewed labels (`review import`): trained on as they are, never judged, trusted
@@ -83,7 +84,7 @@ def check_inputs(plans: dict, configuration: str, dataset_json: dict, *, overrid
     # nnU-Net preprocesses only cases with a label file, so weak-only cases belong to `nnunetv2_em run`
     weak = (weak_labels.load_weak_labels(raw_folder, dataset_json, labelled=cases, images=cases)
             if os.path.isfile(weak_labels.weak_labels_path(raw_folder)) else {})
-    return TrainerInputs(settings=settings,
+    return TrainerInputs(settings=settings, dataset_json=dataset_json,
                          verified_cases=checks.load_verified_cases(raw_folder, cases) if has_raw else [],
                          reviewed=reviewed,
                          reviewed_cases=sorted(set(reviewed.records()) & set(cases)) if has_raw else [],
@@ -105,7 +106,7 @@ class EMTrainer(nnUNetTrainer):
         # everything that can reject the input runs before nnUNetTrainer.__init__ creates the output folder
         inputs = check_inputs(plans, configuration, dataset_json, overrides=self.em_overrides)
         self.em_settings = inputs.settings
-        super().__init__(plans, configuration, fold, dataset_json, device)
+        super().__init__(plans, configuration, fold, inputs.dataset_json, device)
         self.num_epochs = self.em_settings.total_epochs
         self.layout = TrainerLayout(self.output_folder)
         self._inputs = inputs
