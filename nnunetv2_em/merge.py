@@ -54,12 +54,29 @@ def merge_datasets(sources: list[str], output: str, *, mapping=None, link: bool 
     Returns:
         ``{"labels": table, "cases": {case: {"source": ..., "annotated_classes": [...]}}}``.
     """
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    raw_root = checks.require_env("nnUNet_raw")["nnUNet_raw"]
+    names, jsons, mapping = _checked_sources(raw_root, sources, output, mapping)
+    table = merged_label_table(jsons, mapping)
+    plan = _case_plan(raw_root, names, jsons, mapping, table, prefix=prefix)
+    staging = os.path.join(raw_root, f".{output}.partial_{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_merged(staging, plan, jsons, names, table, output=output, link=link)
+        os.rename(staging, os.path.join(raw_root, output))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"labels": table, "cases": {case: {"source": item["source"],
+                                              "annotated_classes": item["annotated_classes"]}
+                                       for case, item in plan.items()}}
 
+
+def _checked_sources(raw_root: str, sources: list[str], output: str, mapping) -> tuple[list[str], dict, dict]:
+    """The source dataset names, their dataset.json and the label mapping keyed by dataset name; one EMInputError
+    for the first problem (too few or repeated sources, a taken or malformed output id, an unknown mapped dataset or
+    label, differing channels or file format)."""
     from nnunetv2_em.planning import dataset_name
 
-    raw_root = checks.require_env("nnUNet_raw")["nnUNet_raw"]
     if len(sources) < 2:
         raise EMInputError("merge needs at least two datasets. Fix: -d A B [C ...].")
     names = [dataset_name(source) for source in sources]
@@ -87,8 +104,14 @@ def merge_datasets(sources: list[str], output: str, *, mapping=None, link: bool 
         if label not in jsons[source]["labels"]:
             raise EMInputError(f"--map {source}:{label}: no label {label} in {source}/dataset.json. Fix: use "
                                f"one of {sorted(jsons[source]['labels'])}.")
-    table = merged_label_table(jsons, mapping)
-    foreground = {name: value for name, value in table.items() if value > 0}
+    return names, jsons, mapping
+
+
+def _case_plan(raw_root: str, names: list[str], jsons: dict, mapping: dict, table: dict, *, prefix: bool) -> dict:
+    """``{new case: {"source", "entry" (images, label), "lookup" (old value -> merged value), "annotated_classes"}}``
+    over every source dataset, each checked; refuses a case id two sources share unless ``prefix``."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
     plan, seen = {}, {}
     for name in names:
         source_folder = os.path.join(raw_root, name)
@@ -108,45 +131,45 @@ def merge_datasets(sources: list[str], output: str, *, mapping=None, link: bool 
             seen[new_case] = name
             plan[new_case] = {"source": name, "entry": entry, "lookup": lookup,
                               "annotated_classes": sorted(annotated, key=table.get)}
+    return plan
+
+
+def _write_merged(staging: str, plan: dict, jsons: dict, names: list[str], table: dict, *, output: str,
+                  link: bool) -> None:
+    """The merged dataset in ``staging``: images copied (or linked), labels remapped to ``table``, dataset.json,
+    and the weak-label file naming the classes of cases that do not annotate every merged class."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    first = jsons[names[0]]
     ending = first["file_ending"]
-    staging = os.path.join(raw_root, f".{output}.partial_{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        reader_writer = SimpleITKIO()
-        for case, item in sorted(plan.items()):
-            for channel, image in enumerate(item["entry"]["images"]):
-                destination = os.path.join(staging, "imagesTr", f"{case}_{channel:04d}{ending}")
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
-                if link:
-                    os.symlink(os.path.abspath(image), destination)
-                else:
-                    storage.copy_file(image, destination)
-            os.makedirs(os.path.join(staging, "labelsTr"), exist_ok=True)
-            seg, properties = reader_writer.read_seg(item["entry"]["label"])
-            values = np.unique(seg).astype(np.int64)
-            if values.max(initial=0) >= item["lookup"].size or values.min(initial=0) < 0:
-                raise EMInputError(f"{item['entry']['label']}: label values {values.tolist()} outside the labels of "
-                                   f"{item['source']}/dataset.json. Fix: correct the file.")
-            remapped = item["lookup"][seg[0].astype(np.int64)].astype(np.uint8 if len(table) < 255 else np.uint16)
-            storage.write_label_image(os.path.join(staging, "labelsTr", f"{case}{ending}"), remapped,
-                                      properties, reader_writer)
-        partial = {case: {"annotated_classes": item["annotated_classes"]} for case, item in plan.items()
-                   if set(item["annotated_classes"]) != set(foreground)}
-        dataset_json = {"channel_names": first["channel_names"], "labels": table, "numTraining": len(plan),
-                        "file_ending": ending, "name": output.split("_", 1)[1],
-                        "description": f"merged by nnunetv2_em from {', '.join(names)}",
-                        "merged_from": {name: {"labels": jsons[name]["labels"]} for name in names}}
-        storage.write_json(os.path.join(staging, "dataset.json"), dataset_json)
-        if partial:
-            storage.write_json(os.path.join(staging, WEAK_LABELS_FILE),
-                               {"version": FORMAT_VERSION, "cases": partial})
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return {"labels": table, "cases": {case: {"source": item["source"],
-                                              "annotated_classes": item["annotated_classes"]}
-                                       for case, item in plan.items()}}
+    foreground = {name: value for name, value in table.items() if value > 0}
+    reader_writer = SimpleITKIO()
+    for case, item in sorted(plan.items()):
+        for channel, image in enumerate(item["entry"]["images"]):
+            destination = os.path.join(staging, "imagesTr", f"{case}_{channel:04d}{ending}")
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            if link:
+                os.symlink(os.path.abspath(image), destination)
+            else:
+                storage.copy_file(image, destination)
+        os.makedirs(os.path.join(staging, "labelsTr"), exist_ok=True)
+        seg, properties = reader_writer.read_seg(item["entry"]["label"])
+        values = np.unique(seg).astype(np.int64)
+        if values.max(initial=0) >= item["lookup"].size or values.min(initial=0) < 0:
+            raise EMInputError(f"{item['entry']['label']}: label values {values.tolist()} outside the labels of "
+                               f"{item['source']}/dataset.json. Fix: correct the file.")
+        remapped = item["lookup"][seg[0].astype(np.int64)].astype(np.uint8 if len(table) < 255 else np.uint16)
+        storage.write_label_image(os.path.join(staging, "labelsTr", f"{case}{ending}"), remapped,
+                                  properties, reader_writer)
+    partial = {case: {"annotated_classes": item["annotated_classes"]} for case, item in plan.items()
+               if set(item["annotated_classes"]) != set(foreground)}
+    dataset_json = {"channel_names": first["channel_names"], "labels": table, "numTraining": len(plan),
+                    "file_ending": ending, "name": output.split("_", 1)[1],
+                    "description": f"merged by nnunetv2_em from {', '.join(names)}",
+                    "merged_from": {name: {"labels": jsons[name]["labels"]} for name in names}}
+    storage.write_json(os.path.join(staging, "dataset.json"), dataset_json)
+    if partial:
+        storage.write_json(os.path.join(staging, WEAK_LABELS_FILE), {"version": FORMAT_VERSION, "cases": partial})
 
 
 def summary_line(result: dict, output: str) -> str:

@@ -27,7 +27,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_em import estep, nnunet_data
 from nnunetv2_em.benchmark import metrics, suite
-from nnunetv2_em.benchmark.harness import Benchmark, _read_label
+from nnunetv2_em.benchmark.harness import Benchmark
+from nnunetv2_em.benchmark.label_files import read_label
 from nnunetv2_em.estep.pipeline import ArrayCaseInputs, EStep, EStepOptions
 from nnunetv2_em.settings import EMSettings
 
@@ -151,17 +152,17 @@ def evaluate(benchmark: Benchmark, *, strength, gate: str, logits_of=None, fit: 
             refined[case] = np.where(refined[case] != noisy[case], benchmark.ignore_label, noisy[case])
     per_case, truths, flags = {}, [], []
     for case in split["train"]:
-        noisy_raw = _read_label(versions.label_path(0, case))
+        noisy_raw = read_label(versions.label_path(0, case))
         refined_raw = nnunet_data.refined_raw_label(noisy_raw, noisy[case], refined[case],
                                                     load_pickle(versions.original_properties_path(case)), plans,
                                                     configuration)
-        clean = _read_label(benchmark.cases[case]["label"])
+        clean = read_label(benchmark.cases[case]["label"])
         per_case[case] = metrics.label_scores(clean, refined_raw, classes=benchmark.classes,
                                               ignore_label=benchmark.ignore_label, annotation=noisy_raw,
                                               surfaces=True)
         truths.append((clean != noisy_raw).ravel())
         flags.append((refined_raw != noisy_raw).ravel())
-    result.update(benchmark.summarize_groups(per_case, corrupted))
+    result.update(metrics.summarize_groups(per_case, corrupted, classes=benchmark.classes))
     result["voxels"] = metrics.detection_scores(np.concatenate(truths), np.concatenate(flags))
     result["ranking"] = metrics.ranking_scores(estep.rank_cases(scores), corrupted)
     if strength is not None:

@@ -29,7 +29,7 @@ from benchmark_noise_models import replicates, suite_parser  # noqa: E402
 
 from nnunetv2_em import checks, estep, label_conventions, nnunet_data, storage  # noqa: E402
 from nnunetv2_em.benchmark import metrics  # noqa: E402
-from nnunetv2_em.benchmark.harness import _read_label  # noqa: E402
+from nnunetv2_em.benchmark.label_files import read_label  # noqa: E402
 from nnunetv2_em.estep.pipeline import ArrayCaseInputs, EStep, EStepOptions  # noqa: E402
 from nnunetv2_em.settings import EMSettings  # noqa: E402
 
@@ -115,14 +115,14 @@ def simulate_replicate(setting, seed, folder, benchmark, settings, *, gate_polic
     def score(labels: dict) -> dict:
         per_case = {}
         for case in cases:
-            noisy_raw = _read_label(versions.label_path(0, case))
+            noisy_raw = read_label(versions.label_path(0, case))
             raw = nnunet_data.refined_raw_label(noisy_raw, noisy[case], labels[case],
                                                 load_pickle(versions.original_properties_path(case)), plans,
                                                 configuration)
-            per_case[case] = metrics.label_scores(_read_label(benchmark.cases[case]["label"]), raw,
+            per_case[case] = metrics.label_scores(read_label(benchmark.cases[case]["label"]), raw,
                                                   classes=benchmark.classes, ignore_label=benchmark.ignore_label,
                                                   annotation=noisy_raw)
-        summary = benchmark.summarize_groups(per_case, corrupted)["all"]
+        summary = metrics.summarize_groups(per_case, corrupted, classes=benchmark.classes)["all"]
         return {key: summary[key] for key in ("dice", "dice_kept", "fraction_ignored", "fraction_wrong")}
 
     # EM's ranked list: the review scores of the round before any review (what `review export --top` takes)

@@ -95,6 +95,22 @@ def _cube(shift=0, size=8, shape=(20, 20, 20)):
     return label
 
 
+def test_group_summaries_split_corrupted_and_untouched_cases_and_count_undefined_hd95():
+    nan = float("nan")
+    per_case = {"a": {"dice_1": 0.5, "dice_2": 0.7, "hd95_1": 2.0, "hd95_2": nan, "fraction_ignored": 0.1},
+                "b": {"dice_1": 0.9, "dice_2": 0.9, "hd95_1": 1.0, "hd95_2": 3.0, "fraction_ignored": 0.0},
+                "c": {"dice_1": nan, "dice_2": 0.2, "hd95_1": nan, "hd95_2": nan, "fraction_ignored": 0.5}}
+    summary = metrics.summarize_groups(per_case, {"a", "c"}, classes=[1, 2])
+    assert summary["all"]["cases"] == 3 and summary["corrupted"]["cases"] == 2 and summary["untouched"]["cases"] == 1
+    assert summary["corrupted"]["dice"] == pytest.approx((0.6 + 0.2) / 2)
+    assert summary["untouched"]["dice"] == pytest.approx(0.9)
+    assert summary["corrupted"]["hd95"] == pytest.approx(2.0)  # c has no defined HD95: its class mean is NaN
+    assert summary["corrupted"]["hd95_undefined"] == 3
+    assert summary["all"]["fraction_ignored"] == pytest.approx(0.2)
+    assert "surface_dice" not in summary["all"] and "fraction_wrong" not in summary["all"]
+    assert metrics.summarize_groups({"b": per_case["b"]}, set(), classes=[1, 2])["corrupted"] == {"cases": 0}
+
+
 def test_surface_scores_on_shifted_cubes():
     reference = _cube()
     same = metrics.surface_scores(reference, reference, classes=[1])

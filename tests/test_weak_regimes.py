@@ -73,6 +73,40 @@ def test_weak_row_parses_and_the_clean_mask_meets_every_tag():
     assert np.array_equal(projected, label) and not report.get("unmet")
 
 
+def test_regime_labels_hand_over_what_each_kind_of_case_gets(tmp_path):
+    import SimpleITK as sitk
+
+    files = {}
+    for index, case in enumerate(("full", "partial", "weak")):
+        files[case] = str(tmp_path / f"{case}.nii.gz")
+        sitk.WriteImage(sitk.GetImageFromArray(_mask(index)), files[case])
+    design = {"full": {"kind": "full"}, "partial": {"kind": "partial", "annotated": 2}, "weak": {"kind": "weak_only"}}
+    labels, rows = weak_regimes.regime_labels(design, files, class_names=NAMES, volume_margin=0.2,
+                                              presence_only=False)
+    assert sorted(labels) == ["full", "partial"] and sorted(rows) == ["partial", "weak"]
+    assert np.array_equal(labels["full"], _mask(0))
+    assert np.array_equal(labels["partial"], weak_regimes.partial_mask(_mask(1), 2))
+    assert rows["partial"] == {"annotated_classes": ["Posterior"]}
+    assert rows["weak"] == weak_regimes.weak_row_from_mask(_mask(2), class_names=NAMES, volume_margin=0.2)
+    assert "volume" in rows["weak"]
+    _, tags_only = weak_regimes.regime_labels(design, files, class_names=NAMES, volume_margin=0.2,
+                                              presence_only=True)
+    assert "volume" not in tags_only["weak"] and tags_only["weak"]["present"] == rows["weak"]["present"]
+
+
+def test_label_group_summary_means_over_cases_of_the_class_mean_and_skips_absent_classes():
+    rows = [{"dice_kept_1": 0.8, "dice_kept_2": 0.6, "dice_1": 0.7, "dice_2": float("nan"), "fraction_ignored": 0.1},
+            {"dice_kept_1": 0.4, "dice_kept_2": 0.2, "dice_1": 0.3, "dice_2": 0.5, "fraction_ignored": 0.3}]
+    summary = weak_regimes.summarize_label_group({"cases": 3, "trained": 2, "rows": rows}, classes=[1, 2])
+    assert summary["cases"] == 3 and summary["trained"] == 2
+    assert summary["dice_kept"] == pytest.approx((0.7 + 0.3) / 2)
+    assert summary["dice"] == pytest.approx((0.7 + 0.4) / 2)  # case 1's class 2 is NaN: its mean is class 1's
+    assert summary["fraction_ignored"] == pytest.approx(0.2)
+    assert summary["per_class_dice_kept"] == {"1": pytest.approx(0.6), "2": pytest.approx(0.4)}
+    assert weak_regimes.summarize_label_group({"cases": 4, "trained": 0, "rows": []}, classes=[1, 2]) == \
+        {"cases": 4, "trained": 0}
+
+
 def test_weak_row_rejects_a_bad_margin():
     with pytest.raises(ValueError, match="volume_margin"):
         weak_regimes.weak_row_from_mask(_mask(0), class_names=NAMES, volume_margin=1.5)

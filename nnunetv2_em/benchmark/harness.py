@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunetv2_em import checks, estep, label_conventions, storage
+from nnunetv2_em import checks, label_conventions, storage
 from nnunetv2_em.benchmark import metrics, noise
+from nnunetv2_em.benchmark.label_files import read_label, write_label_like
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.layout import RunLayout
 
@@ -150,21 +151,6 @@ def _console(name: str) -> str:
     return os.path.join(os.path.dirname(sys.executable), name)
 
 
-def _read_label(path: str) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.ReadImage(path))
-
-
-def _write_label_like(array: np.ndarray, reference: str, path: str) -> None:
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(reference)
-    out = sitk.GetImageFromArray(array.astype(np.uint8))
-    out.CopyInformation(image)
-    storage.atomic_write(path, lambda temp: sitk.WriteImage(out, temp, True), suffix=".nii.gz")
-
-
 def update_plans(workspace: Workspace, arm: str, edit) -> None:
     """Read the arm's ``nnUNetPlans.json``, let ``edit(plans)`` change it in place, write it back atomically."""
     plans_file = os.path.join(workspace.preprocessed(arm), "nnUNetPlans.json")
@@ -240,7 +226,7 @@ class Benchmark:
         n_train = self.profile.train_cases or int(round(0.8 * len(cases)))
         n_test = self.profile.test_cases or len(cases) - n_train
         split = {"seed": self.seed, "train": sorted(cases[:n_train]), "test": sorted(cases[n_train:n_train + n_test])}
-        clean = {case: _read_label(self.cases[case]["label"]) for case in split["train"]}
+        clean = {case: read_label(self.cases[case]["label"]) for case in split["train"]}
         noisy, records, corrupted = noise.corrupt_cases(clean, self.setting, seed=self.seed)
         corruption = os.path.join(self.workspace.out, "corruption")
         os.makedirs(corruption, exist_ok=True)
@@ -279,7 +265,7 @@ class Benchmark:
             if label_files is not None:
                 storage.copy_file(label_files[case], target)
             else:
-                _write_label_like(labels[case], self.cases[case]["label"], target)
+                write_label_like(labels[case], self.cases[case]["label"], target)
         dataset_json = {key: value for key, value in self.dataset_json.items() if key != "dataset"}
         if arm == "cleanlab":  # the flagged voxels are nnU-Net's ignore label
             dataset_json = label_conventions.with_ignore_label(dataset_json)
@@ -337,46 +323,16 @@ class Benchmark:
         return os.path.join(self.workspace.out, "cleanlab")
 
     def filter_with_cleanlab(self, split: dict) -> dict[str, str]:
-        """The peer arm's labels: the noisy annotation with the voxels cleanlab flags set to the ignore label.
+        """The peer arm's labels (``cleanlab_peer.filtered_labels`` on the EM run's round-1 probabilities):
+        ``{case: raw label file}``."""
+        from nnunetv2_em.benchmark import cleanlab_peer
 
-        cleanlab's ``segmentation.filter.find_label_issues`` runs on the EM run's round-1 out-of-fold probabilities
-        (the network's softmax, the same numbers EM's first E-step sees), one case at a time with its slices as
-        images, in nnU-Net's preprocessed space; the result is mapped back to the raw geometry exactly as EM's
-        refined labels are. Returns ``{case: raw label file}``; flags are kept per case for the detection scores.
-        """
-        from batchgenerators.utilities.file_and_folder_operations import load_pickle
-        from cleanlab.segmentation.filter import find_label_issues
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        from nnunetv2_em import nnunet_data
-
-        folder = self._cleanlab_folder()
-        files = {case: os.path.join(folder, "labels", case + self.ending) for case in split["train"]}
-        done = os.path.join(folder, "flags.json")
-        if os.path.isfile(done):
-            return files
-        layout = self.workspace.em_run(self.profile)
-        versions = self.workspace.em_versions(self.profile, self.ending)
-        plans_manager = PlansManager(os.path.join(self.workspace.preprocessed("em"), "nnUNetPlans.json"))
-        configuration_manager = plans_manager.get_configuration(self.profile.configuration)
-        os.makedirs(os.path.join(folder, "labels"), exist_ok=True)
-        os.makedirs(os.path.join(folder, "flags"), exist_ok=True)
-        counts = {}
-        for case in split["train"]:
-            noisy = versions.read_segmentation(0, case)[0]
-            probabilities = estep.softmax(np.load(layout.logits_file(1, case)), 1.0).astype(np.float32)
-            issues = find_label_issues(np.maximum(noisy, 0), np.moveaxis(probabilities, 0, 1), n_jobs=1,
-                                       verbose=False) & (noisy >= 0)
-            storage.atomic_write(os.path.join(folder, "flags", f"{case}.npz"),
-                                 lambda temp, m=issues: np.savez_compressed(temp, flagged=m), suffix=".npz")
-            filtered = np.where(issues, self.ignore_label, noisy)
-            raw = nnunet_data.refined_raw_label(_read_label(versions.original_label_path(case)), noisy, filtered,
-                                                load_pickle(versions.original_properties_path(case)), plans_manager,
-                                                configuration_manager)
-            _write_label_like(raw, self.cases[case]["label"], files[case])
-            counts[case] = int(issues.sum())
-        storage.write_json(done, counts)
-        return files
+        return cleanlab_peer.filtered_labels(
+            split["train"], folder=self._cleanlab_folder(), layout=self.workspace.em_run(self.profile),
+            versions=self.workspace.em_versions(self.profile, self.ending),
+            plans_file=os.path.join(self.workspace.preprocessed("em"), "nnUNetPlans.json"),
+            configuration=self.profile.configuration, label_files={c: self.cases[c]["label"] for c in split["train"]},
+            ending=self.ending, ignore_label=self.ignore_label)
 
     def run_arms(self, split: dict) -> dict:
         timings_file = os.path.join(self.workspace.out, "arms.json")
@@ -429,44 +385,23 @@ class Benchmark:
         with open(os.path.join(self.workspace.out, "corruption", "records.json")) as handle:
             corrupted = set(json.load(handle)["corrupted_cases"])
         versions = self.workspace.em_versions(self.profile, self.ending)
-        clean = {case: _read_label(self.cases[case]["label"]) for case in split["train"]}
-        noisy = {case: _read_label(versions.label_path(0, case)) for case in split["train"]}
+        clean = {case: read_label(self.cases[case]["label"]) for case in split["train"]}
+        noisy = {case: read_label(versions.label_path(0, case)) for case in split["train"]}
         candidates = {"noisy": noisy}
         for round_index in versions.runs().get(versions.run, []):
-            candidates[f"em_round_{round_index}"] = {case: _read_label(versions.label_path(round_index, case))
+            candidates[f"em_round_{round_index}"] = {case: read_label(versions.label_path(round_index, case))
                                                      for case in split["train"]}
         cleanlab_files = self.filter_with_cleanlab(split)
-        candidates["cleanlab"] = {case: _read_label(path) for case, path in cleanlab_files.items()}
+        candidates["cleanlab"] = {case: read_label(path) for case, path in cleanlab_files.items()}
         result = {"corrupted_cases": sorted(corrupted), "versions": {}, "per_case": {}}
         for name, labels in candidates.items():
             per_case = {case: metrics.label_scores(clean[case], labels[case], classes=self.classes,
                                                    ignore_label=self.ignore_label, annotation=noisy[case],
                                                    surfaces=True)
                         for case in split["train"]}
-            result["versions"][name] = self.summarize_groups(per_case, corrupted)
+            result["versions"][name] = metrics.summarize_groups(per_case, corrupted, classes=self.classes)
             result["per_case"][name] = per_case
         return result
-
-    def summarize_groups(self, per_case: dict[str, dict], corrupted: set[str]) -> dict:
-        """``_summarize_cases`` over all cases, the corrupted ones and the untouched ones."""
-        groups = {"all": list(per_case), "corrupted": [c for c in per_case if c in corrupted],
-                  "untouched": [c for c in per_case if c not in corrupted]}
-        return {group: self._summarize_cases([per_case[c] for c in members]) for group, members in groups.items()}
-
-    def _summarize_cases(self, rows: list[dict]) -> dict:
-        if not rows:
-            return {"cases": 0}
-        summary = {"cases": len(rows)}
-        # every key the scores have: the surface metrics only when scored with surfaces=True
-        for key in (k for k in ("dice", "dice_kept", "hd95", "surface_dice") if f"{k}_{self.classes[0]}" in rows[0]):
-            values = [float(np.nanmean([row[f"{key}_{c}"] for c in self.classes])) for row in rows]
-            summary[key] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
-        if "hd95" in summary:
-            summary["hd95_undefined"] = int(sum(np.isnan(row[f"hd95_{c}"]) for row in rows for c in self.classes))
-        summary["fraction_ignored"] = float(np.mean([row["fraction_ignored"] for row in rows]))
-        if all("fraction_wrong" in row for row in rows):
-            summary["fraction_wrong"] = float(np.mean([row["fraction_wrong"] for row in rows]))
-        return summary
 
     def em_rounds(self) -> list[dict]:
         """What each EM round's E-step did: out-of-fold model Dice against its quality gate, changes, ignores."""
@@ -492,12 +427,12 @@ class Benchmark:
         cleanlab_files = self.filter_with_cleanlab(split)
         truths, em_flags, cleanlab_flags = [], [], []
         for case in split["train"]:
-            noisy = _read_label(versions.label_path(0, case))
+            noisy = read_label(versions.label_path(0, case))
             mask_file = os.path.join(self.workspace.out, "corruption", f"{case}.npz")
             truths.append(np.load(mask_file)["corrupted_voxels"].ravel() if case in corrupted
                           else np.zeros(noisy.size, bool))
-            em_flags.append((_read_label(versions.label_path(last, case)) != noisy).ravel())
-            cleanlab_flags.append((_read_label(cleanlab_files[case]) == self.ignore_label).ravel())
+            em_flags.append((read_label(versions.label_path(last, case)) != noisy).ravel())
+            cleanlab_flags.append((read_label(cleanlab_files[case]) == self.ignore_label).ravel())
         truth = np.concatenate(truths)
         return {"cases": {"corrupted": len(corrupted), **metrics.ranking_scores(ranked, corrupted)},
                 "voxels": {"em": metrics.detection_scores(truth, np.concatenate(em_flags)),

@@ -141,3 +141,30 @@ def label_scores(reference: np.ndarray, labels: np.ndarray, *, classes, ignore_l
     wrong = (filled != reference) if annotation is not None else keep & (labels != reference)
     result["fraction_wrong"] = float(wrong.mean())
     return result
+
+
+def summarize_cases(rows: list[dict], *, classes) -> dict:
+    """Rows of ``label_scores`` (one per case) -> the number of cases and, for each score the rows hold (``dice``,
+    ``dice_kept``, ``hd95``, ``surface_dice``), the mean over cases of its foreground-class mean (NaN classes
+    skipped); the count of undefined HD95 values, the mean ignored share and, where scored, the wrong share."""
+    if not rows:
+        return {"cases": 0}
+    summary = {"cases": len(rows)}
+    for key in (k for k in ("dice", "dice_kept", "hd95", "surface_dice") if f"{k}_{classes[0]}" in rows[0]):
+        values = [float(np.nanmean([row[f"{key}_{c}"] for c in classes])) for row in rows]
+        summary[key] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+    if "hd95" in summary:
+        summary["hd95_undefined"] = int(sum(np.isnan(row[f"hd95_{c}"]) for row in rows for c in classes))
+    summary["fraction_ignored"] = float(np.mean([row["fraction_ignored"] for row in rows]))
+    if all("fraction_wrong" in row for row in rows):
+        summary["fraction_wrong"] = float(np.mean([row["fraction_wrong"] for row in rows]))
+    return summary
+
+
+def summarize_groups(per_case: dict[str, dict], corrupted: set[str], *, classes) -> dict:
+    """``summarize_cases`` over all cases of ``per_case`` (``{case: label_scores row}``), the corrupted ones and the
+    untouched ones."""
+    groups = {"all": list(per_case), "corrupted": [c for c in per_case if c in corrupted],
+              "untouched": [c for c in per_case if c not in corrupted]}
+    return {group: summarize_cases([per_case[c] for c in members], classes=classes)
+            for group, members in groups.items()}

@@ -50,9 +50,7 @@ from nnunetv2_em.benchmark.harness import (
     PROFILES,
     Workspace,
     _console,
-    _read_label,
     _run_measured,
-    _write_label_like,
     predict_test,
     read_clean_dataset,
     test_dice,
@@ -60,6 +58,7 @@ from nnunetv2_em.benchmark.harness import (
     update_plans,
     write_test_folder,
 )
+from nnunetv2_em.benchmark.label_files import read_label, write_label_like
 from nnunetv2_em.errors import EMInputError
 
 REGIMES = ("full", "partial", "weak", "tags")
@@ -135,6 +134,51 @@ def weak_row_from_mask(label: np.ndarray, *, class_names: dict[int, str], volume
 
 
 # ------------------------------------------------------------------------------------------- one replicate
+def regime_labels(design: dict, clean_files: dict[str, str], *, class_names: dict[int, str],
+                  volume_margin: float, presence_only: bool) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """What a regime's annotators hand over, per training case of ``design``: ``(labels, weak_rows)``, the mask
+    (``full``: the clean label from ``clean_files``; ``partial``: only its annotated class) and the weak-label row
+    (``partial``: ``annotated_classes``; ``weak_only``: tags from the clean mask, without volumes when
+    ``presence_only``, as a slice-level tag says no more)."""
+    labels, rows = {}, {}
+    for case, entry in design.items():
+        clean = read_label(clean_files[case])
+        if entry["kind"] == "full":
+            labels[case] = clean
+        elif entry["kind"] == "partial":
+            labels[case] = partial_mask(clean, entry["annotated"])
+            rows[case] = {"annotated_classes": [class_names[entry["annotated"]]]}
+        else:
+            row = weak_row_from_mask(clean, class_names=class_names, volume_margin=volume_margin)
+            if presence_only:
+                row.pop("volume", None)
+            rows[case] = row
+    return labels, rows
+
+
+def write_dataset(folder: str, cases: dict, labels: dict[str, np.ndarray], dataset_json: dict, *, ending: str,
+                  weak_rows: dict | None = None, images_only=(), with_ignore: bool = False) -> None:
+    """A raw nnU-Net dataset at ``folder`` (replaced): images linked from ``cases`` (``{case: {"images", "label"}}``)
+    for every case of ``labels`` and ``images_only``, ``labels`` written in the geometry of the case's label,
+    ``dataset.json`` (with the ignore label if ``with_ignore``) and the weak-label file of ``weak_rows``."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(os.path.join(folder, "imagesTr"))
+    os.makedirs(os.path.join(folder, "labelsTr"))
+    for case in [*labels, *images_only]:
+        for index, image in enumerate(cases[case]["images"]):
+            os.symlink(image, os.path.join(folder, "imagesTr", f"{case}_{index:04d}{ending}"))
+    for case, label in labels.items():
+        write_label_like(label, cases[case]["label"], os.path.join(folder, "labelsTr", case + ending))
+    dataset_json = {key: value for key, value in dataset_json.items() if key != "dataset"}
+    if with_ignore:
+        dataset_json = label_conventions.with_ignore_label(dataset_json)
+    dataset_json["numTraining"] = len(labels)
+    storage.write_json(os.path.join(folder, "dataset.json"), dataset_json)
+    if weak_rows:
+        storage.write_json(weak_labels.weak_labels_path(folder),
+                           {"version": weak_labels.FORMAT_VERSION, "cases": weak_rows})
+
+
 class RegimeReplicate:
     """One regime with one training seed, in its own folder (``out``); every step skipped once done."""
 
@@ -197,19 +241,9 @@ class RegimeReplicate:
                 return json.load(handle)
         split = self.split()
         design = self.design(split)
-        labels, rows = {}, {}
-        for case, entry in design.items():
-            clean = _read_label(self.cases[case]["label"])
-            if entry["kind"] == "full":
-                labels[case] = clean
-            elif entry["kind"] == "partial":
-                labels[case] = partial_mask(clean, entry["annotated"])
-                rows[case] = {"annotated_classes": [self.class_names[entry["annotated"]]]}
-            else:
-                row = weak_row_from_mask(clean, class_names=self.class_names, volume_margin=self.volume_margin)
-                if self.regime == "tags":  # presence tags only: what a slice-level tag says, no volume
-                    row.pop("volume", None)
-                rows[case] = row
+        labels, rows = regime_labels(design, {case: self.cases[case]["label"] for case in design},
+                                     class_names=self.class_names, volume_margin=self.volume_margin,
+                                     presence_only=self.regime == "tags")
         if self.regime == "full":
             self._write_dataset(self.workspace, "clean", labels)
         else:
@@ -218,7 +252,7 @@ class RegimeReplicate:
             weak_only = sorted(case for case, entry in design.items() if entry["kind"] == "weak_only")
             self._write_dataset(self.workspace, "em", masked, weak_rows=rows, images_only=weak_only)
             if self.regime == "tags":  # the multi-task trainers: tag-only cases as label files of ignore only
-                blank = {case: np.full(_read_label(self.cases[case]["label"]).shape, self.ignore_label, np.uint8)
+                blank = {case: np.full(read_label(self.cases[case]["label"]).shape, self.ignore_label, np.uint8)
                          for case in weak_only}
                 self._write_dataset(self.workspace, "multitask", {**masked, **blank}, weak_rows=rows,
                                     with_ignore=True)
@@ -230,23 +264,8 @@ class RegimeReplicate:
 
     def _write_dataset(self, workspace: Workspace, arm: str, labels: dict[str, np.ndarray], *,
                        weak_rows: dict | None = None, images_only: list[str] = (), with_ignore: bool = False) -> None:
-        folder = workspace.raw(arm)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(os.path.join(folder, "imagesTr"))
-        os.makedirs(os.path.join(folder, "labelsTr"))
-        for case in [*labels, *images_only]:
-            for index, image in enumerate(self.cases[case]["images"]):
-                os.symlink(image, os.path.join(folder, "imagesTr", f"{case}_{index:04d}{self.ending}"))
-        for case, label in labels.items():
-            _write_label_like(label, self.cases[case]["label"], os.path.join(folder, "labelsTr", case + self.ending))
-        dataset_json = {key: value for key, value in self.dataset_json.items() if key != "dataset"}
-        if with_ignore:
-            dataset_json = label_conventions.with_ignore_label(dataset_json)
-        dataset_json["numTraining"] = len(labels)
-        storage.write_json(os.path.join(folder, "dataset.json"), dataset_json)
-        if weak_rows:
-            storage.write_json(weak_labels.weak_labels_path(folder),
-                               {"version": weak_labels.FORMAT_VERSION, "cases": weak_rows})
+        write_dataset(workspace.raw(arm), self.cases, labels, self.dataset_json, ending=self.ending,
+                      weak_rows=weak_rows, images_only=images_only, with_ignore=with_ignore)
 
     # steps ------------------------------------------------------------------------------------------------
     def _seed_arguments(self) -> list[str]:
@@ -393,39 +412,21 @@ class RegimeReplicate:
         else:  # the run's active labels (refined and pseudo-labelled cases alike); em_soft trains on em_map's maps
             folder = os.path.join((self.sample_workspace if arm == "em_sample" else self.workspace).raw("em"),
                                   "labelsTr")
-        return {case: _read_label(os.path.join(folder, case + self.ending))
+        return {case: read_label(os.path.join(folder, case + self.ending))
                 if os.path.isfile(os.path.join(folder, case + self.ending)) else None for case in design}
 
     def tag_auroc(self, split: dict) -> dict:
         """Per multi-task arm and class: AUROC of the slice tags of the test cases (``tag_prediction.slice_tags``
         of the final model) against "the clean mask holds the class in this slice", both in the preprocessed
         array; with the number of slices and of positive ones."""
-        from sklearn.metrics import roc_auc_score
-
-        from nnunetv2_em.rank_unlabeled import load_predictor
-        from nnunetv2_em.tag_prediction import slice_tags
-
         result = {}
         for arm in (a for a in self.arms if a in TAG_HEAD_ARMS):
             dataset, head = TAG_HEAD_ARMS[arm]
             trainer = MULTITASK_TRAINERS[self.profile.trainer][head]
             model = os.path.join(self.workspace.nnunet, "results", self.workspace.dataset(dataset),
                                  f"{trainer}__nnUNetPlans__{self.profile.configuration}")
-            predictor = load_predictor(model, ("all",), self.profile.device)
-            preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-            scores, truths = [], []
-            for case in split["test"]:
-                data, seg, _ = preprocessor.run_case(self.cases[case]["images"], self.cases[case]["label"],
-                                                     predictor.plans_manager, predictor.configuration_manager,
-                                                     predictor.dataset_json)
-                scores.append(slice_tags(predictor, data))
-                truths.append(np.stack([(seg[0] == c).reshape(seg.shape[1], -1).any(axis=1) for c in self.classes],
-                                       axis=1))
-            scores, truths = np.concatenate(scores), np.concatenate(truths)
-            result[arm] = {str(c): {"auroc": float(roc_auc_score(truths[:, i], scores[:, i]))
-                                    if 0 < truths[:, i].sum() < len(truths) else float("nan"),
-                                    "slices": int(len(truths)), "positive": int(truths[:, i].sum())}
-                           for i, c in enumerate(self.classes)}
+            result[arm] = slice_tag_auroc(model, [self.cases[case] for case in split["test"]], classes=self.classes,
+                                          device=self.profile.device)
         return result
 
     def label_quality(self, design: dict) -> dict:
@@ -439,7 +440,7 @@ class RegimeReplicate:
             labels = self.training_labels(arm, design)
             groups = {}
             for case, entry in design.items():
-                clean = _read_label(self.cases[case]["label"])
+                clean = read_label(self.cases[case]["label"])
                 annotation = (partial_mask(clean, entry["annotated"]) if entry["kind"] == "partial"
                               else np.zeros_like(clean) if entry["kind"] == "weak_only" else clean)
                 group = groups.setdefault(entry["kind"], {"cases": 0, "trained": 0, "rows": []})
@@ -449,17 +450,7 @@ class RegimeReplicate:
                 group["trained"] += 1
                 group["rows"].append(metrics.label_scores(clean, labels[case], classes=self.classes,
                                                           ignore_label=self.ignore_label, annotation=annotation))
-            result[arm] = {kind: {"cases": g["cases"], "trained": g["trained"],
-                                  **({} if not g["rows"] else {
-                                      key: float(np.mean([np.nanmean([row[f"{key}_{c}"] for c in self.classes])
-                                                          for row in g["rows"]]))
-                                      for key in ("dice_kept", "dice")}),
-                                  **({} if not g["rows"] else {
-                                      "fraction_ignored": float(np.mean([r["fraction_ignored"] for r in g["rows"]])),
-                                      "per_class_dice_kept": {str(c): float(np.nanmean([r[f"dice_kept_{c}"]
-                                                                                        for r in g["rows"]]))
-                                                              for c in self.classes}})}
-                           for kind, g in groups.items()}
+            result[arm] = {kind: summarize_label_group(group, classes=self.classes) for kind, group in groups.items()}
         return result
 
     def run(self) -> dict:
@@ -479,6 +470,47 @@ class RegimeReplicate:
                    "label_quality": self.label_quality(prepared["design"])}
         storage.write_json(os.path.join(self.out, "results.json"), results)
         return results
+
+
+# -------------------------------------------------------------------------------------- per-arm evaluation
+def slice_tag_auroc(model: str, cases: list[dict], *, classes, device: str) -> dict:
+    """AUROC per class of a multi-task ``model``'s slice tags (``tag_prediction.slice_tags``, fold ``all``) on
+    ``cases`` (``{"images": [...], "label": path}``) against "the clean mask holds the class in this slice", both in
+    the preprocessed array: ``{class: {"auroc", "slices", "positive"}}`` (AUROC NaN where one kind is missing)."""
+    from sklearn.metrics import roc_auc_score
+
+    from nnunetv2_em.rank_unlabeled import load_predictor
+    from nnunetv2_em.tag_prediction import slice_tags
+
+    predictor = load_predictor(model, ("all",), device)
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    scores, truths = [], []
+    for case in cases:
+        data, seg, _ = preprocessor.run_case(case["images"], case["label"], predictor.plans_manager,
+                                             predictor.configuration_manager, predictor.dataset_json)
+        scores.append(slice_tags(predictor, data))
+        truths.append(np.stack([(seg[0] == c).reshape(seg.shape[1], -1).any(axis=1) for c in classes], axis=1))
+    scores, truths = np.concatenate(scores), np.concatenate(truths)
+    return {str(c): {"auroc": float(roc_auc_score(truths[:, i], scores[:, i]))
+                     if 0 < truths[:, i].sum() < len(truths) else float("nan"),
+                     "slices": int(len(truths)), "positive": int(truths[:, i].sum())}
+            for i, c in enumerate(classes)}
+
+
+def summarize_label_group(group: dict, *, classes) -> dict:
+    """One kind of case of one arm: ``group`` = ``{"cases", "trained", "rows": [metrics.label_scores rows]}`` ->
+    the counts, the mean over cases of the foreground-mean ``dice_kept`` and ``dice``, the ignored share and the
+    per-class ``dice_kept`` (scores only where the arm trained on a case)."""
+    summary = {"cases": group["cases"], "trained": group["trained"]}
+    rows = group["rows"]
+    if not rows:
+        return summary
+    for key in ("dice_kept", "dice"):
+        summary[key] = float(np.mean([np.nanmean([row[f"{key}_{c}"] for c in classes]) for row in rows]))
+    summary["fraction_ignored"] = float(np.mean([row["fraction_ignored"] for row in rows]))
+    summary["per_class_dice_kept"] = {str(c): float(np.nanmean([row[f"dice_kept_{c}"] for row in rows]))
+                                      for c in classes}
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------- the suite
