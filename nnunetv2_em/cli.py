@@ -49,7 +49,18 @@ def _run(args):
                          warm_fraction=args.warm_fraction, unlabeled=args.unlabeled,
                          validate=not args.no_validation, keep_logits=args.keep_logits, num_processes=args.np,
                          seed=args.seed)
-    state = run(options, scheduler=args.scheduler)
+    jobs = None
+    if args.cluster and args.scheduler:
+        raise EMInputError("--scheduler and --cluster both given. Fix: pass one (--cluster starts its own "
+                           "scheduler and submits the worker jobs).")
+    if args.cluster:
+        from nnunetv2_em.cluster import JobOptions
+
+        jobs = JobOptions(kind=args.cluster, jobs=args.jobs or len(options.folds), queue=args.queue,
+                          account=args.account, walltime=args.walltime, memory=args.job_memory,
+                          cores=args.job_cores, gpus=args.gpus_per_job, extra_directives=tuple(args.job_extra),
+                          config_file=args.cluster_config, log_directory=args.job_logs)
+    state = run(options, scheduler=args.scheduler, jobs=jobs)
     active = state["active"]
     print(f"\n{len(state['rounds'])} round(s) done{' (converged)' if state['converged'] else ''}; labelsTr holds "
           f"{version_name(active['run'], active['round'])}; the originals are in "
@@ -219,6 +230,21 @@ def _add_run(commands) -> None:
                      help="training budget of rounds >= 2, which start from the previous round's weights")
     run.add_argument("--unlabeled", help="folder of extra images (<case>_0000<ending>) to pseudo-label and train on")
     run.add_argument("--scheduler", help="address of an existing Dask scheduler (default: embedded LocalCluster)")
+    jobs = run.add_argument_group("worker jobs on a batch system (dask-jobqueue; site defaults in "
+                                  "~/.config/dask/jobqueue.yaml or --cluster-config)")
+    jobs.add_argument("--cluster", choices=["slurm", "pbs", "sge"], help="run the workers as batch jobs, one "
+                      "worker and one device per job; ended jobs are submitted again")
+    jobs.add_argument("--jobs", type=int, help="worker jobs kept alive (default: one per fold)")
+    jobs.add_argument("--queue", help="SLURM partition / PBS or SGE queue")
+    jobs.add_argument("--account", help="account to charge")
+    jobs.add_argument("--walltime", help="per job, e.g. 24:00:00")
+    jobs.add_argument("--job-memory", help="per job, e.g. 64GB")
+    jobs.add_argument("--job-cores", type=int, help="cores per job")
+    jobs.add_argument("--gpus-per-job", type=int, default=0, help="SLURM --gres=gpu:N")
+    jobs.add_argument("--job-extra", action="append", default=[], metavar="DIRECTIVE",
+                      help="one more job directive, e.g. --job-extra=--constraint=a100 (repeatable)")
+    jobs.add_argument("--cluster-config", help="YAML in dask-jobqueue's format (jobqueue: {slurm: {...}})")
+    jobs.add_argument("--job-logs", help="folder of the jobs' logs (default: the run folder's cluster_logs/)")
     run.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation of each fold")
     run.add_argument("--keep-logits", action="store_true", help="keep the out-of-fold logits of every round")
     run.add_argument("-np", type=int, default=2, help="worker processes for planning and preprocessing")

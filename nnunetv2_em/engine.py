@@ -1,19 +1,13 @@
-"""Dask execution: an embedded LocalCluster by default, or an existing scheduler (e.g. dask-jobqueue on SLURM).
+"""Dask execution: an embedded LocalCluster by default, worker jobs on SLURM / PBS / SGE (``nnunetv2_em.cluster``),
+or an existing scheduler.
 
 Tasks that need the accelerator (or all cores), trainings and predictions, ask for the worker resource
 ``device=1``; every worker offers exactly one, so two of them never share a device. Other tasks (per-case E-step
 work) run on any worker thread. Heavy tasks run nnU-Net in a child process, which dies with the worker.
 
-Using an existing cluster: start each worker with ``--resources device=1`` (one worker per GPU, with its own
-``CUDA_VISIBLE_DEVICES``) on machines that share the nnU-Net folders, then pass ``--scheduler tcp://host:8786``.
-With dask-jobqueue on SLURM::
-
-    from dask_jobqueue import SLURMCluster
-    cluster = SLURMCluster(cores=8, memory="64GB", processes=1, walltime="24:00:00",
-                           job_extra_directives=["--gres=gpu:1"], worker_extra_args=["--resources", "device=1"],
-                           job_script_prologue=["export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=..."])
-    cluster.scale(jobs=5)
-    print(cluster.scheduler_address)   # -> nnunetv2_em run ... --scheduler <that address>
+Worker jobs on a batch system: ``nnunetv2_em run --cluster slurm`` (see ``nnunetv2_em.cluster``). An existing
+cluster: start each worker with ``--resources device=1`` (one worker per GPU, with its own ``CUDA_VISIBLE_DEVICES``)
+on machines that share the nnU-Net folders, then pass ``--scheduler tcp://host:8786``.
 """
 
 from __future__ import annotations
@@ -30,11 +24,23 @@ SCHEDULER_TIMEOUT_S = 10
 
 
 @contextlib.contextmanager
-def open_client(scheduler: str | None = None, *, device: str = "cpu"):
-    """A ``distributed.Client``: connected to ``scheduler``, or to a LocalCluster sized to this machine (one worker
-    per GPU, one worker for a CPU-only machine, the cores shared among them)."""
+def open_client(scheduler: str | None = None, *, device: str = "cpu", jobs=None):
+    """A ``distributed.Client``: connected to ``scheduler``, to worker jobs of a batch system (``jobs``:
+    ``cluster.JobOptions``), or to a LocalCluster sized to this machine (one worker per GPU, one worker for a
+    CPU-only machine, the cores shared among them)."""
     from distributed import Client, LocalCluster
 
+    if jobs is not None:
+        from nnunetv2_em.cluster import job_client
+
+        if scheduler:
+            from nnunetv2_em.errors import EMInputError
+
+            raise EMInputError("--scheduler and --cluster both given. Fix: pass one (--cluster starts its own "
+                               "scheduler and submits the worker jobs).")
+        with job_client(jobs) as client:
+            yield client
+        return
     if scheduler:
         try:
             client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)

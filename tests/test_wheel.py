@@ -35,7 +35,8 @@ EXTRAS = ("monai", "cleanlab", "pytest")  # only in the test/benchmark extras
 # import name -> the runtime requirement (pyproject's dependencies) that provides it
 PROVIDED_BY = {"numpy": "numpy", "scipy": "scipy", "SimpleITK": "simpleitk", "blosc2": "blosc2", "torch": "torch",
                "nnunetv2": "nnunetv2", "batchgenerators": "batchgenerators", "acvl_utils": "acvl-utils",
-               "distributed": "distributed", "dask": "distributed", "matplotlib": "matplotlib", "tqdm": "tqdm",
+               "distributed": "distributed", "dask": "distributed", "yaml": "distributed",
+               "dask_jobqueue": "dask-jobqueue", "matplotlib": "matplotlib", "tqdm": "tqdm",
                "dynamic_network_architectures": "nnunetv2"}
 HIDE_EXTRAS = """
 import importlib.abc, sys

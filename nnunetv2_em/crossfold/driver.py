@@ -341,9 +341,15 @@ def _wait(client, futures, description: str, *, fault: str | None = None) -> Non
                 storage.fault_point(fault)
 
 
-def run(options: RunOptions, *, scheduler: str | None = None) -> dict:
-    """Check everything, then execute (or continue) the run on Dask."""
+def run(options: RunOptions, *, scheduler: str | None = None, jobs=None) -> dict:
+    """Check everything, then execute (or continue) the run on Dask: an embedded LocalCluster, the existing
+    ``scheduler``, or worker jobs of a batch system (``jobs``: ``cluster.JobOptions``; their logs default to the
+    run's ``cluster_logs/``)."""
+    import dataclasses
+
     cross_fold = CrossFoldRun(options)
+    if jobs is not None and jobs.log_directory is None:
+        jobs = dataclasses.replace(jobs, log_directory=cross_fold.layout.file("cluster_logs"))
     # the client first: an unreachable scheduler is reported before anything is written, the lock included
-    with engine.open_client(scheduler, device=options.device) as client, cross_fold.locked():
+    with engine.open_client(scheduler, device=options.device, jobs=jobs) as client, cross_fold.locked():
         return cross_fold.run(client)
