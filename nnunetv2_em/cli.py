@@ -12,8 +12,9 @@ from nnunetv2_em.errors import EMInputError
 def _plan(args):
     from nnunetv2_em.planning import plan_and_preprocess
 
-    name = plan_and_preprocess(args.dataset, configurations=args.configurations, num_processes=args.np)
-    print(f"{name}: planned with EMPlanner and preprocessed ({', '.join(args.configurations)}).")
+    name = plan_and_preprocess(args.dataset, configurations=args.configurations, num_processes=args.np,
+                               planner=args.planner)
+    print(f"{name}: planned with {args.planner} and preprocessed ({', '.join(args.configurations)}).")
 
 
 def _check(args):
@@ -202,10 +203,15 @@ def _benchmark(args):
 
 
 def _add_plan(commands) -> None:
-    plan = commands.add_parser("plan", help="check a raw dataset, then plan (EMPlanner) and preprocess it")
+    plan = commands.add_parser("plan", help="check a raw dataset, then plan (EMPlanner or a ResEnc preset) and "
+                               "preprocess it")
     plan.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name under $nnUNet_raw")
     plan.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
     plan.add_argument("-np", type=int, default=2, help="worker processes for fingerprint and preprocessing")
+    plan.add_argument("-pl", "--planner", default="EMPlanner",
+                      choices=["EMPlanner", "EMPlannerResEncM", "EMPlannerResEncL", "EMPlannerResEncXL"],
+                      help="EMPlanner (nnU-Net's classic plans, nnUNetPlans) or nnU-Net's recommended residual-encoder "
+                           "presets (plans nnUNetResEncUNet{M,L,XL}Plans; train with -p that name)")
     plan.set_defaults(handler=_plan)
 
 

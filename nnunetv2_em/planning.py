@@ -21,8 +21,10 @@ def dataset_name(dataset: str | int) -> str:
                            f"$nnUNet_raw/DatasetXXX_Name.") from None
 
 
-def plan_and_preprocess(dataset: str | int, *, configurations=("3d_fullres",), num_processes: int = 2) -> str:
-    """Same result as ``nnUNetv2_plan_and_preprocess -d D -pl EMPlanner -c ...``, but the raw dataset is checked
+def plan_and_preprocess(dataset: str | int, *, configurations=("3d_fullres",), num_processes: int = 2,
+                        planner: str = "EMPlanner") -> str:
+    """Same result as ``nnUNetv2_plan_and_preprocess -d D -pl <planner> -c ...`` (``EMPlanner`` or one of the ResEnc
+    presets ``EMPlannerResEncM/L/XL``), but the raw dataset is checked
     before nnU-Net writes anything (the stock command extracts the fingerprint before any planner runs), and images
     in imagesTr without a label are left out (nnU-Net's own commands fail on them)."""
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
@@ -30,8 +32,10 @@ def plan_and_preprocess(dataset: str | int, *, configurations=("3d_fullres",), n
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunetv2_em import storage
-    from nnunetv2_em.planners.em_planner import EMPlanner
+    from nnunetv2_em.planners.em_planner import EM_PLANNERS
 
+    if planner not in EM_PLANNERS:
+        raise EMInputError(f"-pl {planner}: not an EM planner. Fix: one of {', '.join(EM_PLANNERS)}.")
     name = dataset_name(dataset)
     dataset_id = int(name[len("Dataset"):len("Dataset") + 3])
     raw_folder = os.path.join(os.environ["nnUNet_raw"], name)
@@ -39,7 +43,7 @@ def plan_and_preprocess(dataset: str | int, *, configurations=("3d_fullres",), n
     fingerprint_extractor = DatasetFingerprintExtractor(dataset_id, num_processes, verbose=False)
     fingerprint_extractor.dataset = {case: fingerprint_extractor.dataset[case] for case in labelled}
     fingerprint_extractor.run(overwrite_existing=True)
-    _, plans_identifier = plan_experiment_dataset(dataset_id, EMPlanner)
+    _, plans_identifier = plan_experiment_dataset(dataset_id, EM_PLANNERS[planner])
     preprocessed = os.path.join(os.environ["nnUNet_preprocessed"], name)
     plans_manager = PlansManager(os.path.join(preprocessed, plans_identifier + ".json"))
     for configuration in configurations:

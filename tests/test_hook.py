@@ -71,15 +71,20 @@ def test_planner_lookup_finds_em_planner_and_leaves_default_planner_alone():
 import os, nnunetv2
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class as find
 folder = os.path.join(nnunetv2.__path__[0], 'experiment_planning')
-for name in ('EMPlanner', 'ExperimentPlanner', 'NoSuchPlanner'):
+for name in ('EMPlanner', 'EMPlannerResEncM', 'EMPlannerResEncXL', 'ExperimentPlanner', 'nnUNetPlannerResEncM',
+             'NoSuchPlanner'):
     cls = find(folder, name, current_module='nnunetv2.experiment_planning')
     print(name, None if cls is None else cls.__module__)
 """
     result = _python(code)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-3:] == [
+    assert result.stdout.strip().splitlines()[-6:] == [
         "EMPlanner nnunetv2_em.planners.em_planner",
+        "EMPlannerResEncM nnunetv2_em.planners.em_planner",
+        "EMPlannerResEncXL nnunetv2_em.planners.em_planner",
         "ExperimentPlanner nnunetv2.experiment_planning.experiment_planners.default_experiment_planner",
+        "nnUNetPlannerResEncM nnunetv2.experiment_planning.experiment_planners.residual_unets."
+        "residual_encoder_unet_planners",
         "NoSuchPlanner None",
     ]
 
