@@ -1,7 +1,7 @@
 """Workers as batch jobs: ``nnunetv2_em run --cluster slurm`` (or ``pbs`` / ``sge``) through dask-jobqueue.
 
-Each job runs one Dask worker that offers the ``device=1`` resource (``engine.DEVICE``), so every training or
-prediction gets a job of its own and its GPUs. Site defaults live where dask-jobqueue keeps them
+Each job runs one Dask worker that offers the ``device=1`` resource (``engine.DEVICE``, passed in), so every
+training or prediction gets a job of its own and its GPUs. Site defaults live where dask-jobqueue keeps them
 (``~/.config/dask/jobqueue.yaml``, or the file given with ``--cluster-config``: the same format, a
 ``jobqueue: {slurm: {...}}`` block); options given on the command line win.
 
@@ -81,12 +81,10 @@ def _site_config(options: JobOptions) -> dict:
     return block
 
 
-def cluster_arguments(options: JobOptions, *, env: dict[str, str] | None = None) -> dict:
+def cluster_arguments(options: JobOptions, *, resource: str, env: dict[str, str] | None = None) -> dict:
     """Keyword arguments of dask-jobqueue's cluster class: site config, then the options given; one worker process
-    per job offering ``device=1``; the job exports the nnU-Net folders (and knobs) of ``env`` and runs this
-    Python."""
-    from nnunetv2_em.engine import DEVICE
-
+    per job offering one unit of ``resource`` (``engine.DEVICE``); the job exports the nnU-Net folders (and knobs)
+    of ``env`` and runs this Python."""
     env = os.environ if env is None else env
     arguments = dict(_site_config(options))
     given = {"queue": options.queue, "account": options.account, "walltime": options.walltime,
@@ -103,7 +101,7 @@ def cluster_arguments(options: JobOptions, *, env: dict[str, str] | None = None)
     prologue = list(arguments.get("job_script_prologue") or [])
     prologue += [f"export {key}={_shell_quote(env[key])}" for key in FORWARDED_ENV if env.get(key)]
     arguments.update(processes=1, job_extra_directives=directives, job_script_prologue=prologue,
-                     worker_extra_args=[*worker_arguments, "--resources", f"{DEVICE}=1"],
+                     worker_extra_args=[*worker_arguments, "--resources", f"{resource}=1"],
                      python=arguments.get("python", sys.executable),
                      scheduler_options={"dashboard_address": None, **(arguments.get("scheduler_options") or {})})
     return arguments
@@ -177,14 +175,14 @@ class JobWatchdog:
 
 
 @contextlib.contextmanager
-def job_client(options: JobOptions):
-    """A ``distributed.Client`` on a dask-jobqueue cluster of ``options.jobs`` worker jobs, kept alive by the
-    watchdog; the jobs are cancelled when the block ends."""
+def job_client(options: JobOptions, *, resource: str):
+    """A ``distributed.Client`` on a dask-jobqueue cluster of ``options.jobs`` worker jobs, each offering one unit
+    of ``resource``, kept alive by the watchdog; the jobs are cancelled when the block ends."""
     from distributed import Client
 
     options.check()
     try:
-        cluster = cluster_class(options.kind)(**cluster_arguments(options))
+        cluster = cluster_class(options.kind)(**cluster_arguments(options, resource=resource))
     except (OSError, ValueError, TypeError) as error:
         raise EMInputError(f"--cluster {options.kind}: dask-jobqueue could not set up the cluster "
                            f"({type(error).__name__}: {error}). Fix: check the options and the site config "

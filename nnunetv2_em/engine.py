@@ -38,7 +38,7 @@ def open_client(scheduler: str | None = None, *, device: str = "cpu", jobs=None)
 
             raise EMInputError("--scheduler and --cluster both given. Fix: pass one (--cluster starts its own "
                                "scheduler and submits the worker jobs).")
-        with job_client(jobs) as client:
+        with job_client(jobs, resource=DEVICE) as client:
             yield client
         return
     if scheduler:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nnunetv2_em import cluster
+from nnunetv2_em import cluster, engine
 from nnunetv2_em.errors import EMInputError
 
 ENV = {"nnUNet_raw": "/data/raw", "nnUNet_preprocessed": "/data/pre processed", "nnUNet_results": "/data/results",
@@ -16,7 +16,8 @@ ENV = {"nnUNet_raw": "/data/raw", "nnUNet_preprocessed": "/data/pre processed", 
 
 
 def _job_script(options: cluster.JobOptions) -> str:
-    with cluster.cluster_class(options.kind)(**cluster.cluster_arguments(options, env=ENV)) as jobs:
+    arguments = cluster.cluster_arguments(options, resource=engine.DEVICE, env=ENV)
+    with cluster.cluster_class(options.kind)(**arguments) as jobs:
         return jobs.job_script()
 
 
@@ -39,7 +40,8 @@ def test_the_site_config_gives_defaults_and_the_command_line_wins(tmp_path):
     config.write_text("jobqueue:\n  slurm:\n    queue: short\n    walltime: '00:30:00'\n    memory: 4GB\n"
                       "    job_extra_directives: ['--qos=low']\n    job_script_prologue: ['module load cuda']\n"
                       "    worker_extra_args: ['--lifetime', '25m']\n")
-    arguments = cluster.cluster_arguments(cluster.JobOptions(walltime="01:00:00", config_file=str(config)), env=ENV)
+    arguments = cluster.cluster_arguments(cluster.JobOptions(walltime="01:00:00", config_file=str(config)),
+                                          resource=engine.DEVICE, env=ENV)
     assert arguments["queue"] == "short" and arguments["memory"] == "4GB" and arguments["walltime"] == "01:00:00"
     assert arguments["job_extra_directives"] == ["--qos=low"]
     assert arguments["job_script_prologue"][0] == "module load cuda"
@@ -66,11 +68,10 @@ def test_a_config_file_that_is_not_jobqueue_yaml_is_refused(tmp_path):
         config = tmp_path / "bad.yaml"
         config.write_text(text)
         with pytest.raises(EMInputError, match=f"--cluster-config {config}"):
-            cluster.cluster_arguments(cluster.JobOptions(config_file=str(config)), env=ENV)
+            cluster.cluster_arguments(cluster.JobOptions(config_file=str(config)), resource=engine.DEVICE, env=ENV)
 
 
 def test_run_refuses_a_scheduler_and_a_cluster_together_before_anything_else(nnunet_env, capsys):
-    from nnunetv2_em import engine
     from nnunetv2_em.cli import main
 
     code = main(["run", "-d", "999", "--cluster", "slurm", "--scheduler", "tcp://127.0.0.1:1", "--folds", "0", "1"])
