@@ -21,6 +21,7 @@ def _check(args):
     import os
 
     from nnunetv2_em.checks import check_raw_dataset, load_dataset_json
+    from nnunetv2_em.multi_rater import load_raters
     from nnunetv2_em.planning import dataset_name
     from nnunetv2_em.storage import non_label_files
 
@@ -28,6 +29,11 @@ def _check(args):
     raw = os.path.join(os.environ["nnUNet_raw"], name)
     cases = check_raw_dataset(raw)
     print(f"{name}: {len(cases)} labelled cases, labels and geometry OK.")
+    rater_set = load_raters(raw, load_dataset_json(f"{raw}/dataset.json"), cases)
+    if rater_set is not None:
+        coverage = rater_set.coverage()
+        print(f"{len(rater_set.raters)} raters ({', '.join(rater_set.raters)}) on {len(coverage)} cases, "
+              f"{sum(n > 1 for n in coverage.values())} of them with several raters; their labels and geometry OK.")
     others = non_label_files(os.path.join(raw, "labelsTr"), load_dataset_json(f"{raw}/dataset.json")["file_ending"])
     if others:
         print(f"labelsTr also holds {len(others)} other file(s) or folder(s): {', '.join(others[:10])}"
