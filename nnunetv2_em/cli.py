@@ -140,6 +140,15 @@ def _merge(args):
     print(summary_line(result, args.output))
 
 
+def _fuse(args):
+    from nnunetv2_em.fusion import fuse_dataset
+
+    counts = fuse_dataset(args.dataset, args.output, method=args.method, link=args.link)
+    several = sum(n > 1 for n in counts.values())
+    print(f"{args.output}: {len(counts)} cases, {sum(n > 0 for n in counts.values())} fused by {args.method} "
+          f"({several} from several raters); train it with the stock commands.")
+
+
 def _budget(text: str) -> float:
     value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
     if not 0 < value <= 1:
@@ -295,6 +304,16 @@ def _add_merge(commands) -> None:
     merge.set_defaults(handler=_merge)
 
 
+def _add_fuse(commands) -> None:
+    fuse = commands.add_parser("fuse", help="a new dataset whose labels fuse each case's raters (em_raters/): "
+                               "majority vote, STAPLE or the first rater")
+    fuse.add_argument("-d", "--dataset", required=True, help="dataset id or name with em_raters.json")
+    fuse.add_argument("-o", "--output", required=True, help="new DatasetXXX_Name under $nnUNet_raw")
+    fuse.add_argument("--method", default="staple", choices=["majority", "staple", "first"])
+    fuse.add_argument("--link", action="store_true", help="symlink images instead of copying them")
+    fuse.set_defaults(handler=_fuse)
+
+
 def _add_review(commands) -> None:
     review = commands.add_parser("review", help="the human review loop: export the top cases of a round for "
                                  "ITK-SNAP / 3D Slicer, import the reviewed labels (frozen, trusted)")
@@ -400,7 +419,7 @@ def _add_demo(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunetv2_em", description=__doc__.split(":", 1)[1].strip())
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_plan, _add_check, _add_run, _add_status, _add_restore, _add_merge, _add_review,
+    for add in (_add_plan, _add_check, _add_run, _add_status, _add_restore, _add_merge, _add_fuse, _add_review,
                 _add_rank_unlabeled, _add_predict_tags, _add_benchmark, _add_demo):  # the order of --help
         add(commands)
     return parser

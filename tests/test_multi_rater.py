@@ -138,3 +138,53 @@ def test_a_dataset_without_raters_is_not_multi_rater(nnunet_env):
     assert multi_rater.load_raters(folder, load_dataset_json(os.path.join(folder, "dataset.json")),
                                    _cases(folder)) is None
     shutil.rmtree(folder)
+
+
+def test_majority_vote_and_staple_on_arrays():
+    from nnunetv2_em import fusion
+
+    ratings = np.array([[0, 1, 1, 2, -1], [0, 1, 2, 2, -1], [1, 0, 2, 0, -1]])
+    assert fusion.majority_vote(ratings, num_classes=3).tolist() == [0, 1, 2, 2, -1]
+    assert fusion.majority_vote(np.array([[0, 1], [1, 0]]), num_classes=2).tolist() == [0, 0]  # ties: lowest class
+    complete = np.array([[[0, 1, 1, 2, 0, 0]], [[0, 1, 2, 2, 0, 1]], [[0, 1, 2, 2, 0, 0]]])
+    assert fusion.staple(complete, num_classes=3).tolist() == [[0, 1, 2, 2, 0, 0]]
+    alone = np.stack([complete[0], np.full_like(complete[0], -1)])
+    assert np.array_equal(fusion.staple(alone, num_classes=3), complete[0])  # the only rater
+    with pytest.raises(ValueError, match="STAPLE needs complete maps"):
+        fusion.staple(np.stack([complete[0], np.where(complete[1] == 2, -1, complete[1])]), num_classes=3)
+    assert np.array_equal(fusion.fuse(alone[::-1], method="first", num_classes=3), complete[0])
+
+
+@pytest.mark.parametrize("method", ["majority", "staple", "first"])
+def test_fuse_writes_a_dataset_vanilla_nnunet_can_train(dataset, method, capsys):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunetv2_em import fusion
+    from nnunetv2_em.checks import check_raw_dataset
+    from nnunetv2_em.cli import main
+
+    workspace, folder = dataset
+    if method == "staple":  # ben left slices unrated: STAPLE refuses, nothing is written
+        before = tree_snapshot(workspace.root)
+        assert main(["fuse", "-d", "961", "-o", "Dataset963_Fused", "--method", "staple"]) == 2
+        assert "STAPLE needs complete maps. Fix: fuse with --method majority" in capsys.readouterr().err
+        assert tree_snapshot(workspace.root) == before
+        for case in CASES[:2]:
+            path = multi_rater.rater_label_path(folder, "ben", case, ".nii.gz")
+            array = sitk.GetArrayFromImage(sitk.ReadImage(path))
+            _write_like(path, np.where(array == 3, 0, array), path)
+    assert main(["fuse", "-d", "961", "-o", "Dataset963_Fused", "--method", method, "--link"]) == 0
+    assert "3 cases, 3 fused by" in capsys.readouterr().out
+    fused = os.path.join(workspace.raw, "Dataset963_Fused")
+    assert sorted(check_raw_dataset(fused)) == CASES  # a valid raw dataset: labels, values, geometry
+    from nnunetv2_em.checks import load_dataset_json
+
+    rater_set = multi_rater.load_raters(folder, load_dataset_json(os.path.join(folder, "dataset.json")),
+                                        _cases(folder))
+    for case in CASES:
+        ratings = multi_rater.read_ratings(rater_set, case, SimpleITKIO(), ignore_label=3)
+        expected = fusion.fuse(ratings, method=method, num_classes=3)
+        written = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(fused, "labelsTr", f"{case}.nii.gz")))
+        assert np.array_equal(written, np.where(expected < 0, 3, expected))
+    refused = main(["fuse", "-d", "961", "-o", "Dataset963_Again"])
+    assert refused == 2 and "dataset id 963 is taken" in capsys.readouterr().err

@@ -134,7 +134,7 @@ def test_the_plain_install_runs_the_commands_that_need_no_training(plain_install
                             "print(u.find_spec('monai'))"], env=env, capture_output=True, text=True)
     assert str(plain_install) in where.stdout.splitlines()[0], where.stdout + where.stderr  # the wheel, not the tree
     assert "No module named 'monai'" in where.stderr
-    for command in ("plan", "check", "run", "status", "restore", "merge", "rank-unlabeled", "predict-tags",
+    for command in ("plan", "check", "run", "status", "restore", "merge", "fuse", "rank-unlabeled", "predict-tags",
                     "benchmark", "demo"):
         assert "usage:" in run(command, "--help").stdout
     for command in ("export", "import"):
