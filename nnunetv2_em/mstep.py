@@ -35,7 +35,9 @@ def train_fold(dataset: str, configuration: str, fold: int | str, trainer_name: 
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     from nnunetv2_em import storage
+    from nnunetv2_em.sampling import patch_sampling
     from nnunetv2_em.seeding import seed_training
+    from nnunetv2_em.settings import PLANS_KEY, EMSettings
 
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
@@ -52,7 +54,9 @@ def train_fold(dataset: str, configuration: str, fold: int | str, trainer_name: 
     elif init_checkpoint:
         trainer.initialize()
         load_full_weights(trainer, init_checkpoint)
-    trainer.run_training()
+    settings = EMSettings.resolve(trainer.plans_manager.plans.get(PLANS_KEY), source=f"{plans}.json")
+    with patch_sampling(settings.patch_sampling):  # the plans' em.patch_sampling, as EMTrainer honours it
+        trainer.run_training()
     if validate:
         trainer.perform_actual_validation(False)
     storage.write_json(os.path.join(trainer.output_folder, DONE_MARKER),

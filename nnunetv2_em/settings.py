@@ -50,6 +50,10 @@ class EMSettings:
     # `nnunetv2_em run`: "mirror" keeps a change only where the same out-of-fold network, on the mirrored image,
     # confirms it (estep.agree_on_changes; measured in scripts/results/second_opinion.md); "none": no second opinion
     second_opinion: str = "none"
+    # where the trainings centre patches not forced to hold foreground (nnunetv2_em.sampling): "nnunet" (on annotated
+    # voxels once the dataset declares an ignore label, as nnU-Net does) or "uniform" (as vanilla nnU-Net on the
+    # dataset without EM's ignore label)
+    patch_sampling: str = "nnunet"
 
     @property
     def thresholds(self) -> RefinementThresholds:
@@ -131,6 +135,8 @@ class EMSettings:
             problems.append(("weak_mode", "must be map or sample"))
         if self.second_opinion not in ("none", "mirror"):
             problems.append(("second_opinion", "must be none or mirror"))
+        if self.patch_sampling not in ("nnunet", "uniform"):
+            problems.append(("patch_sampling", "must be nnunet or uniform"))
         if self.soft_targets < 0:
             problems.append(("soft_targets", "must be >= 0"))
         if self.weak_samples < 1:

@@ -45,7 +45,8 @@ def _options(**changes):
 
 def test_every_em_setting_is_an_estep_option_or_named_as_something_else():
     """A new ``em`` setting has to be mapped (or declared not the E-step's), so no driver can silently drop it."""
-    not_estep = {"rounds", "epochs_per_round", "mirroring"}  # the M-step's schedule; the prediction's mirroring
+    # the M-step's schedule and patch sampling; the prediction's mirroring
+    not_estep = {"rounds", "epochs_per_round", "mirroring", "patch_sampling"}
     mapped_otherwise = {"change_threshold": "thresholds", "keep_threshold": "thresholds",
                         "noise_model": "per_case_prior_strength / band_width", "boundary_band_width": "band_width",
                         "case_prior_strength": "band_prior_strength"}

@@ -28,6 +28,7 @@ from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.estep.pipeline import EStep, EStepOptions
 from nnunetv2_em.layout import TrainerLayout, exchange_folder, training_labels_folder
 from nnunetv2_em.run_state import TrainerRunState
+from nnunetv2_em.sampling import patch_sampling
 from nnunetv2_em.settings import PLANS_KEY, EMSettings
 from nnunetv2_em.trainers.fold_labels import FoldLabels
 
@@ -127,6 +128,10 @@ class EMTrainer(nnUNetTrainer):
                                      reviewed_cases=self._inputs.reviewed_cases, weak=self._inputs.weak)
             self.preprocessed_dataset_folder = training.folder
         super().initialize()
+
+    def get_dataloaders(self):
+        with patch_sampling(self.em_settings.patch_sampling):
+            return super().get_dataloaders()
 
     def on_train_start(self):
         if not self.was_initialized:
