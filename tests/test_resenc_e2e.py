@@ -1,7 +1,7 @@
-"""nnU-Net's recommended residual-encoder presets with EM: ``-pl EMPlannerResEncM`` through the stock planning
-command plans exactly as ``nnUNetPlannerResEncM`` (plus the ``em`` block and the ignore label), and
-``nnUNetv2_train -tr EMTrainer_tiny -p nnUNetResEncUNetMPlans`` trains the residual-encoder network through its EM
-rounds without nnU-Net's "old default plans" notice; ``nnunetv2_em plan -pl`` gives the same plans."""
+"""nnU-Net's recommended residual-encoder presets with EM: ``nnunetv2_em plan -pl EMPlannerResEncM`` and the stock
+``nnUNetv2_plan_experiment -pl EMPlannerResEncM`` plan exactly as ``nnUNetPlannerResEncM`` (plus the ``em`` block and
+the ignore label), and ``nnUNetv2_train -tr EMTrainer_tiny -p nnUNetResEncUNetMPlans`` trains the residual-encoder
+network through its EM rounds without nnU-Net's "old default plans" notice."""
 
 from __future__ import annotations
 
@@ -30,18 +30,20 @@ def _comparable(plans: dict) -> dict:
 def test_resenc_m_preset_plans_like_nnunet_and_trains_em_through_the_stock_commands(workspace):
     make_raw_dataset(workspace.raw, 931, CASES, name="ResEnc")
     base = os.path.join(workspace.preprocessed, "Dataset931_ResEnc")
-    workspace.run("nnUNetv2_plan_and_preprocess", "-d", "931", "-pl", "EMPlannerResEncM", "-c", "2d", "-np", "1",
-                  "-npfp", "1")
+    workspace.run("nnunetv2_em", "plan", "-d", "931", "-c", "2d", "-pl", "EMPlannerResEncM", "-np", "1")
     with open(os.path.join(base, PLANS + ".json")) as handle:
         em_plans = json.load(handle)
     assert em_plans["experiment_planner_used"] == "EMPlannerResEncM" and "em" in em_plans
     assert em_plans["configurations"]["2d"]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
     with open(os.path.join(base, "dataset.json")) as handle:
         assert json.load(handle)["labels"]["ignore"] == 3
-    workspace.run("nnUNetv2_plan_experiment", "-d", "931", "-pl", "nnUNetPlannerResEncM", "-overwrite_plans_name",
-                  "StockResEncM")
-    with open(os.path.join(base, "StockResEncM.json")) as handle:
-        assert _comparable(em_plans) == _comparable(json.load(handle))
+    # nnU-Net's own planner gives the same plans; the stock command finds ours by name and gives them too
+    for planner, name in (("nnUNetPlannerResEncM", "StockResEncM"), ("EMPlannerResEncM", "ThroughStockCLI")):
+        workspace.run("nnUNetv2_plan_experiment", "-d", "931", "-pl", planner, "-overwrite_plans_name", name)
+        with open(os.path.join(base, name + ".json")) as handle:
+            assert _comparable(json.load(handle)) == _comparable(em_plans), planner
+    with open(os.path.join(base, "ThroughStockCLI.json")) as handle:
+        assert json.load(handle)["em"] == em_plans["em"]
 
     trained = workspace.run("nnUNetv2_train", "931", "2d", "0", "-tr", "EMTrainer_tiny", "-p", PLANS, "-device",
                             TEST_DEVICE)
@@ -54,11 +56,3 @@ def test_resenc_m_preset_plans_like_nnunet_and_trains_em_through_the_stock_comma
     weights = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu",
                          weights_only=False)["network_weights"]
     assert any(".stem." in key for key in weights)  # ResidualEncoderUNet's stem: the plans' architecture was built
-
-    # nnunetv2_em's own planning command with the preset: the same plans
-    make_raw_dataset(workspace.raw, 932, CASES, name="ResEncCli")
-    workspace.run("nnunetv2_em", "plan", "-d", "932", "-c", "2d", "-pl", "EMPlannerResEncM", "-np", "1")
-    with open(os.path.join(workspace.preprocessed, "Dataset932_ResEncCli", PLANS + ".json")) as handle:
-        cli_plans = json.load(handle)
-    assert cli_plans["em"] == em_plans["em"] and _comparable(cli_plans) == _comparable(em_plans) | {
-        "dataset_name": cli_plans["dataset_name"]}
