@@ -67,19 +67,29 @@ def test_the_setting_is_validated():
         EMSettings.resolve({"patch_sampling": "centre"}, source="plans")
 
 
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset
+
+    workspace = NnUNetWorkspace(str(tmp_path_factory.mktemp("sampling")))
+    make_raw_dataset(workspace.raw, 971, demo_cases(6))
+    workspace.run("nnunetv2_em", "plan", "-d", "971", "-c", "2d", "-np", "1")
+    return workspace
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, expected", [("nnunet", "nnUNetDataLoader"), ("uniform", "UniformBoxDataLoader")])
-def test_em_trainer_builds_the_loader_its_plans_ask_for(nnunet_env, monkeypatch, mode, expected):
+def test_em_trainer_builds_the_loader_its_plans_ask_for(planned, monkeypatch, mode, expected):
     import json
     import os
 
     import torch
-    from conftest import demo_cases, make_raw_dataset
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    make_raw_dataset(nnunet_env.raw, 971, demo_cases(6))
-    nnunet_env.run("nnunetv2_em", "plan", "-d", "971", "-c", "2d", "-np", "1")
-    plans_file = os.path.join(nnunet_env.preprocessed, "Dataset971_Hippo", "nnUNetPlans.json")
+    for key, value in planned.env.items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    plans_file = os.path.join(planned.preprocessed, "Dataset971_Hippo", "nnUNetPlans.json")
     with open(plans_file) as handle:
         plans = json.load(handle)
     plans["em"]["patch_sampling"] = mode
