@@ -39,7 +39,7 @@ class TrainerInputs:
 
     settings: EMSettings
     dataset_json: dict  # with the ignore label EM writes (declared or added)
-    verified_cases: list  # checked annotations (em_verified.json): the gate's evidence
+    verified_cases: list  # checked annotations (em_verified_cases.json): the gate's evidence
     reviewed: storage.ReviewedLabels
     reviewed_cases: list  # reviewed labels (`review import`): trained on as they are, never judged, trusted
     weak: dict  # {case: CaseConstraints} from em_weak_labels.json
