@@ -132,3 +132,49 @@ def test_the_model_round_trips_through_its_record():
     fitted = raters.fit_rater_model(*_planted(seed=6, voxels=2_000)[:2], max_iterations=3)
     again = raters.RaterModel.from_dict(fitted.to_dict())
     assert np.array_equal(again.transitions, fitted.transitions) and again.trace == fitted.trace
+
+
+def test_disagreement_counts_voxels_two_raters_saw_differently():
+    ratings = np.array([[0, 1, 1, -1, 2], [0, 2, 1, 1, -1], [-1, 1, -1, -1, -1]])
+    # voxels rated twice or more: 0 (agree), 1 (1/2/1: disagree), 2 (agree) -> 1 of 3
+    assert raters.rater_disagreement(ratings, num_classes=3) == pytest.approx(1 / 3)
+    assert raters.rater_disagreement(ratings[:1], num_classes=3) == 0.0
+
+
+def test_the_front_door_fits_every_rater_and_refines_with_all_of_them():
+    """Cases of a multi-rater dataset through ``EStep``: the decision carries the raters' matrices (and survives
+    its record), each case's posterior combines every rater, and its scores say how much they disagree."""
+    from nnunetv2_em.estep.pipeline import ArrayCaseInputs, EStep, EStepOptions, RoundDecision
+    from nnunetv2_em.settings import EMSettings
+
+    logits, ratings, truth = _planted(seed=7, voxels=8 * 2_000)
+    shape = (10, 10, 20)
+    cases = [f"c{i}" for i in range(8)]
+    part = {case: slice(i * 2_000, (i + 1) * 2_000) for i, case in enumerate(cases)}
+    inputs = ArrayCaseInputs(
+        logits_of=lambda c: logits[:, part[c]].reshape(NUM_CLASSES, *shape),
+        annotation_of=lambda c: np.where(ratings[1, part[c]] >= 0, ratings[1, part[c]], 0).reshape(shape),
+        ratings_of=lambda c: ratings[:, part[c]].reshape(len(PLANTED), *shape))
+    settings = EMSettings.resolve({"min_model_dice": 0.0, "changes_without_verified_cases": True,
+                                   "fit_iterations": 200}, source="test")
+    step = EStep(EStepOptions.from_settings(settings), inputs, num_classes=NUM_CLASSES, ignore_label=NUM_CLASSES,
+                 round_index=1)
+    decision = step.fit(cases)
+    assert decision.raters is not None and decision.raters.transitions.shape == (3, NUM_CLASSES, NUM_CLASSES)
+    assert np.max(np.abs(decision.raters.transitions - PLANTED)) < 0.06  # 16,000 voxels
+    again = RoundDecision.from_dict(decision.to_dict())
+    assert np.array_equal(again.raters.transitions, decision.raters.transitions)
+    correct = {"annotation": 0, "refined": 0}
+    for case in cases:
+        result = step.case(case, decision)
+        expected = raters.rater_posterior(inputs.logits(case), inputs.ratings(case), decision.raters)
+        assert np.allclose(step.case(case, again).labels, result.labels)
+        kept = result.labels != NUM_CLASSES  # the ignore label where in doubt
+        assert np.array_equal(result.labels[kept & (expected.max(axis=0) >= 0.9)],
+                              expected.argmax(axis=0)[kept & (expected.max(axis=0) >= 0.9)])
+        assert 0 < result.scores["rater_disagreement"] < 1 and result.scores["raters"] == 3
+        case_truth = truth[part[case]].reshape(shape)
+        correct["annotation"] += int(np.sum(inputs.annotation(case) == case_truth))
+        correct["refined"] += int(np.sum(result.labels == case_truth))
+    # the over-segmenting rater's labels in labelsTr, refined with the other two: far more voxels right
+    assert correct["refined"] > correct["annotation"] + 0.05 * truth.size, correct

@@ -156,6 +156,9 @@ class RunCaseInputs:
     def second_opinion(self, case: str) -> np.ndarray | None:
         return np.load(self.context.layout.mirrored_logits_file(self.round_index, case)).astype(np.float32)
 
+    def ratings(self, case: str) -> None:
+        return None  # several raters per case: not read by this driver yet (docs/multi_rater.md)
+
 
 def estep_for_round(context: RunContext, round_index: int, inputs: RunCaseInputs, dataset_json: dict) -> EStep:
     """The round's E-step over the run's files (``dataset_json`` as ``managers`` gives it: with the ignore label)."""

@@ -29,7 +29,8 @@ from nnunetv2_em.estep.constraints import (
     weak_case_kind,
 )
 from nnunetv2_em.estep.gate import gate_round
-from nnunetv2_em.estep.model import NoiseModel, RefinementThresholds, annotated_mask
+from nnunetv2_em.estep.model import NoiseModel, RefinementThresholds, annotated_mask, default_transition
+from nnunetv2_em.estep.raters import RaterModel, fit_rater_model, rater_disagreement, rater_posterior
 from nnunetv2_em.estep.refine import proposal_uncertainty, pseudo_label, soft_label_maps
 from nnunetv2_em.estep.round_fit import RoundFit, case_seed, fit_round, voxels_per_class
 from nnunetv2_em.estep.scores import rank_cases, score_pseudo_label, summarize_round
@@ -95,6 +96,10 @@ class CaseInputs(Protocol):
     def second_opinion(self, case: str) -> np.ndarray | None:
         """``(C, *spatial)`` logits of the mirrored image, mirrored back (read only with ``second_opinion``)."""
 
+    def ratings(self, case: str) -> np.ndarray | None:
+        """``(R, *spatial)`` every rater's label of a multi-rater dataset (-1 where a rater did not annotate), or
+        None (one annotation per case)."""
+
 
 @dataclass(frozen=True)
 class ArrayCaseInputs:
@@ -106,6 +111,7 @@ class ArrayCaseInputs:
     constraints_of: Callable[[str], CaseConstraints | None] | None = None
     truth_of: Callable[[str], np.ndarray | None] | None = None
     second_opinion_of: Callable[[str], np.ndarray | None] | None = None
+    ratings_of: Callable[[str], np.ndarray | None] | None = None
 
     def logits(self, case: str) -> np.ndarray:
         return np.asarray(self.logits_of(case), dtype=np.float32)
@@ -125,6 +131,9 @@ class ArrayCaseInputs:
     def second_opinion(self, case: str) -> np.ndarray | None:
         return None if self.second_opinion_of is None else self.second_opinion_of(case)
 
+    def ratings(self, case: str) -> np.ndarray | None:
+        return None if self.ratings_of is None else self.ratings_of(case)
+
 
 @dataclass(frozen=True)
 class RoundDecision:
@@ -136,6 +145,7 @@ class RoundDecision:
     refused: str | None  # why a usable-looking fit was not applied (degenerate), else None
     gate: dict  # gate_round's record; gate["changes_allowed"]: may annotated classes change
     verified: tuple[str, ...]  # the round's verified cases: judged for the gate, never refined
+    raters: RaterModel | None = None  # a multi-rater dataset: every rater's noise model; None: one annotation
 
     @property
     def changes_allowed(self) -> bool:
@@ -146,13 +156,18 @@ class RoundDecision:
         return self.refine and case not in self.verified
 
     def to_dict(self) -> dict:
-        return {"noise_model": self.model.to_dict(), "model_dice": self.model_dice, "refine": self.refine,
-                "refused": self.refused, "gate": self.gate, "verified": list(self.verified)}
+        record = {"noise_model": self.model.to_dict(), "model_dice": self.model_dice, "refine": self.refine,
+                  "refused": self.refused, "gate": self.gate, "verified": list(self.verified)}
+        if self.raters is not None:
+            record["raters"] = self.raters.to_dict()
+        return record
 
     @classmethod
     def from_dict(cls, record: dict) -> RoundDecision:
+        raters = record.get("raters")
         return cls(NoiseModel.from_dict(record["noise_model"]), float(record["model_dice"]), bool(record["refine"]),
-                   record.get("refused"), dict(record["gate"]), tuple(record.get("verified", ())))
+                   record.get("refused"), dict(record["gate"]), tuple(record.get("verified", ())),
+                   None if raters is None else RaterModel.from_dict(raters))
 
     def notes(self) -> list[str]:
         """What a driver tells its user about the decision (one line each)."""
@@ -230,7 +245,36 @@ class EStep:
             case_prior_strength=options.per_case_prior_strength, min_change_precision=options.min_change_precision,
             min_model_dice=options.min_model_dice, seed=options.seed, round_index=self.round_index,
             changes_without_verified_cases=options.changes_without_verified_cases, truth_of=self.inputs.truth)
-        return RoundDecision(fit.model, fit.model_dice, refine, fit.refused, gate, tuple(verified))
+        return RoundDecision(fit.model, fit.model_dice, refine, fit.refused, gate, tuple(verified),
+                             self._fit_raters(cases, fit.model))
+
+    def _fit_raters(self, cases: list[str], model: NoiseModel) -> RaterModel | None:
+        """Every rater's ``T_r`` (``raters.fit_rater_model``) from the voxels anyone rated, at most
+        ``fit_sample_voxels`` in all (an even share per rated case, drawn with the case's seed), starting from the
+        round's temperature; None when no case has ratings."""
+        rated = [(case, ratings) for case in cases if (ratings := self.inputs.ratings(case)) is not None]
+        if not rated:
+            return None
+        per_case = max(1, self.options.fit_sample_voxels // len(rated))
+        logits, sampled, truths = [], [], []
+        for case, ratings in rated:
+            case_logits = self.inputs.logits(case).reshape(self.num_classes, -1)
+            ratings = np.asarray(ratings).reshape(ratings.shape[0], -1)
+            candidates = np.flatnonzero(np.any((ratings >= 0) & (ratings < self.num_classes), axis=0))
+            if candidates.size > per_case:
+                candidates = np.sort(np.random.default_rng(self._seed(case)).choice(candidates, per_case,
+                                                                                  replace=False))
+            truth = self.inputs.truth(case)
+            logits.append(case_logits[:, candidates])
+            sampled.append(ratings[:, candidates])
+            truths.append(np.full(candidates.size, -1) if truth is None else np.asarray(truth).reshape(-1)[candidates])
+        if len({r.shape[0] for r in sampled}) != 1:
+            raise ValueError("every case's ratings must have the same number of raters (-1 where one did not rate)")
+        start = RaterModel(np.stack([default_transition(self.num_classes)] * sampled[0].shape[0]), model.temperature)
+        return fit_rater_model(np.concatenate(logits, axis=1), np.concatenate(sampled, axis=1),
+                               truths=np.concatenate(truths), initial=start,
+                               calibrate_temperature=self.options.calibrate_temperature,
+                               max_iterations=self.options.fit_iterations)
 
     def case(self, case: str, decision: RoundDecision, *, pseudo: bool = False) -> CaseResult:
         """One case's labels under ``decision``: a labelled case is refined (changes where allowed, the ignore
@@ -240,8 +284,12 @@ class EStep:
         annotations = self.inputs.annotation(case)
         weak = self.inputs.constraints(case)
         seed = self._seed(case)
-        proposal = proposal_posterior(logits, annotations, decision.model, weak, pseudo=pseudo,
-                                      case_prior_strength=options.per_case_prior_strength, seed=seed)
+        ratings = None if pseudo or weak is not None or decision.raters is None else self.inputs.ratings(case)
+        if ratings is not None:  # every rater's observation with their own noise model, the network as the prior
+            proposal = (rater_posterior(logits, ratings, decision.raters, truths=self.inputs.truth(case)), None)
+        else:
+            proposal = proposal_posterior(logits, annotations, decision.model, weak, pseudo=pseudo,
+                                          case_prior_strength=options.per_case_prior_strength, seed=seed)
         weak_report = None
         applied = not pseudo and decision.applies_to(case)
         if pseudo:
@@ -263,6 +311,10 @@ class EStep:
                 allow_changes=decision.changes_allowed, case_prior_strength=options.per_case_prior_strength,
                 mode=options.weak_mode, samples=options.weak_samples, agreement=options.weak_agreement, seed=seed,
                 second_opinion=self._second_opinion(case), known_posterior=proposal)
+            if ratings is not None:
+                rated = (ratings >= 0) & (ratings < self.num_classes)
+                scores = {**scores, "raters": int(np.sum(np.any(rated, axis=tuple(range(1, ratings.ndim))))),
+                          "rater_disagreement": rater_disagreement(ratings, num_classes=self.num_classes)}
         soft_maps = None
         if options.soft_targets:
             soft_maps = self._soft_maps(proposal[0], annotations, labels, seed,

@@ -266,3 +266,20 @@ def rater_reliability(model: RaterModel, class_prior) -> dict[str, np.ndarray]:
         called_c = (prior[others][None] * transitions[:, others, c]).sum(axis=1)
         specificity[:, c] = 1.0 - called_c / mass if mass > 0 else np.nan
     return {"sensitivity": sensitivity, "specificity": specificity}
+
+
+def rater_disagreement(ratings, *, num_classes: int) -> float:
+    """Share of the voxels rated by at least two raters on which they do not all agree (0 when no voxel has two
+    ratings): a case's rank for review in a multi-rater dataset.
+
+    Args:
+        ratings: ``(R, *spatial)``, ``0..C-1`` rated, anything else not rated.
+    """
+    ratings = np.asarray(ratings).reshape(np.shape(ratings)[0], -1)
+    rated = (ratings >= 0) & (ratings < num_classes)
+    several = rated.sum(axis=0) >= 2
+    if not several.any():
+        return 0.0
+    highest = np.where(rated, ratings, -1).max(axis=0)
+    lowest = np.where(rated, ratings, num_classes).min(axis=0)
+    return float(np.mean(highest[several] != lowest[several]))

@@ -375,3 +375,6 @@ class _TrainerCaseInputs:
 
     def second_opinion(self, case: str) -> np.ndarray:
         return np.load(self.logits_file(self.logits_cache, case, mirrored=True)).astype(np.float32)
+
+    def ratings(self, case: str) -> None:
+        return None  # several raters per case: not read by this driver yet (docs/multi_rater.md)
