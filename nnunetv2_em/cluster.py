@@ -62,42 +62,59 @@ class JobOptions:
                                f"dask-jobqueue's format (jobqueue: {{{self.kind}: {{...}}}}).")
 
 
-def _site_config(options: JobOptions) -> dict:
-    """The ``jobqueue.<kind>`` block of ``--cluster-config``, or {} (dask-jobqueue then reads its own config)."""
-    if options.config_file is None:
-        return {}
-    import yaml
+# the keys of dask-jobqueue's config (and keyword arguments) a site may set for our jobs
+SITE_KEYS = ("queue", "account", "walltime", "memory", "cores", "job_name", "log_directory", "job_extra_directives",
+             "job_script_prologue", "worker_extra_args", "python", "interface", "local_directory", "death_timeout",
+             "job_directives_skip", "shebang", "job_cpu", "job_mem", "scheduler_options")
 
-    try:
-        with open(options.config_file) as handle:
-            loaded = yaml.safe_load(handle) or {}
-        block = loaded.get("jobqueue", {}).get(options.kind, {}) if isinstance(loaded, dict) else None
-    except (yaml.YAMLError, AttributeError) as error:
-        raise EMInputError(f"--cluster-config {options.config_file}: not a YAML mapping ({error}). Fix: write "
-                           f"jobqueue: {{{options.kind}: {{queue: ..., walltime: ...}}}}.") from None
-    if not isinstance(block, dict):
-        raise EMInputError(f"--cluster-config {options.config_file}: jobqueue.{options.kind} is not a mapping. Fix: "
-                           f"jobqueue: {{{options.kind}: {{queue: ..., walltime: ...}}}}.")
-    return block
+
+def _site_config(options: JobOptions) -> dict:
+    """The site's defaults for ``options.kind``: the ``jobqueue.<kind>`` block of ``--cluster-config``, else of
+    dask's own config (``~/.config/dask/jobqueue.yaml``, ``DASK_*`` variables); keys as keyword arguments, unset
+    ones left out."""
+    if options.config_file is None:
+        import dask
+
+        block = dask.config.get(f"jobqueue.{options.kind}", default={}) or {}
+    else:
+        import yaml
+
+        try:
+            with open(options.config_file) as handle:
+                loaded = yaml.safe_load(handle) or {}
+            block = loaded.get("jobqueue", {}).get(options.kind, {}) if isinstance(loaded, dict) else None
+        except (yaml.YAMLError, AttributeError) as error:
+            raise EMInputError(f"--cluster-config {options.config_file}: not a YAML mapping ({error}). Fix: write "
+                               f"jobqueue: {{{options.kind}: {{queue: ..., walltime: ...}}}}.") from None
+        if not isinstance(block, dict):
+            raise EMInputError(f"--cluster-config {options.config_file}: jobqueue.{options.kind} is not a mapping. "
+                               f"Fix: jobqueue: {{{options.kind}: {{queue: ..., walltime: ...}}}}.")
+    block = {str(key).replace("-", "_"): value for key, value in block.items()}
+    return {key: block[key] for key in SITE_KEYS if block.get(key) is not None}
 
 
 def cluster_arguments(options: JobOptions, *, resource: str, env: dict[str, str] | None = None) -> dict:
-    """Keyword arguments of dask-jobqueue's cluster class: site config, then the options given; one worker process
-    per job offering one unit of ``resource`` (``engine.DEVICE``); the job exports the nnU-Net folders (and knobs)
-    of ``env`` and runs this Python."""
+    """Keyword arguments of dask-jobqueue's cluster class: the site's defaults, then the options given; one worker
+    process per job offering one unit of ``resource`` (``engine.DEVICE``); the job exports the nnU-Net folders (and
+    knobs) of ``env`` and runs this Python."""
     env = os.environ if env is None else env
-    arguments = dict(_site_config(options))
+    arguments = _site_config(options)
     given = {"queue": options.queue, "account": options.account, "walltime": options.walltime,
              "memory": options.memory, "cores": options.cores, "log_directory": options.log_directory}
     arguments.update({key: value for key, value in given.items() if value is not None})
     arguments.setdefault("cores", 1)
-    arguments.setdefault("job_name", JOB_NAME)
     arguments.setdefault("memory", "8GB")
+    arguments.setdefault("job_name", JOB_NAME)
     directives = list(arguments.get("job_extra_directives") or [])
     if options.gpus:
         directives.append(f"--gres=gpu:{options.gpus}")
     directives += list(options.extra_directives)
-    worker_arguments = [a for a in (arguments.get("worker_extra_args") or []) if a != "--resources"]
+    worker_arguments, skip = [], False
+    for argument in arguments.get("worker_extra_args") or []:  # a site's own --resources gives way to ours
+        if skip or argument == "--resources":
+            skip = not skip
+            continue
+        worker_arguments.append(argument)
     prologue = list(arguments.get("job_script_prologue") or [])
     prologue += [f"export {key}={_shell_quote(env[key])}" for key in FORWARDED_ENV if env.get(key)]
     arguments.update(processes=1, job_extra_directives=directives, job_script_prologue=prologue,

@@ -39,14 +39,14 @@ def test_the_site_config_gives_defaults_and_the_command_line_wins(tmp_path):
     config = tmp_path / "jobqueue.yaml"
     config.write_text("jobqueue:\n  slurm:\n    queue: short\n    walltime: '00:30:00'\n    memory: 4GB\n"
                       "    job_extra_directives: ['--qos=low']\n    job_script_prologue: ['module load cuda']\n"
-                      "    worker_extra_args: ['--lifetime', '25m']\n")
+                      "    worker-extra-args: ['--lifetime', '25m', '--resources', 'GPU=2']\n    cores: null\n")
     arguments = cluster.cluster_arguments(cluster.JobOptions(walltime="01:00:00", config_file=str(config)),
                                           resource=engine.DEVICE, env=ENV)
     assert arguments["queue"] == "short" and arguments["memory"] == "4GB" and arguments["walltime"] == "01:00:00"
     assert arguments["job_extra_directives"] == ["--qos=low"]
     assert arguments["job_script_prologue"][0] == "module load cuda"
     assert arguments["worker_extra_args"] == ["--lifetime", "25m", "--resources", "device=1"]
-    assert arguments["processes"] == 1
+    assert arguments["processes"] == 1 and arguments["cores"] == 1  # unset in the file: our default
     script = _job_script(cluster.JobOptions(walltime="01:00:00", config_file=str(config)))
     assert "#SBATCH -p short" in script and "#SBATCH -t 01:00:00" in script and "--lifetime 25m" in script
 
@@ -117,3 +117,13 @@ def test_the_watchdog_submits_an_ended_job_again_and_leaves_queued_ones_alone():
     assert watchdog.check() == ["job-0"]
     assert sorted(fake.worker_spec) == ["job-1", "job-2"] and fake.scaled == [2]
     assert watchdog.check() == [] and watchdog.resubmitted == ["job-0"]  # job-2 is queued, not dead
+
+
+def test_without_a_file_dask_jobqueues_own_config_is_the_site_config():
+    import dask
+
+    with dask.config.set({"jobqueue.slurm.queue": "from-dask", "jobqueue.slurm.job-extra-directives": ["--qos=x"],
+                          "jobqueue.slurm.memory": "32GB"}):
+        arguments = cluster.cluster_arguments(cluster.JobOptions(memory="16GB"), resource=engine.DEVICE, env=ENV)
+    assert arguments["queue"] == "from-dask" and arguments["memory"] == "16GB"
+    assert arguments["job_extra_directives"] == ["--qos=x"]
