@@ -1,7 +1,7 @@
-"""A three-rater dataset through ``nnunetv2_em run`` (2 folds x 1 round, tiny trainer) and ``-tr EMTrainer_tiny``
-on real Hippocampus cases: one rater draws the clean labels, one dilates every structure by a voxel, one erodes
-them; ``labelsTr`` holds the dilating rater's labels. Each round fits one noise model per rater and tells them
-apart; the run's labels are closer to the clean ones than the dilating rater's."""
+"""A three-rater dataset through ``nnunetv2_em run`` (2 folds x 1 round, tiny trainer) on real Hippocampus cases:
+one rater draws the clean labels, one dilates every structure by a voxel, one erodes them; ``labelsTr`` holds the
+dilating rater's labels. The round fits one noise model per rater, tells them apart, and its labels are closer to
+the clean ones than the dilating rater's."""
 
 from __future__ import annotations
 
@@ -94,14 +94,3 @@ def test_run_fits_a_noise_model_per_rater_and_moves_the_labels_toward_the_clean_
     after = np.mean([_dice(np.where(refined[case] == 3, _dilated(clean[case]), refined[case]), clean[case])
                      for case in CASES])  # ignored voxels scored as the annotation they replaced
     assert after > before + 0.02, (before, after)
-
-    # EMTrainer on the same raters (the original labels back first: EMTrainer refuses a run's output)
-    workspace.run("nnunetv2_em", "restore", "-d", str(DATASET_ID), "--round", "0")
-    workspace.run("nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "EMTrainer_tiny", "-device", TEST_DEVICE)
-    fold = os.path.join(workspace.results, DATASET, "EMTrainer_tiny__nnUNetPlans__2d", "fold_0", "em")
-    with open(os.path.join(fold, "round_01", "summary.json")) as handle:
-        fold_transitions = np.asarray(json.load(handle)["raters"]["transitions"])
-    assert fold_transitions.shape == (3, 3, 3)
-    assert fold_transitions[1, 0, 1:].sum() > fold_transitions[0, 0, 1:].sum()  # over-segmenting vs good
-    with open(os.path.join(fold, "round_01", "cases.json")) as handle:
-        assert all(row["raters"] == 3 for row in json.load(handle))
