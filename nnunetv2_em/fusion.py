@@ -110,13 +110,7 @@ def fuse_dataset(source: str, output: str, *, method: str, link: bool = False) -
     counts, unrated = {}, False
     try:
         for case, entry in sorted(cases.items()):
-            for channel, image in enumerate(entry["images"]):
-                destination = os.path.join(staging, "imagesTr", f"{case}_{channel:04d}{ending}")
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
-                if link:
-                    os.symlink(os.path.abspath(image), destination)
-                else:
-                    storage.copy_file(image, destination)
+            storage.place_case_images(entry["images"], staging, case, ending, link=link)
             label = os.path.join(staging, "labelsTr", case + ending)
             os.makedirs(os.path.dirname(label), exist_ok=True)
             counts[case] = len(rater_set.raters_of(case))

@@ -145,13 +145,7 @@ def _write_merged(staging: str, plan: dict, jsons: dict, names: list[str], table
     foreground = {name: value for name, value in table.items() if value > 0}
     reader_writer = SimpleITKIO()
     for case, item in sorted(plan.items()):
-        for channel, image in enumerate(item["entry"]["images"]):
-            destination = os.path.join(staging, "imagesTr", f"{case}_{channel:04d}{ending}")
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
-            if link:
-                os.symlink(os.path.abspath(image), destination)
-            else:
-                storage.copy_file(image, destination)
+        storage.place_case_images(item["entry"]["images"], staging, case, ending, link=link)
         os.makedirs(os.path.join(staging, "labelsTr"), exist_ok=True)
         seg, properties = reader_writer.read_seg(item["entry"]["label"])
         values = np.unique(seg).astype(np.int64)

@@ -208,3 +208,15 @@ def verified_copy(source: str, destination: str) -> str:
     if digest != sha256(source):
         raise OSError(f"copy of {source} does not match the original; nothing was replaced")
     return digest
+
+
+def place_case_images(images: list[str], folder: str, case: str, file_ending: str, *, link: bool) -> None:
+    """A case's image files into ``folder/imagesTr`` under nnU-Net's names (``<case>_<channel:04d><ending>``):
+    symlinked when ``link``, else copied atomically."""
+    for channel, image in enumerate(images):
+        destination = os.path.join(folder, "imagesTr", f"{case}_{channel:04d}{file_ending}")
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        if link:
+            os.symlink(os.path.abspath(image), destination)
+        else:
+            copy_file(image, destination)
