@@ -30,14 +30,19 @@ CLUSTER = ["--cluster", "slurm", "--jobs", "1", "--job-cores", "2", "--job-memor
 
 @pytest.fixture(scope="module")
 def slurm() -> str:
-    """The job-completion log of a running one-node SLURM."""
+    """The job-completion log of a running one-node SLURM; skipped where this host cannot have one."""
     if os.geteuid() != 0:
         pytest.skip("starting the SLURM daemons needs root")
-    started = subprocess.run(["bash", str(REPOSITORY / ".ci" / "slurm_single_host.sh")], capture_output=True,
-                             text=True, timeout=900)
+    try:  # bounded: an unreachable package mirror or a node that never comes up must not eat CI's 90 minutes
+        started = subprocess.run(["bash", str(REPOSITORY / ".ci" / "slurm_single_host.sh")], capture_output=True,
+                                 text=True, timeout=420)
+    except subprocess.TimeoutExpired:
+        pytest.skip("setting up a one-node SLURM took more than 7 minutes on this host")
     if started.returncode == 3:
-        pytest.skip(f"no SLURM and no apt-get on this machine: {started.stderr.strip()}")
+        pytest.skip(f"no SLURM on this host: {started.stderr.strip()}")
     assert started.returncode == 0, started.stdout + started.stderr
+    # worker jobs of an earlier, interrupted test run would hold the node's cores
+    subprocess.run(["scancel", "--name", "nnunetv2_em-worker"], check=False)
     return "/var/lib/nnunetv2_em_slurm/jobcomp.log"
 
 
@@ -81,14 +86,14 @@ def test_run_on_slurm_survives_a_cancelled_job_and_gives_the_local_runs_labels(s
                                stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
     try:
         cancelled = None
-        deadline = time.time() + 600
+        deadline = time.time() + 300
         while cancelled is None and time.time() < deadline and process.poll() is None:
             jobs = _running_jobs()
             if jobs and training_log.is_file() and "Epoch" in training_log.read_text(errors="replace"):
                 cancelled = jobs[0]
                 subprocess.run(["scancel", cancelled], check=True)
             time.sleep(1)
-        output, _ = process.communicate(timeout=1200)
+        output, _ = process.communicate(timeout=600)
     finally:
         if process.poll() is None:
             process.kill()
