@@ -40,6 +40,9 @@ class EMSettings:
     noise_model: str = "per_case"  # won the real-data table (scripts/results/noise_models.md)
     case_prior_strength: float = 100.0  # Dirichlet prior strength (voxels) toward the dataset's T (and band Ts)
     boundary_band_width: float = 2.0  # boundary models: voxels from the annotated boundary that count as "near"
+    # several raters per case (em_raters.json): "boundary" (each rater one T per band of distance to their own
+    # boundary, shrunk toward their global T by case_prior_strength) or "global" (one T per rater)
+    rater_noise_model: str = "boundary"
     # weak and partial labels (em_weak_labels.json): "map" (constrained argmax) or "sample" (agreement of samples)
     weak_mode: str = "map"
     weak_samples: int = 16  # sample mode: label maps drawn per case
@@ -69,6 +72,11 @@ class EMSettings:
     def band_width(self) -> float | None:
         """The E-step's boundary band width (``EStepOptions.band_width``): None without boundary bands."""
         return self.boundary_band_width if self.noise_model.startswith("boundary") else None
+
+    @property
+    def rater_band_width(self) -> float | None:
+        """The raters' boundary band width (``EStepOptions.rater_band_width``): None for one global T per rater."""
+        return self.boundary_band_width if self.rater_noise_model == "boundary" else None
 
     @property
     def total_epochs(self) -> int:
@@ -131,6 +139,8 @@ class EMSettings:
             problems.append(("case_prior_strength", "must be >= 0"))
         if not self.boundary_band_width > 0:
             problems.append(("boundary_band_width", "must be > 0"))
+        if self.rater_noise_model not in ("boundary", "global"):
+            problems.append(("rater_noise_model", "must be boundary or global"))
         if self.weak_mode not in ("map", "sample"):
             problems.append(("weak_mode", "must be map or sample"))
         if self.second_opinion not in ("none", "mirror"):

@@ -49,6 +49,7 @@ def test_every_em_setting_is_an_estep_option_or_named_as_something_else():
     not_estep = {"rounds", "epochs_per_round", "mirroring", "patch_sampling"}
     mapped_otherwise = {"change_threshold": "thresholds", "keep_threshold": "thresholds",
                         "noise_model": "per_case_prior_strength / band_width", "boundary_band_width": "band_width",
+                        "rater_noise_model": "rater_band_width",
                         "case_prior_strength": "band_prior_strength"}
     options = {field.name for field in dataclasses.fields(EStepOptions)}
     for field in dataclasses.fields(EMSettings):
@@ -56,7 +57,9 @@ def test_every_em_setting_is_an_estep_option_or_named_as_something_else():
     settings = EMSettings.resolve({"noise_model": "boundary_per_case", "second_opinion": "mirror",
                                    "soft_targets": 3, "weak_mode": "sample", "seed": 7}, source="test")
     options = EStepOptions.from_settings(settings)
-    assert options.band_width == settings.boundary_band_width
+    assert options.band_width == settings.boundary_band_width == options.rater_band_width
+    one_matrix_per_rater = EMSettings.resolve({"rater_noise_model": "global"}, source="test")
+    assert EStepOptions.from_settings(one_matrix_per_rater).rater_band_width is None
     assert options.per_case_prior_strength == settings.case_prior_strength
     assert options.second_opinion and options.soft_targets == 3 and options.weak_mode == "sample"
     assert options.seed == 7 and options.thresholds == settings.thresholds

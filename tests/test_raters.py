@@ -4,6 +4,8 @@ arrays with known truth (the numerics' unit tests; the evidence on real images i
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,67 @@ def test_the_posterior_beats_majority_vote_and_each_rater():
                      for r in range(len(PLANTED))})
     # majority vote is already right on 97.5 % here; EM removes about a third of its errors
     assert accuracy["em"] > max(v for k, v in accuracy.items() if k != "em") + 0.005, accuracy
+
+
+def _real_raters(count: int = 3):
+    """Real Hippocampus labels (the demo subset) cropped to their structures with a 3-voxel margin, and three raters:
+    the label itself, a dilating rater (every background voxel touching a structure takes its class) and an eroding
+    rater (every structure voxel touching the background becomes background); ``(truths, ratings)``."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from nnunetv2_em.demo import DEMO_DATA
+
+    cross = ndimage.generate_binary_structure(3, 1)
+    folder = os.path.join(DEMO_DATA, "labelsTr")
+    truths, ratings = [], []
+    for name in sorted(os.listdir(folder))[:count]:
+        label = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, name))).astype(np.int64)
+        box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in ndimage.find_objects((label > 0).astype(int))[0])
+        label = label[box]
+        dilated = np.where(label == 0, ndimage.grey_dilation(label, footprint=cross), label)
+        eroded = np.where((label > 0) & ndimage.binary_dilation(label == 0, cross), 0, label)
+        truths.append(label)
+        ratings.append(np.stack([label, dilated, eroded]))
+    return truths, ratings
+
+
+def _mean_dice(labels, truth) -> float:
+    return float(np.mean([2 * np.sum((labels == c) & (truth == c)) / max(np.sum(labels == c) + np.sum(truth == c), 1)
+                          for c in range(1, NUM_CLASSES)]))
+
+
+def _map_dice(model, logits, ratings, truths) -> float:
+    """Mean over cases of the posterior MAP's Dice against the truth."""
+    return float(np.mean([_mean_dice(raters.rater_posterior(x, r, model).argmax(axis=0), t)
+                          for x, r, t in zip(logits, ratings, truths, strict=True)]))
+
+
+def test_an_uninformative_network_keeps_the_raters_consensus_on_real_labels():
+    """The trial that kept raters out of ``run`` (docs/multi_rater.md), at the numerics level: an untrained network
+    (flat logits) and a good, a dilating and an eroding rater on real labels. With the prior's class bias fitted
+    (Dawid-Skene's class marginal) the posterior's MAP is the consensus, which is the truth here; without it the flat
+    prior calls structure as likely as background and the MAP follows the dilating rater."""
+    truths, ratings = _real_raters(count=2)
+    flat = [np.zeros((NUM_CLASSES, *truth.shape)) for truth in truths]
+    logits = np.concatenate([x.reshape(NUM_CLASSES, -1) for x in flat], axis=1)
+    stacked = np.concatenate([r.reshape(3, -1) for r in ratings], axis=1)
+    dice = {}
+    for fit_class_bias in (True, False):
+        # flat logits have no temperature to calibrate
+        fitted = raters.fit_rater_model(logits, stacked, fit_class_bias=fit_class_bias, calibrate_temperature=False,
+                                        max_iterations=30)
+        assert np.all(np.diff(fitted.trace) >= -1e-12)
+        dice[fit_class_bias] = _map_dice(fitted, flat, ratings, truths)
+        if fit_class_bias:
+            bands = np.concatenate([raters.rater_bands(r, num_classes=NUM_CLASSES, width=2.0).reshape(3, -1)
+                                    for r in ratings], axis=1)
+            banded = raters.fit_rater_bands(logits, stacked, bands, fitted, strength=100.0, width=2.0)
+            assert np.all(np.diff(banded.trace) >= -1e-12) and banded.log_likelihood >= fitted.log_likelihood - 1e-9
+            assert _map_dice(banded, flat, ratings, truths) > 0.99
+    dilated_dice = np.mean([_mean_dice(r[1], t) for r, t in zip(ratings, truths, strict=True)])
+    assert dice[True] > 0.99, dice
+    assert dice[False] < dilated_dice + 0.02, (dice, dilated_dice)
 
 
 def test_one_rater_gives_the_single_rater_posterior_and_unrated_voxels_the_prior():

@@ -30,7 +30,14 @@ from nnunetv2_em.estep.constraints import (
 )
 from nnunetv2_em.estep.gate import gate_round
 from nnunetv2_em.estep.model import NoiseModel, RefinementThresholds, annotated_mask, default_transition
-from nnunetv2_em.estep.raters import RaterModel, fit_rater_model, rater_disagreement, rater_posterior
+from nnunetv2_em.estep.raters import (
+    RaterModel,
+    fit_rater_bands,
+    fit_rater_model,
+    rater_bands,
+    rater_disagreement,
+    rater_posterior,
+)
 from nnunetv2_em.estep.refine import proposal_uncertainty, pseudo_label, soft_label_maps
 from nnunetv2_em.estep.round_fit import RoundFit, case_seed, fit_round, voxels_per_class
 from nnunetv2_em.estep.scores import rank_cases, score_pseudo_label, summarize_round
@@ -48,6 +55,7 @@ class EStepOptions:
     max_ignored_share: float = 0.25
     band_width: float | None = None  # boundary-aware models: the band width, else None
     band_prior_strength: float = 100.0
+    rater_band_width: float | None = 2.0  # several raters: each rater's T per boundary band, else one T per rater
     per_case_prior_strength: float | None = None  # per-case models: prior strength toward the round's T, else None
     min_change_precision: float = 0.8
     changes_without_verified_cases: bool = False
@@ -66,6 +74,7 @@ class EStepOptions:
                    fit_iterations=settings.fit_iterations, fit_sample_voxels=settings.fit_sample_voxels,
                    min_model_dice=settings.min_model_dice, max_ignored_share=settings.max_ignored_share,
                    band_width=settings.band_width, band_prior_strength=settings.case_prior_strength,
+                   rater_band_width=settings.rater_band_width,
                    per_case_prior_strength=settings.per_case_prior_strength,
                    min_change_precision=settings.min_change_precision,
                    changes_without_verified_cases=settings.changes_without_verified_cases,
@@ -249,16 +258,21 @@ class EStep:
                              self._fit_raters(cases, fit.model))
 
     def _fit_raters(self, cases: list[str], model: NoiseModel) -> RaterModel | None:
-        """Every rater's ``T_r`` (``raters.fit_rater_model``) from the voxels anyone rated, at most
+        """Every rater's ``T_r`` and the prior's class bias (``raters.fit_rater_model``), then per boundary band
+        (``raters.fit_rater_bands``) unless ``rater_band_width`` is None, from the voxels anyone rated, at most
         ``fit_sample_voxels`` in all (an even share per rated case, drawn with the case's seed), starting from the
         round's temperature; None when no case has ratings."""
         rated = [(case, ratings) for case in cases if (ratings := self.inputs.ratings(case)) is not None]
         if not rated:
             return None
+        if len({np.shape(ratings)[0] for _, ratings in rated}) != 1:
+            raise ValueError("every case's ratings must have the same number of raters (-1 where one did not rate)")
+        width = self.options.rater_band_width
         per_case = max(1, self.options.fit_sample_voxels // len(rated))
-        logits, sampled, truths = [], [], []
+        logits, sampled, bands, truths = [], [], [], []
         for case, ratings in rated:
             case_logits = self.inputs.logits(case).reshape(self.num_classes, -1)
+            case_bands = None if width is None else rater_bands(ratings, num_classes=self.num_classes, width=width)
             ratings = np.asarray(ratings).reshape(ratings.shape[0], -1)
             candidates = np.flatnonzero(np.any((ratings >= 0) & (ratings < self.num_classes), axis=0))
             if candidates.size > per_case:
@@ -267,14 +281,19 @@ class EStep:
             truth = self.inputs.truth(case)
             logits.append(case_logits[:, candidates])
             sampled.append(ratings[:, candidates])
+            if case_bands is not None:
+                bands.append(case_bands.reshape(ratings.shape[0], -1)[:, candidates])
             truths.append(np.full(candidates.size, -1) if truth is None else np.asarray(truth).reshape(-1)[candidates])
-        if len({r.shape[0] for r in sampled}) != 1:
-            raise ValueError("every case's ratings must have the same number of raters (-1 where one did not rate)")
-        start = RaterModel(np.stack([default_transition(self.num_classes)] * sampled[0].shape[0]), model.temperature)
-        return fit_rater_model(np.concatenate(logits, axis=1), np.concatenate(sampled, axis=1),
-                               truths=np.concatenate(truths), initial=start,
-                               calibrate_temperature=self.options.calibrate_temperature,
-                               max_iterations=self.options.fit_iterations)
+        logits, sampled, truths = (np.concatenate(logits, axis=1), np.concatenate(sampled, axis=1),
+                                   np.concatenate(truths))
+        start = RaterModel(np.stack([default_transition(self.num_classes)] * sampled.shape[0]), model.temperature)
+        fitted = fit_rater_model(logits, sampled, truths=truths, initial=start,
+                                 calibrate_temperature=self.options.calibrate_temperature,
+                                 max_iterations=self.options.fit_iterations)
+        if width is None:
+            return fitted
+        return fit_rater_bands(logits, sampled, np.concatenate(bands, axis=1), fitted,
+                               strength=self.options.band_prior_strength, width=width, truths=truths)
 
     def case(self, case: str, decision: RoundDecision, *, pseudo: bool = False) -> CaseResult:
         """One case's labels under ``decision``: a labelled case is refined (changes where allowed, the ignore
