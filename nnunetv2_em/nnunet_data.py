@@ -7,12 +7,13 @@ foreground sampler), so refined labels stay consistent with what ``nnUNetv2_prep
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
-from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
-from nnunetv2.utilities.label_handling.label_handling import LabelManager
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+if TYPE_CHECKING:  # nnU-Net's modules import torch (seconds): imported where used, so storage and the CLI start fast
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 SEG_DTYPE = np.int16  # what DefaultPreprocessor.run_case_save stores
 
@@ -23,6 +24,8 @@ def class_locations(seg: np.ndarray, label_manager: LabelManager) -> dict:
     Args:
         seg: ``(1, *spatial)`` preprocessed segmentation.
     """
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
     collect = list(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
     if label_manager.has_ignore_label:
         collect.append([-1] + label_manager.all_labels)
@@ -31,6 +34,8 @@ def class_locations(seg: np.ndarray, label_manager: LabelManager) -> dict:
 
 def blosc2_seg_layout(seg_shape, patch_size) -> tuple:
     """(blocks, chunks) nnU-Net uses for a segmentation of this shape and patch size."""
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+
     return comp_blosc2_params(seg_shape, tuple(patch_size), np.dtype(SEG_DTYPE).itemsize)
 
 
@@ -59,6 +64,8 @@ def preprocessed_to_raw_geometry(seg: np.ndarray, properties: dict, plans_manage
     Returns:
         ``(*raw_spatial)`` uint8 or uint16 array in the raw file's axis order.
     """
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
     seg = np.asarray(seg)
     if seg.ndim == len(properties["shape_before_cropping"]):
         seg = seg[None]
@@ -85,6 +92,8 @@ def preprocessed_map_to_raw_geometry(values: np.ndarray, properties: dict, plans
     Returns:
         ``(*raw_spatial)`` float32 in the raw file's axis order.
     """
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
     values = np.asarray(values, dtype=np.float32)[None]
     target_shape, current_spacing, spacing_transposed = _reverting_resampling(properties, plans_manager,
                                                                               configuration_manager)
