@@ -161,7 +161,8 @@ def _review_export(args):
 
     record = export_review(args.dataset, args.out, run=args.run, round_index=args.round, top=args.top,
                            budget=args.budget, cases=args.cases, audit=args.audit, seed=args.seed,
-                           trainer=args.trainer, fold=args.fold, configuration=args.configuration, plans=args.plans)
+                           trainer=args.trainer, fold=args.fold, configuration=args.configuration, plans=args.plans,
+                           rank_by=args.rank_by)
     where = record["run"] if record["source"] == "run" else f"{record['run']} fold {record['fold']}"
     print(f"exported {len(record['cases'])} case(s) of round {record['round']} of {where} to {args.out}: "
           f"open <case>/<case>.itksnap (ITK-SNAP) or <case>/load_in_slicer.py (3D Slicer), save reviewed"
@@ -337,6 +338,9 @@ def _add_review(commands) -> None:
                         help="also N cases drawn at random: the only reviewed cases the precision gate of later "
                              "rounds estimates from (ranked cases are no sample of the dataset). Default: 0")
     export.add_argument("--seed", type=int, default=0, help="seed of the audit draw (with the round number)")
+    export.add_argument("--rank-by", default="review_score",
+                        help="what --top and --budget take the highest of: the E-step's review score, or (a dataset "
+                             "with em_raters.json) how much the case's raters disagree. Default: review_score")
     export.set_defaults(handler=_review_export)
     imported = review_commands.add_parser("import", help="check the returned labels, keep them as reviewed labels "
                                           "and activate a label version with them")

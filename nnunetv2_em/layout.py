@@ -180,6 +180,14 @@ def exchange_folder(preprocessed_dataset: str, output_name: str) -> str:
     return os.path.join(_training_labels_root(preprocessed_dataset, output_name), "exchange")
 
 
+RATERS_FOLDER = "em_raters"
+
+
 def unlabeled_folder(preprocessed_dataset: str, data_identifier: str) -> str:
     """Preprocessed unlabeled cases (``<case>.b2nd``, ``<case>_mask.b2nd``, ``<case>.pkl``) of one configuration."""
     return os.path.join(preprocessed_dataset, UNLABELED_FOLDER, data_identifier)
+
+
+def rater_segmentation_path(preprocessed_dataset: str, data_identifier: str, rater: str, case: str) -> str:
+    """A rater's label of a case preprocessed for one configuration (``nnunetv2_em run`` on a multi-rater dataset)."""
+    return os.path.join(preprocessed_dataset, RATERS_FOLDER, data_identifier, rater, f"{case}_seg.b2nd")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunetv2_em import checks, label_conventions, storage
+from nnunetv2_em import checks, label_conventions, multi_rater, storage
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.layout import RUN_PREFIX, RunLayout, TrainerLayout, trainer_output_name
 
@@ -151,6 +151,21 @@ def select_cases(ranked: list[dict], eligible: set[str], *, top: int | None, bud
     return chosen
 
 
+RANK_KEYS = ("review_score", "rater_disagreement")
+
+
+def ranked_by(rows: list[dict], key: str, *, source: str) -> list[dict]:
+    """The round's case rows ordered by ``key`` (highest first, ties by case id): ``review_score`` (the E-step's
+    expected errors) or ``rater_disagreement`` (the share of the voxels several raters annotated on which they
+    differ; multi-rater datasets)."""
+    if key not in RANK_KEYS:
+        raise EMInputError(f"--rank-by {key}: unknown. Fix: one of {', '.join(RANK_KEYS)}.")
+    if key == "rater_disagreement" and not any(key in row for row in rows):
+        raise EMInputError(f"{source}: the round has no rater disagreement (the dataset has no em_raters.json, or "
+                           f"the round was made without it). Fix: --rank-by review_score.")
+    return sorted(rows, key=lambda row: (-float(row.get(key) or 0.0), row["case"]))
+
+
 def _why(row: dict) -> str:
     parts = [f"{int(row.get('voxels_changed', 0))} voxels changed", f"{int(row.get('voxels_ignored', 0))} ignored"]
     added, removed = int(row.get("components_added", 0)), int(row.get("components_removed", 0))
@@ -214,12 +229,18 @@ slicer.util.loadSegmentation(os.path.join(here, "PROPOSAL"), {"name": "proposal"
 '''
 
 
-def slicer_loader(images: list[str], proposal: str, original: str, uncertainty: str, reviewed: str) -> str:
-    """A loader script for 3D Slicer over files next to it (paths relative to the script's folder)."""
+def slicer_loader(images: list[str], proposal: str, original: str, uncertainty: str, reviewed: str, *,
+                  extra_labels: dict[str, str] | None = None) -> str:
+    """A loader script for 3D Slicer over files next to it (paths relative to the script's folder);
+    ``extra_labels`` ``{name: file}`` are loaded as label volumes, hidden (each rater's label, their disagreement)."""
     image_lines = "\n".join(f'slicer.util.loadVolume(os.path.join(here, "{name}"), {{"name": "image_{index:04d}"}})'
                             for index, name in enumerate(images))
-    return (SLICER_LOADER.replace("IMAGES", image_lines).replace("UNCERTAINTY", uncertainty)
-            .replace("ORIGINAL", original).replace("PROPOSAL", proposal).replace("REVIEWED_NAME", reviewed))
+    script = (SLICER_LOADER.replace("IMAGES", image_lines).replace("UNCERTAINTY", uncertainty)
+              .replace("ORIGINAL", original).replace("PROPOSAL", proposal).replace("REVIEWED_NAME", reviewed))
+    for name, file in (extra_labels or {}).items():
+        script += (f'slicer.util.loadLabelVolume(os.path.join(here, "{file}"), {{"name": "{name}", "show": False, '
+                   f'"colorNodeID": colours.GetID()}})\n')
+    return script
 
 
 def itksnap_label_descriptions(table: dict[int, str], ignore_label: int | None) -> str:
@@ -335,10 +356,12 @@ def trainer_round_source(raw: str, preprocessed: str, results: str, *, trainer: 
 def export_review(dataset: str, out: str, *, run: str | None = None, round_index: int | None = None,
                   top: int | None = None, budget: float | None = None, cases: list[str] | None = None,
                   audit: int = 0, seed: int = 0, trainer: str | None = None, fold: int = 0,
-                  configuration: str | None = None, plans: str = "nnUNetPlans") -> dict:
+                  configuration: str | None = None, plans: str = "nnUNetPlans",
+                  rank_by: str = "review_score") -> dict:
     """Write a review folder for the top cases of a round (see the module docstring): of a run of
-    ``nnunetv2_em run`` (default), or of an EMTrainer fold (``trainer``, ``fold``, ``configuration``). The folder is
-    built beside ``out`` and renamed into place when complete; ``out`` must not exist yet."""
+    ``nnunetv2_em run`` (default), or of an EMTrainer fold (``trainer``, ``fold``, ``configuration``), the top
+    ranked by ``rank_by`` (``RANK_KEYS``). The folder is built beside ``out`` and renamed into place when complete;
+    ``out`` must not exist yet."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -362,7 +385,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
         raise EMInputError(f"{ranked_path}: missing (the run's results folder). Fix: set nnUNet_results to the "
                            f"folder the run wrote to.")
     with open(ranked_path) as handle:
-        ranked = json.load(handle)
+        ranked = ranked_by(json.load(handle), rank_by, source=ranked_path)
     eligible = set(source.eligible)
     ending = checks.load_dataset_json(os.path.join(raw, "dataset.json"))["file_ending"]
     reviewed_store = storage.ReviewedLabels(raw, preprocessed, ending)
@@ -378,6 +401,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
     ignore_label = int(dataset_json["labels"]["ignore"])
     images = get_filenames_of_train_images_and_targets(raw, dataset_json)
     reader_writer = _reader_writer(dataset_json, images[chosen[0]]["images"][0])
+    raters = multi_rater.load_raters(raw, checks.load_dataset_json(os.path.join(raw, "dataset.json")), images)
     plans_manager = PlansManager(os.path.join(preprocessed, source.plans + ".json"))
     configuration_manager = plans_manager.get_configuration(source.configuration)
     rows_by_case = {row["case"]: row for row in ranked}
@@ -393,7 +417,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
                                           source=source, images=images[case]["images"], ending=ending,
                                           reader_writer=reader_writer, ignore_label=ignore_label, table=table,
                                           plans_manager=plans_manager,
-                                          configuration_manager=configuration_manager)
+                                          configuration_manager=configuration_manager, raters=raters)
         storage.write_text(os.path.join(staging, "labels_itksnap.txt"),
                            itksnap_label_descriptions(table, ignore_label))
         storage.write_text(os.path.join(staging, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
@@ -418,9 +442,10 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
 
 def _export_case(staging: str, case: str, rank: int, selection: str, row: dict, *, out: str, source: RoundSource,
                  images: list[str], ending: str, reader_writer, ignore_label: int, table: dict, plans_manager,
-                 configuration_manager) -> dict:
-    """One case's review folder in ``staging`` (images, proposal, original, changes, uncertainty, the ITK-SNAP
-    workspace and 3D Slicer loader, the label tables); returns its entry of ``export.json``."""
+                 configuration_manager, raters=None) -> dict:
+    """One case's review folder in ``staging`` (images, proposal, original, changes, uncertainty, each rater's label
+    and where they disagree in a multi-rater dataset, the ITK-SNAP workspace and 3D Slicer loader, the label
+    tables); returns its entry of ``export.json``."""
     from nnunetv2_em import nnunet_data
 
     folder = os.path.join(staging, case)
@@ -449,22 +474,49 @@ def _export_case(staging: str, case: str, rank: int, selection: str, row: dict, 
         if _write_float_like(os.path.join(folder, proposal), raw_values,
                              os.path.join(folder, "uncertainty.nii.gz")):
             uncertainty = "uncertainty.nii.gz"
+    rater_layers = _rater_layers(folder, case, raters, reader_writer, ending=ending, ignore_label=ignore_label,
+                                 properties=properties)
     layers = [(image_names[0], "MainRole", "image"), (proposal, "SegmentationRole", "proposal"),
               (original, "SegmentationRole", "original")]
     layers += [(name, "OverlayRole", f"image_{i:04d}") for i, name in enumerate(image_names[1:], start=1)]
     if uncertainty:
         layers.append((uncertainty, "OverlayRole", "uncertainty"))
+    layers += [(name, "SegmentationRole", nickname) for nickname, name in rater_layers.items()]
     storage.write_text(os.path.join(folder, f"{case}.itksnap"), itksnap_workspace(os.path.join(out, case), layers))
     storage.write_text(os.path.join(folder, "load_in_slicer.py"), slicer_loader(
-        image_names, proposal, original, uncertainty, f"reviewed{ending}"))
+        image_names, proposal, original, uncertainty, f"reviewed{ending}", extra_labels=rater_layers))
     storage.write_text(os.path.join(folder, "README.txt"), _case_readme(case, ending, row))
     # the label tables in each case folder too: one case folder is enough for a reviewer
     storage.write_text(os.path.join(folder, "labels_itksnap.txt"), itksnap_label_descriptions(table, ignore_label))
     storage.write_text(os.path.join(folder, "labels_slicer.ctbl"), slicer_colour_table(table, ignore_label))
     return {"rank": rank, "selection": selection, "review_score": row.get("review_score"), "why": _why(row),
-            "images": image_names, "uncertainty": uncertainty,
+            "images": image_names, "uncertainty": uncertainty, "rater_layers": rater_layers,
             "proposal_sha256": storage.sha256(os.path.join(folder, proposal)),
             "original_sha256": storage.sha256(os.path.join(folder, original)), "original_file": source.originals[case]}
+
+
+def _rater_layers(folder: str, case: str, raters, reader_writer, *, ending: str, ignore_label: int,
+                  properties: dict) -> dict[str, str]:
+    """Each rater's label of ``case`` (``rater_<name><ending>``, copied) and, where two or more raters annotated it,
+    ``rater_disagreement<ending>`` (1 where the raters who annotated a voxel do not all agree, else 0); ``{layer
+    nickname: file name}``, empty for a dataset without raters or a case none of them annotated."""
+    from nnunetv2_em.estep.raters import disagreement_map
+
+    if raters is None or not raters.raters_of(case):
+        return {}
+    layers = {}
+    for rater in raters.raters_of(case):
+        name = f"rater_{rater}{ending}"
+        shutil.copyfile(raters.files[rater][case], os.path.join(folder, name))
+        layers[f"rater {rater}"] = name
+    if len(raters.raters_of(case)) >= 2:
+        ratings = multi_rater.read_ratings(raters, case, reader_writer, ignore_label=ignore_label)
+        # the classes are the label values below the ignore label
+        disagree = disagreement_map(ratings, num_classes=ignore_label)
+        name = f"rater_disagreement{ending}"
+        reader_writer.write_seg(disagree.astype(np.uint8), os.path.join(folder, name), properties)
+        layers["rater disagreement"] = name
+    return layers
 
 
 def _case_readme(case: str, ending: str, row: dict) -> str:

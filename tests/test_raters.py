@@ -202,6 +202,7 @@ def test_disagreement_counts_voxels_two_raters_saw_differently():
     # voxels rated twice or more: 0 (agree), 1 (1/2/1: disagree), 2 (agree) -> 1 of 3
     assert raters.rater_disagreement(ratings, num_classes=3) == pytest.approx(1 / 3)
     assert raters.rater_disagreement(ratings[:1], num_classes=3) == 0.0
+    assert raters.disagreement_map(ratings, num_classes=3).tolist() == [False, True, False, False, False]
 
 
 def test_the_front_door_fits_every_rater_and_refines_with_all_of_them():

@@ -3,7 +3,7 @@
 import pytest
 
 from nnunetv2_em.errors import EMInputError
-from nnunetv2_em.review import select_cases
+from nnunetv2_em.review import ranked_by, select_cases
 
 RANKED = [{"case": f"c{i}", "review_score": 1.0 - i / 10} for i in range(10)]
 ELIGIBLE = {f"c{i}" for i in range(10)}
@@ -36,3 +36,18 @@ def test_top_budget_and_audit_choose_ranked_then_random_cases_never_reviewed_twi
 def test_impossible_selections_are_refused_with_the_fix(options, message):
     with pytest.raises(EMInputError, match=message):
         select_cases(RANKED, ELIGIBLE, already_reviewed=set(), **options)
+
+
+def test_cases_can_be_ranked_by_how_much_their_raters_disagree():
+    rows = [{"case": "a", "review_score": 0.9, "rater_disagreement": 0.1},
+            {"case": "b", "review_score": 0.1, "rater_disagreement": 0.4},
+            {"case": "c", "review_score": 0.5, "rater_disagreement": 0.4}]
+    assert [row["case"] for row in ranked_by(rows, "rater_disagreement", source="x")] == ["b", "c", "a"]
+    assert [row["case"] for row in ranked_by(rows, "review_score", source="x")] == ["a", "c", "b"]
+    top = select_cases(ranked_by(rows, "rater_disagreement", source="x"), {"a", "b", "c"}, top=1, budget=None,
+                       cases=None, already_reviewed=set())
+    assert top == {"b": "top"}
+    with pytest.raises(EMInputError, match="no rater disagreement.*--rank-by review_score"):
+        ranked_by(RANKED, "rater_disagreement", source="cases.json")
+    with pytest.raises(EMInputError, match="unknown"):
+        ranked_by(rows, "size", source="x")

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from nnunetv2_em import checks, engine, estep, label_conventions, reports, storage, weak_labels
+from nnunetv2_em import checks, engine, estep, label_conventions, multi_rater, reports, storage, weak_labels
 from nnunetv2_em.crossfold import preflight
 from nnunetv2_em.crossfold.options import RunContext, RunOptions
 from nnunetv2_em.crossfold.tasks import (
@@ -19,6 +19,7 @@ from nnunetv2_em.crossfold.tasks import (
     load_logits,
     managers,
     task_predict,
+    task_preprocess_ratings,
     task_preprocess_unlabeled,
     task_refine,
     task_train,
@@ -49,6 +50,8 @@ class CrossFoldRun:
         self.weak = weak_labels.load_weak_labels(raw, checks.load_dataset_json(os.path.join(raw, "dataset.json")),
                                                  labelled=self.labelled,
                                                  images=[*self.labelled, *self.unlabeled_in_dataset])
+        self.raters = multi_rater.load_raters(raw, checks.load_dataset_json(os.path.join(raw, "dataset.json")),
+                                              self.labelled)
         preflight.check_folds(preprocessed, options.folds, labelled=len(self.labelled), dataset=self.name)
         self.extra_unlabeled = preflight.extra_unlabeled(options.unlabeled, raw, labelled=self.labelled)
         preflight.check_trainer(options.trainer)
@@ -95,8 +98,11 @@ class CrossFoldRun:
                                       {"rounds": self.options.rounds} if self.options.rounds else None,
                                       source=os.path.join(self.preprocessed, self.options.plans + ".json"))
         dataset_json = checks.load_dataset_json(os.path.join(self.raw, "dataset.json"))
+        raters = () if self.raters is None else tuple(
+            (rater, tuple(sorted(self.raters.files[rater].items()))) for rater in self.raters.raters)
         return RunContext(self.name, self.raw, self.preprocessed, identifier, dataset_json["file_ending"],
-                          self.layout, self.options, settings.to_plans_block(), tuple(sorted(self.weak.items())))
+                          self.layout, self.options, settings.to_plans_block(), tuple(sorted(self.weak.items())),
+                          raters)
 
     def locked(self):
         """Hold the dataset's run lock (released when the process ends, however it ends)."""
@@ -135,6 +141,10 @@ class CrossFoldRun:
                                f"restore them from a backup; nothing was modified.")
         unlabeled = {**{c: e["images"] for c, e in self.unlabeled_in_dataset.items()}, **self.extra_unlabeled}
         self._preprocess_unlabeled(client, context, unlabeled)
+        if context.raters:
+            futures = [client.submit(task_preprocess_ratings, context, case, self.labelled[case]["images"], pure=False)
+                       for case in self.raters.cases()]
+            _wait(client, futures, f"preprocessing the raters' labels of {len(futures)} case(s)")
         self.reviewed = self._ensure_reviewed(context)
         state = self._load_state()
         for round_index in range(1, context.em.rounds + 1):

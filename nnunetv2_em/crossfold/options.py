@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from nnunetv2_em import storage
-from nnunetv2_em.layout import RunLayout, unlabeled_folder
+from nnunetv2_em.layout import RunLayout, rater_segmentation_path, unlabeled_folder
 from nnunetv2_em.settings import EMSettings
 
 
@@ -49,6 +49,7 @@ class RunContext:
     options: RunOptions
     settings: dict  # EMSettings.to_plans_block()
     constraints: tuple = ()  # (case, CaseConstraints in raw voxels) of em_weak_labels.json
+    raters: tuple = ()  # a multi-rater dataset: ((rater, ((case, raw label file), ...)), ...) in em_raters.json order
 
     @property
     def em(self) -> EMSettings:
@@ -64,6 +65,16 @@ class RunContext:
     def case_constraints(self, case: str):
         """The case's weak / partial labels (``CaseConstraints``, raw voxels), or None."""
         return dict(self.constraints).get(case)
+
+    def rater_names(self) -> tuple[str, ...]:
+        return tuple(rater for rater, _ in self.raters)
+
+    def rater_files(self, case: str) -> dict[str, str]:
+        """``{rater: raw label file}`` of the raters who annotated ``case``."""
+        return {rater: dict(files)[case] for rater, files in self.raters if case in dict(files)}
+
+    def rater_segmentation(self, rater: str, case: str) -> str:
+        return rater_segmentation_path(self.preprocessed, self.data_identifier, rater, case)
 
     def unlabeled_folder(self) -> str:
         return unlabeled_folder(self.preprocessed, self.data_identifier)

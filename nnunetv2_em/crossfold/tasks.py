@@ -91,6 +91,21 @@ def task_preprocess_unlabeled(context: RunContext, case: str, images: list[str])
     return case
 
 
+def task_preprocess_ratings(context: RunContext, case: str, images: list[str]) -> str:
+    """Each rater's label of ``case`` preprocessed as nnU-Net preprocesses labels (once per configuration)."""
+    from nnunetv2_em.nnunet_data import preprocess_label
+
+    plans_manager, configuration_manager, dataset_json = managers(context)
+    for rater, label in context.rater_files(case).items():
+        path = context.rater_segmentation(rater, case)
+        if os.path.isfile(path):
+            continue
+        segmentation, _ = preprocess_label(label, images, plans_manager, configuration_manager, dataset_json)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        storage.write_seg_b2nd(path, segmentation, configuration_manager.patch_size)
+    return case
+
+
 def managers(context: RunContext):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -156,8 +171,17 @@ class RunCaseInputs:
     def second_opinion(self, case: str) -> np.ndarray | None:
         return np.load(self.context.layout.mirrored_logits_file(self.round_index, case)).astype(np.float32)
 
-    def ratings(self, case: str) -> None:
-        return None  # several raters per case: not read by this driver yet (docs/multi_rater.md)
+    def ratings(self, case: str) -> np.ndarray | None:
+        """Every rater's label in the preprocessed array (``task_preprocess_ratings`` made them), ``-1`` where a
+        rater did not annotate; None for a dataset without raters or a case none of them annotated."""
+        files = self.context.rater_files(case)
+        if not files:
+            return None
+        ignore_label = int(managers(self.context)[2]["labels"]["ignore"])
+        maps = {rater: storage.read_seg_b2nd(self.context.rater_segmentation(rater, case))[0] for rater in files}
+        shape = next(iter(maps.values())).shape
+        stacked = np.stack([maps.get(rater, np.full(shape, -1, np.int16)) for rater in self.context.rater_names()])
+        return np.where(stacked == ignore_label, -1, stacked)
 
 
 def estep_for_round(context: RunContext, round_index: int, inputs: RunCaseInputs, dataset_json: dict) -> EStep:

@@ -461,6 +461,21 @@ def rater_reliability(model: RaterModel, class_prior) -> dict[str, np.ndarray]:
     return {"sensitivity": sensitivity, "specificity": specificity}
 
 
+def disagreement_map(ratings, *, num_classes: int) -> np.ndarray:
+    """Where the raters disagree: ``(*spatial)`` bool, True on voxels that two or more raters annotated and not all
+    with the same class.
+
+    Args:
+        ratings: ``(R, *spatial)``, ``0..C-1`` rated, anything else not rated.
+    """
+    ratings = np.asarray(ratings)
+    rated = (ratings >= 0) & (ratings < num_classes)
+    several = rated.sum(axis=0) >= 2
+    highest = np.where(rated, ratings, -1).max(axis=0)
+    lowest = np.where(rated, ratings, num_classes).min(axis=0)
+    return several & (highest != lowest)
+
+
 def rater_disagreement(ratings, *, num_classes: int) -> float:
     """Share of the voxels rated by at least two raters on which they do not all agree (0 when no voxel has two
     ratings): a case's rank for review in a multi-rater dataset.
@@ -468,11 +483,9 @@ def rater_disagreement(ratings, *, num_classes: int) -> float:
     Args:
         ratings: ``(R, *spatial)``, ``0..C-1`` rated, anything else not rated.
     """
-    ratings = np.asarray(ratings).reshape(np.shape(ratings)[0], -1)
+    ratings = np.asarray(ratings)
     rated = (ratings >= 0) & (ratings < num_classes)
     several = rated.sum(axis=0) >= 2
     if not several.any():
         return 0.0
-    highest = np.where(rated, ratings, -1).max(axis=0)
-    lowest = np.where(rated, ratings, num_classes).min(axis=0)
-    return float(np.mean(highest[several] != lowest[several]))
+    return float(disagreement_map(ratings, num_classes=num_classes)[several].mean())

@@ -23,7 +23,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_em import checks, label_conventions, reports, storage, weak_labels
+from nnunetv2_em import checks, label_conventions, multi_rater, reports, storage, weak_labels
 from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.estep.pipeline import EStep, EStepOptions
 from nnunetv2_em.layout import TrainerLayout, exchange_folder, training_labels_folder
@@ -43,6 +43,8 @@ class TrainerInputs:
     reviewed: storage.ReviewedLabels
     reviewed_cases: list  # reviewed labels (`review import`): trained on as they are, never judged, trusted
     weak: dict  # {case: CaseConstraints} from em_weak_labels.json
+    raters: object = None  # multi_rater.RaterSet of em_raters.json, or None
+    images: dict = dataclasses.field(default_factory=dict)  # {case: raw image files} (to preprocess raters' labels)
 
 
 def check_inputs(plans: dict, configuration: str, dataset_json: dict, *, overrides: dict) -> TrainerInputs:
@@ -85,11 +87,18 @@ def check_inputs(plans: dict, configuration: str, dataset_json: dict, *, overrid
     # nnU-Net preprocesses only cases with a label file, so weak-only cases belong to `nnunetv2_em run`
     weak = (weak_labels.load_weak_labels(raw_folder, dataset_json, labelled=cases, images=cases)
             if os.path.isfile(weak_labels.weak_labels_path(raw_folder)) else {})
+    raters, images = None, {}
+    if has_raw and os.path.isfile(multi_rater.raters_path(raw_folder)):
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        entries = get_filenames_of_train_images_and_targets(raw_folder, dataset_json)
+        images = {case: entry["images"] for case, entry in entries.items() if case in cases}
+        raters = multi_rater.load_raters(raw_folder, dataset_json, {case: entries[case] for case in images})
     return TrainerInputs(settings=settings, dataset_json=dataset_json,
                          verified_cases=checks.load_verified_cases(raw_folder, cases) if has_raw else [],
                          reviewed=reviewed,
                          reviewed_cases=sorted(set(reviewed.records()) & set(cases)) if has_raw else [],
-                         weak=weak)
+                         weak=weak, raters=raters, images=images)
 
 
 class EMTrainer(nnUNetTrainer):
@@ -125,7 +134,8 @@ class EMTrainer(nnUNetTrainer):
             training.ensure(nnUNetDatasetBlosc2.get_identifiers(original_folder))
             exchange = storage.FoldExchange(exchange_folder(self.preprocessed_dataset_folder_base, output_name))
             self.labels = FoldLabels(self, training=training, exchange=exchange, reviewed=self._inputs.reviewed,
-                                     reviewed_cases=self._inputs.reviewed_cases, weak=self._inputs.weak)
+                                     reviewed_cases=self._inputs.reviewed_cases, weak=self._inputs.weak,
+                                     raters=self._inputs.raters, images=self._inputs.images)
             self.preprocessed_dataset_folder = training.folder
         super().initialize()
 
@@ -276,6 +286,7 @@ class EMTrainer(nnUNetTrainer):
             "judged_cases": cases,
             "exchanged_cases": {case: {"fold": r["fold"], "round": r["round"]} for case, r in taken.items()},
             "noise_model": decision.model.to_dict(),
+            **({"raters": decision.raters.to_dict()} if decision.raters is not None else {}),
             "model_dice": decision.model_dice,
             "refinement_applied": refine,
             "refinement_refused": decision.refused,
@@ -376,5 +387,5 @@ class _TrainerCaseInputs:
     def second_opinion(self, case: str) -> np.ndarray:
         return np.load(self.logits_file(self.logits_cache, case, mirrored=True)).astype(np.float32)
 
-    def ratings(self, case: str) -> None:
-        return None  # several raters per case: not read by this driver yet (docs/multi_rater.md)
+    def ratings(self, case: str) -> np.ndarray | None:
+        return self.labels.ratings(case)

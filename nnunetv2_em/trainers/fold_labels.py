@@ -23,13 +23,16 @@ class FoldLabels:
     folders say how the arrays are laid out."""
 
     def __init__(self, trainer, *, training: storage.TrainingLabelFolder, exchange: storage.FoldExchange,
-                 reviewed: storage.ReviewedLabels, reviewed_cases: list[str], weak: dict):
+                 reviewed: storage.ReviewedLabels, reviewed_cases: list[str], weak: dict, raters=None,
+                 images: dict | None = None):
         self.trainer = trainer
         self.training = training
         self.exchange = exchange
         self.reviewed = reviewed
         self.reviewed_cases = reviewed_cases
         self.weak = weak
+        self.raters = raters  # multi_rater.RaterSet, or None
+        self.images = images or {}  # {case: raw image files}
 
     @property
     def fold(self):
@@ -135,6 +138,29 @@ class FoldLabels:
         if case not in self.reviewed_cases:
             return None
         return self.reviewed.read_segmentation(case, self.trainer.configuration_manager.data_identifier)[0]
+
+    def ratings(self, case: str) -> np.ndarray | None:
+        """``(R, *spatial)`` every rater's label in the preprocessed array (``-1`` where a rater did not annotate),
+        each preprocessed once per configuration into the cache ``nnunetv2_em run`` shares; None without raters."""
+        if self.raters is None or not self.raters.raters_of(case):
+            return None
+        from nnunetv2_em.layout import rater_segmentation_path
+
+        trainer = self.trainer
+        identifier = trainer.configuration_manager.data_identifier
+        maps = {}
+        for rater in self.raters.raters_of(case):
+            path = rater_segmentation_path(trainer.preprocessed_dataset_folder_base, identifier, rater, case)
+            if not os.path.isfile(path):
+                segmentation, _ = nnunet_data.preprocess_label(self.raters.files[rater][case], self.images[case],
+                                                               trainer.plans_manager, trainer.configuration_manager,
+                                                               trainer.dataset_json)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                storage.write_seg_b2nd(path, segmentation, trainer.configuration_manager.patch_size)
+            maps[rater] = storage.read_seg_b2nd(path)[0]
+        shape = next(iter(maps.values())).shape
+        stacked = np.stack([maps.get(rater, np.full(shape, -1, np.int16)) for rater in self.raters.raters])
+        return np.where(stacked == int(trainer.label_manager.ignore_label), -1, stacked)
 
     # ------------------------------------------------------------------------------ raw geometry
     def gt_path(self, case: str) -> str:
