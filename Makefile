@@ -19,9 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/nnunetv2_em demo
 
+# two test processes, each test file whole in one of them (module fixtures are built once): most of the suite
+# waits on process start-up and I/O, so two share 2 cores well (88 -> see README, "Tests")
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
