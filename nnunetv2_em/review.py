@@ -387,7 +387,8 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
     with open(ranked_path) as handle:
         ranked = ranked_by(json.load(handle), rank_by, source=ranked_path)
     eligible = set(source.eligible)
-    ending = checks.load_dataset_json(os.path.join(raw, "dataset.json"))["file_ending"]
+    raw_dataset_json = checks.load_dataset_json(os.path.join(raw, "dataset.json"))
+    ending = raw_dataset_json["file_ending"]
     reviewed_store = storage.ReviewedLabels(raw, preprocessed, ending)
     selection = select_cases(ranked, eligible, top=top, budget=budget, cases=cases,
                              already_reviewed=set(reviewed_store.records()), audit=audit, seed=[seed, round_index])
@@ -401,7 +402,7 @@ def export_review(dataset: str, out: str, *, run: str | None = None, round_index
     ignore_label = int(dataset_json["labels"]["ignore"])
     images = get_filenames_of_train_images_and_targets(raw, dataset_json)
     reader_writer = _reader_writer(dataset_json, images[chosen[0]]["images"][0])
-    raters = multi_rater.load_raters(raw, checks.load_dataset_json(os.path.join(raw, "dataset.json")), images)
+    raters = multi_rater.load_raters(raw, raw_dataset_json, images)
     plans_manager = PlansManager(os.path.join(preprocessed, source.plans + ".json"))
     configuration_manager = plans_manager.get_configuration(source.configuration)
     rows_by_case = {row["case"]: row for row in ranked}

@@ -96,6 +96,21 @@ class NnUNetWorkspace:
         return result
 
 
+# the em settings that make the E-step refine even with an untrained network, so every step of a round runs
+REFINE_ALWAYS = {"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0,
+                 "changes_without_verified_cases": True}
+
+
+def update_em_plans(workspace: NnUNetWorkspace, dataset: str, settings: dict, plans: str = "nnUNetPlans") -> None:
+    """Change the ``em`` block of a planned dataset's plans file."""
+    plans_file = os.path.join(workspace.preprocessed, dataset, f"{plans}.json")
+    with open(plans_file) as handle:
+        content = json.load(handle)
+    content["em"].update(settings)
+    with open(plans_file, "w") as handle:
+        json.dump(content, handle)
+
+
 def _text(output: bytes | str | None) -> str:
     # subprocess hands back the output captured before a timeout as bytes even with text=True
     return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")

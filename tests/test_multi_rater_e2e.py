@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TEST_DEVICE, NnUNetWorkspace, demo_cases, make_raw_dataset
+from conftest import REFINE_ALWAYS, TEST_DEVICE, NnUNetWorkspace, demo_cases, make_raw_dataset, update_em_plans
 from scipy import ndimage
 
 from nnunetv2_em import multi_rater
@@ -70,13 +70,7 @@ def test_run_fits_a_noise_model_per_rater_and_moves_the_labels_toward_the_clean_
     check = workspace.run("nnunetv2_em", "check", "-d", str(DATASET_ID))
     assert "3 raters (good, over, under) on 8 cases" in check.stdout
     workspace.run("nnunetv2_em", "plan", "-d", str(DATASET_ID), "-c", "2d")
-    plans_file = os.path.join(workspace.preprocessed, DATASET, "nnUNetPlans.json")
-    with open(plans_file) as handle:
-        plans = json.load(handle)
-    plans["em"].update({"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0,
-                        "changes_without_verified_cases": True})
-    with open(plans_file, "w") as handle:
-        json.dump(plans, handle)
+    update_em_plans(workspace, DATASET, REFINE_ALWAYS)
     workspace.run("nnunetv2_em", "run", "-d", str(DATASET_ID), "-c", "2d", "--folds", "0", "1", "--rounds", "1",
                   "--trainer", "VanillaTrainer_tiny", "--device", TEST_DEVICE, "--no-validation", "--seed", "0")
 

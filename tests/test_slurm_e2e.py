@@ -5,7 +5,6 @@ retried, and the run ends with the same labels as a local run of the same seed."
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pathlib
 import shutil
@@ -14,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import NnUNetWorkspace, demo_cases, make_raw_dataset
+from conftest import REFINE_ALWAYS, NnUNetWorkspace, demo_cases, make_raw_dataset, update_em_plans
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +49,7 @@ def _prepared(root: str) -> NnUNetWorkspace:
     workspace = NnUNetWorkspace(root)
     make_raw_dataset(workspace.raw, DATASET_ID, CASES)
     workspace.run("nnunetv2_em", "plan", "-d", str(DATASET_ID), "-c", "2d")
-    plans_file = os.path.join(workspace.preprocessed, DATASET, "nnUNetPlans.json")
-    with open(plans_file) as handle:
-        plans = json.load(handle)
-    plans["em"].update({"min_model_dice": 0.0, "mirroring": False, "max_ignored_share": 1.0,
-                        "changes_without_verified_cases": True})
-    with open(plans_file, "w") as handle:
-        json.dump(plans, handle)
+    update_em_plans(workspace, DATASET, REFINE_ALWAYS)
     return workspace
 
 
