@@ -123,6 +123,9 @@ def refined_raw_label(original_raw: np.ndarray, original_preprocessed: np.ndarra
     Reverting preprocessing is exact only without resampling; applying just the voxels that differ keeps every
     untouched voxel of the annotation byte-identical.
     """
+    # most cases of a round change nothing; skip the two resamplings (the bulk of staging a case)
+    if np.array_equal(original_preprocessed, refined_preprocessed):
+        return original_raw
     before = preprocessed_to_raw_geometry(original_preprocessed, properties, plans_manager, configuration_manager)
     after = preprocessed_to_raw_geometry(refined_preprocessed, properties, plans_manager, configuration_manager)
     if before.shape != original_raw.shape:

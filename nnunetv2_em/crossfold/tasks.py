@@ -191,11 +191,34 @@ def estep_for_round(context: RunContext, round_index: int, inputs: RunCaseInputs
                  ignore_label=int(dataset_json["labels"]["ignore"]), round_index=round_index)
 
 
+def stage_case_labels(versions: storage.DatasetLabelVersions, round_index: int, case: str, labels: np.ndarray, *,
+                      annotation: np.ndarray | None, properties: dict, plans_manager, configuration_manager,
+                      dataset_json: dict, soft_maps: np.ndarray | None = None,
+                      provenance: str = storage.REFINED) -> None:
+    """Stage one case's round label from the E-step's ``labels`` (preprocessed geometry, ``(*spatial)``): the
+    preprocessed segmentation and its ``class_locations`` are written directly (nnU-Net's preprocessing is not rerun),
+    the raw label is the original with only the changed voxels mapped back (``annotation``: the preprocessed
+    original, ``(*spatial)``; None for a pseudo-labelled case, whose raw label is the whole map reverted)."""
+    from nnunetv2_em import nnunet_data
+
+    reader_writer = plans_manager.image_reader_writer_class()
+    if annotation is None:
+        raw_label = nnunet_data.preprocessed_to_raw_geometry(labels, properties, plans_manager, configuration_manager)
+    else:
+        original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
+        raw_label = nnunet_data.refined_raw_label(original_raw, annotation, labels, properties, plans_manager,
+                                                  configuration_manager)
+    properties = dict(properties)
+    properties["class_locations"] = nnunet_data.class_locations(labels[None],
+                                                                plans_manager.get_label_manager(dataset_json))
+    versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
+                        reader_writer=reader_writer, segmentation=labels[None], properties=properties,
+                        patch_size=configuration_manager.patch_size, soft_maps=soft_maps, provenance=provenance)
+
+
 def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> str:
     """E-step of one case: refine (labelled) or pseudo-label (unlabeled); stage the round's label files."""
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
-
-    from nnunetv2_em import nnunet_data
 
     marker = context.layout.case_file(round_index, case)
     if os.path.isfile(marker):
@@ -212,21 +235,11 @@ def task_refine(context: RunContext, round_index: int, case: str, kind: str) -> 
         decision = RoundDecision.from_dict(json.load(handle))
     plans_manager, configuration_manager, dataset_json = managers(context)
     result = estep_for_round(context, round_index, inputs, dataset_json).case(case, decision, pseudo=pseudo)
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    reader_writer = plans_manager.image_reader_writer_class()
-    properties = load_pickle(inputs.properties_path(case))
-    if pseudo:
-        raw_label = nnunet_data.preprocessed_to_raw_geometry(result.labels, properties, plans_manager,
-                                                             configuration_manager)
-    else:
-        original_raw = np.asarray(reader_writer.read_seg(versions.original_label_path(case))[0][0]).astype(np.int32)
-        raw_label = nnunet_data.refined_raw_label(original_raw, inputs.annotation(case), result.labels, properties,
-                                                  plans_manager, configuration_manager)
     storage.write_uncertainty(context.layout.uncertainty_file(round_index, case), result.uncertainty)
-    properties = dict(properties)
-    properties["class_locations"] = nnunet_data.class_locations(result.labels[None], label_manager)
-    versions.write_case(round_index, case, raw_label=raw_label, raw_properties=properties,
-                        reader_writer=reader_writer, segmentation=result.labels[None], properties=properties,
-                        patch_size=configuration_manager.patch_size, soft_maps=result.soft_maps, provenance=kind)
+    annotation = None if pseudo else inputs.annotation(case)
+    stage_case_labels(versions, round_index, case, result.labels, annotation=annotation,
+                      properties=load_pickle(inputs.properties_path(case)), plans_manager=plans_manager,
+                      configuration_manager=configuration_manager, dataset_json=dataset_json,
+                      soft_maps=result.soft_maps, provenance=kind)
     storage.write_json(marker, {"case": case, "provenance": kind, **result.scores})
     return case
