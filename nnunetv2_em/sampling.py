@@ -9,12 +9,17 @@ from vanilla nnU-Net for that reason alone (measured: ``scripts/measure_sampler_
 ``em.patch_sampling``: ``"nnunet"`` (nnU-Net's behaviour, the default until the measurement is established) or
 ``"uniform"`` (uniform boxes, as vanilla nnU-Net samples the same dataset without an ignore label; foreground
 oversampling is unchanged).
+
+Which *cases* a batch holds: nnU-Net draws them uniformly, so with many tag-only cases (``MultiTaskTrainer``) few
+patches carry a mask. ``masked_share`` makes a fixed share of every batch come from cases with a mask
+(``multitask.masked_share`` in the plans).
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 PATCH_SAMPLING = ("nnunet", "uniform")
@@ -43,6 +48,42 @@ def patch_sampling(mode: str):
 
     original = trainer_module.nnUNetDataLoader
     trainer_module.nnUNetDataLoader = UniformBoxDataLoader
+    try:
+        yield
+    finally:
+        trainer_module.nnUNetDataLoader = original
+
+
+def balanced_draw(cases, masked, *, share: float, batch_size: int) -> list:
+    """One batch's cases: ``round(share * batch_size)`` drawn from those in ``masked`` and the rest from the others,
+    each uniformly with replacement (nnU-Net draws every case uniformly), in random order; nnU-Net's uniform draw
+    when either group is empty. Uses ``np.random`` as nnU-Net's loaders do (seeded per worker)."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"masked share {share}: must be in (0, 1]")
+    with_mask = [case for case in cases if case in masked]
+    without = [case for case in cases if case not in masked]
+    if not with_mask or not without:
+        return list(np.random.choice(cases, batch_size, replace=True))
+    n_masked = min(batch_size, max(1, int(round(share * batch_size))))
+    drawn = list(np.random.choice(with_mask, n_masked, replace=True))
+    drawn += list(np.random.choice(without, batch_size - n_masked, replace=True))
+    return [drawn[i] for i in np.random.permutation(batch_size)]
+
+
+@contextlib.contextmanager
+def masked_share(masked, share: float):
+    """Within the block, the trainers' ``get_dataloaders`` build loaders whose batches hold a fixed share of cases
+    with a mask (``balanced_draw``), on top of whichever loader class is in place (``patch_sampling`` composes)."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    original = trainer_module.nnUNetDataLoader
+    masked = frozenset(masked)
+
+    class MaskBalancedDataLoader(original):
+        def get_indices(self):
+            return balanced_draw(list(self.indices), masked, share=share, batch_size=self.batch_size)
+
+    trainer_module.nnUNetDataLoader = MaskBalancedDataLoader
     try:
         yield
     finally:

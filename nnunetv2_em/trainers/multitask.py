@@ -27,7 +27,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
-from nnunetv2_em import nnunet_data, tags, weak_labels
+from nnunetv2_em import nnunet_data, sampling, tags, weak_labels
+from nnunetv2_em.errors import EMInputError
 from nnunetv2_em.trainers.budgets import (
     EMTrainer_cpu,
     EMTrainer_tiny,
@@ -178,6 +179,31 @@ def tag_code_dataset(trainer: nnUNetTrainer) -> tuple[type, dict]:
     return Dataset, weak
 
 
+def masked_share_setting(settings: dict) -> float | None:
+    """The plans' ``multitask.masked_share``: the share of every batch drawn from cases with a mask (None: nnU-Net's
+    uniform draw over all cases)."""
+    share = settings.get("masked_share")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+        raise EMInputError(f"plans: multitask.masked_share = {share!r}: must be a number in (0, 1]. Fix: e.g. 0.5, "
+                           f"or remove it for nnU-Net's uniform draw.")
+    return None if share is None else float(share)
+
+
+def cases_with_a_mask(folder: str, label_manager, weak: dict) -> list[str]:
+    """The preprocessed cases in ``folder`` that carry a mask: some voxel annotated (nnU-Net's sampled locations of
+    annotated voxels, kept when the dataset has an ignore label; a tag-only case's label is all ignore) and not
+    weak-only in ``weak`` ({case: CaseConstraints}). Without an ignore label every case has a mask."""
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+
+    cases = nnUNetDatasetBlosc2.get_identifiers(folder)
+    masked = [case for case in cases if case not in weak or not weak[case].weak_only]
+    if not label_manager.has_ignore_label:
+        return masked
+    annotated = tuple([-1] + list(label_manager.all_labels))
+    return [case for case in masked
+            if len(load_pickle(join(folder, f"{case}.pkl"))["class_locations"].get(annotated, ()))]
+
+
 class MultiTaskTrainer(nnUNetTrainer):
     """nnU-Net's trainer with the tag head, the tag-code dataset and the joint loss (everything else unchanged)."""
 
@@ -187,7 +213,10 @@ class MultiTaskTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.tag_weight = float(plans.get("multitask", {}).get("weight", DEFAULT_WEIGHT))
+        settings = plans.get("multitask", {})
+        self.tag_weight = float(settings.get("weight", DEFAULT_WEIGHT))
+        self.masked_share = masked_share_setting(settings)
+        self._weak: dict = {}
         self._tag_losses: list[float] = []
 
     @classmethod
@@ -208,10 +237,17 @@ class MultiTaskTrainer(nnUNetTrainer):
             raise RuntimeError("MultiTaskTrainer tags classes of label maps, not regions")
         tags.check_num_classes(len(self.label_manager.foreground_labels) + 1)
         super().initialize()
-        self.dataset_class, weak = tag_code_dataset(self)
+        self.dataset_class, self._weak = tag_code_dataset(self)
         self.print_to_log_file(f"multi-task: {len(self.label_manager.foreground_labels)} tag(s), weight "
-                               f"{self.tag_weight}, {len(weak)} case(s) with weak labels, saliency bridge "
-                               f"{self.bridge}")
+                               f"{self.tag_weight}, {len(self._weak)} case(s) with weak labels, saliency bridge "
+                               f"{self.bridge}, masked share of a batch {self.masked_share or 'as drawn'}")
+
+    def get_dataloaders(self):
+        if self.masked_share is None:
+            return super().get_dataloaders()
+        masked = cases_with_a_mask(self.preprocessed_dataset_folder, self.label_manager, self._weak)
+        with sampling.masked_share(masked, float(self.masked_share)):
+            return super().get_dataloaders()
 
     def _module(self) -> MultiTaskNetwork:
         module = self.network.module if self.is_ddp else self.network
