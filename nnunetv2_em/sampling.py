@@ -72,21 +72,47 @@ def balanced_draw(cases, masked, *, share: float, batch_size: int) -> list:
     return [drawn[i] for i in np.random.permutation(batch_size)]
 
 
+class _MaskBalanced:
+    """Loader mixin: each batch's cases from ``balanced_draw``. The masked cases and the share are copied onto the
+    instance when it is built, so they travel with it to nnU-Net's augmentation workers (pickled under spawn)."""
+
+    masked_cases: frozenset = frozenset()
+    masked_share_of_batch: float = 1.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.masked_cases = type(self).masked_cases
+        self.masked_share_of_batch = type(self).masked_share_of_batch
+
+    def get_indices(self):
+        return balanced_draw(list(self.indices), self.masked_cases, share=self.masked_share_of_batch,
+                             batch_size=self.batch_size)
+
+
+class MaskBalancedDataLoader(_MaskBalanced, nnUNetDataLoader):
+    """nnU-Net's data loader with a fixed share of cases with a mask in every batch."""
+
+
+class MaskBalancedUniformBoxDataLoader(_MaskBalanced, UniformBoxDataLoader):
+    """``UniformBoxDataLoader`` with a fixed share of cases with a mask in every batch."""
+
+
 @contextlib.contextmanager
 def masked_share(masked, share: float):
     """Within the block, the trainers' ``get_dataloaders`` build loaders whose batches hold a fixed share of cases
-    with a mask (``balanced_draw``), on top of whichever loader class is in place (``patch_sampling`` composes)."""
+    with a mask (``balanced_draw``), on top of the loader in place (nnU-Net's, or ``patch_sampling``'s uniform one)."""
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
     original = trainer_module.nnUNetDataLoader
-    masked = frozenset(masked)
-
-    class MaskBalancedDataLoader(original):
-        def get_indices(self):
-            return balanced_draw(list(self.indices), masked, share=share, batch_size=self.batch_size)
-
-    trainer_module.nnUNetDataLoader = MaskBalancedDataLoader
+    balanced = {nnUNetDataLoader: MaskBalancedDataLoader, UniformBoxDataLoader: MaskBalancedUniformBoxDataLoader}
+    if original not in balanced:
+        raise RuntimeError(f"masked_share: nnU-Net's trainer builds {original.__name__}, expected nnU-Net's loader or "
+                           f"UniformBoxDataLoader")
+    loader_class = balanced[original]
+    loader_class.masked_cases, loader_class.masked_share_of_batch = frozenset(masked), float(share)
+    trainer_module.nnUNetDataLoader = loader_class
     try:
         yield
     finally:
         trainer_module.nnUNetDataLoader = original
+        loader_class.masked_cases, loader_class.masked_share_of_batch = frozenset(), 1.0

@@ -132,9 +132,16 @@ def test_masked_share_loader_composes_with_uniform_patches_and_is_restored():
         assert issubclass(loader_class, sampling.UniformBoxDataLoader)
         loader = object.__new__(loader_class)
         loader.indices, loader.batch_size = CASES, 4
+        loader.masked_cases = loader_class.masked_cases  # what _MaskBalanced.__init__ copies onto the instance
+        loader.masked_share_of_batch = loader_class.masked_share_of_batch
         np.random.seed(1)
         assert all(sum(case in MASKED for case in loader.get_indices()) == 1 for _ in range(50))
     assert trainer_module.nnUNetDataLoader is nnUNetDataLoader
+    # what nnU-Net's augmentation workers get under spawn: a pickled loader, drawing the same way after the block
+    import pickle
+
+    travelled = pickle.loads(pickle.dumps(loader))
+    assert all(sum(case in MASKED for case in travelled.get_indices()) == 1 for _ in range(50))
 
 
 def test_cases_with_a_mask_leave_out_all_ignore_and_weak_only_cases(tmp_path):
