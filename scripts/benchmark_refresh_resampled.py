@@ -162,20 +162,19 @@ def measure(root: str, name: str, upsample: int, configuration: str = CONFIGURAT
     for case in cases:
         annotation = versions.read_segmentation(0, case)[0]
         inputs[case] = (annotation, refined(annotation), load_pickle(os.path.join(data_folder, f"{case}.pkl")))
-    started = time.perf_counter()
-    for case in cases:
-        annotation, labels, properties = inputs[case]
-        stage_case_labels(versions, 1, case, labels, annotation=annotation, properties=properties,
-                          plans_manager=plans_manager, configuration_manager=configuration_manager,
-                          dataset_json=dataset_json)
-    refresh = time.perf_counter() - started
-    started = time.perf_counter()  # a round in which the E-step changes nothing (most cases of a later round)
-    for case in cases:
-        annotation, _, properties = inputs[case]
-        stage_case_labels(versions, 2, case, annotation, annotation=annotation, properties=properties,
-                          plans_manager=plans_manager, configuration_manager=configuration_manager,
-                          dataset_json=dataset_json)
-    refresh_unchanged = time.perf_counter() - started
+
+    def stage_round(round_index: int, changed: bool) -> float:
+        """Seconds to stage every case as a round does: the E-step's change, or (``changed`` False) no change."""
+        started = time.perf_counter()
+        for case in cases:
+            annotation, labels, properties = inputs[case]
+            stage_case_labels(versions, round_index, case, labels if changed else annotation, annotation=annotation,
+                              properties=properties, plans_manager=plans_manager,
+                              configuration_manager=configuration_manager, dataset_json=dataset_json)
+        return time.perf_counter() - started
+
+    refresh = stage_round(1, changed=True)
+    refresh_unchanged = stage_round(2, changed=False)  # a round that changes nothing (most cases of a later round)
 
     # what nnU-Net's preprocessing makes of the staged raw labels, against the staged segmentations
     differing, total, changes, changes_kept, shapes_differ = 0, 0, 0, 0, 0

@@ -131,22 +131,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from nnunetv2_em import storage
+    from nnunetv2_em.benchmark.records import seed_records
 
-    os.makedirs(args.records, exist_ok=True)
-    for seed in [] if args.report_only else args.seeds:
-        path = os.path.join(args.records, f"seed_{seed}.json")
-        if os.path.isfile(path):
-            continue
-        record = measure_seed(args.dataset, os.path.abspath(args.out), split_seed=args.split_seed,
-                              training_seed=seed, profile=args.profile)
-        storage.write_json(path, record)
-        print(f"seed {seed} done", flush=True)
-    records = []
-    for name in sorted(os.listdir(args.records)):
-        with open(os.path.join(args.records, name)) as handle:
-            record = json.load(handle)
-        if record["split_seed"] == args.split_seed and record["profile"] == args.profile:
-            records.append(record)
+    records = seed_records(
+        args.records, [] if args.report_only else args.seeds,
+        lambda seed: measure_seed(args.dataset, os.path.abspath(args.out), split_seed=args.split_seed,
+                                 training_seed=seed, profile=args.profile),
+        belongs=lambda record: (record["split_seed"], record["profile"]) == (args.split_seed, args.profile))
     if not records:
         print("no records yet", file=sys.stderr)
         return 1

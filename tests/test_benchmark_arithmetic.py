@@ -241,3 +241,19 @@ def test_a_label_quality_replicate_rerun_in_full_adds_only_the_final_trainings(t
     calls.clear()
     replicate(False).run_arms({"train": [], "test": []})
     assert calls == []
+
+
+def test_seed_records_measure_only_missing_seeds_and_report_what_belongs(tmp_path):
+    from nnunetv2_em.benchmark.records import seed_records
+
+    measured = []
+
+    def measure(seed):
+        measured.append(seed)
+        return {"training_seed": seed, "profile": "cpu-long" if seed < 2 else "cpu"}
+
+    first = seed_records(str(tmp_path), [0, 1], measure, belongs=lambda r: r["profile"] == "cpu-long")
+    again = seed_records(str(tmp_path), [0, 1, 2], measure, belongs=lambda r: r["profile"] == "cpu-long")
+    assert measured == [0, 1, 2]  # seeds 0 and 1 were not measured twice
+    assert [r["training_seed"] for r in first] == [r["training_seed"] for r in again] == [0, 1]
+    assert seed_records(str(tmp_path), [], measure, belongs=lambda r: True)[-1]["profile"] == "cpu"
